@@ -1,0 +1,52 @@
+# gradlens developer Makefile (pip + venv only).
+#   make venv   create $(VENV) and install torch (CPU) + the package with [dev] extras
+#   make test   ruff check + pytest   (extra pytest args: make test PYTEST_ARGS="-k store -x")
+#   make demo   toy task -> record SFT and GRPO -> analyze, under $(DEMO_OUT)
+#   make lint   ruff check
+#   make clean  remove $(VENV) and build junk (keeps runs/)
+
+PYTHON ?= python3
+VENV ?= .venv
+CONSTRAINTS ?= requirements/torch-cpu.txt
+# Must match the torch pin in $(CONSTRAINTS) (pip fails loudly if they disagree).
+TORCH_VERSION ?= 2.13.0
+# Empty here: pip's find-links (/opt/wheels) supplies torch-2.13.0+cpu. On other machines use
+#   make venv TORCH_INDEX_ARGS="--extra-index-url https://download.pytorch.org/whl/cpu"
+TORCH_INDEX_ARGS ?=
+PYTEST_ARGS ?=
+DEMO_OUT ?= runs/demo
+
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test lint demo clean
+.DELETE_ON_ERROR:
+
+venv: $(STAMP)
+
+# Create the virtualenv only if it is missing.
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+
+# (Re)install only when pyproject.toml or the constraints change; the stamp lives inside $(VENV).
+$(STAMP): pyproject.toml $(CONSTRAINTS) | $(VENV)/bin/python
+	$(VENV)/bin/python -m pip install $(TORCH_INDEX_ARGS) -c $(CONSTRAINTS) "torch==$(TORCH_VERSION)"
+	$(VENV)/bin/python -m pip install $(TORCH_INDEX_ARGS) -c $(CONSTRAINTS) -e ".[dev]"
+	touch $@
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+test: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+
+demo: venv
+	$(VENV)/bin/gradlens toy base
+	$(VENV)/bin/gradlens record --regime sft --out $(DEMO_OUT)/sft --max_steps 40
+	$(VENV)/bin/gradlens record --regime grpo --out $(DEMO_OUT)/grpo --max_steps 40
+	$(VENV)/bin/gradlens analyze $(DEMO_OUT)/sft $(DEMO_OUT)/grpo --out $(DEMO_OUT)/analysis
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache
+	find . -path ./runs -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +

@@ -1,0 +1,108 @@
+"""Loading causal LMs and attaching LoRA-FA adapters: LoRA with every ``lora_A`` frozen, so only ``lora_B`` trains.
+
+Freezing A makes the trainable update of each adapted weight ``B @ A`` linear in B, which is what lets a sparse mask
+over the entries of B stand for a sparse weight update.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from gradlens.errors import GradlensError
+
+# The seven projections of a Llama/Qwen2-style decoder layer.
+ALL_PROJECTIONS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def load_model_and_tokenizer(name_or_path: str | os.PathLike[str], *, dtype: str | torch.dtype = "float32",
+                             **model_kwargs) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Any HF causal LM and its tokenizer through ``from_pretrained`` (a local directory or a hub id).
+
+    Errors name the path or id and the cause in one line. Pad token falls back to eos, as TRL expects one.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = str(name_or_path)
+    looks_local = os.path.sep in name or name.startswith(".") or Path(name).exists()
+    if looks_local and not Path(name).is_dir():
+        raise GradlensError(f"model path {name!r} does not exist or is not a directory")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **model_kwargs)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise GradlensError(f"cannot load model {name!r}: {first}") from e
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def _linear_names(model: torch.nn.Module) -> set[str]:
+    return {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def lora_config(model: torch.nn.Module, *, r: int = 8, alpha: int | None = None,
+                target_modules: Sequence[str] = ALL_PROJECTIONS, dropout: float = 0.0):
+    """A PEFT ``LoraConfig`` for a causal LM, checking that every target names a linear layer of ``model``."""
+    from peft import LoraConfig
+
+    if r < 1:
+        raise GradlensError(f"LoRA rank must be >= 1, got {r}")
+    targets = list(target_modules)
+    if not targets:
+        raise GradlensError("no LoRA target modules given")
+    available = _linear_names(model)
+    unknown = [t for t in targets if t not in available]
+    if unknown:
+        raise GradlensError(f"unknown LoRA target module(s) {', '.join(unknown)}; "
+                            f"this model's linear layers are: {', '.join(sorted(available))}")
+    return LoraConfig(r=r, lora_alpha=alpha if alpha is not None else 2 * r, target_modules=targets,
+                      lora_dropout=dropout, bias="none", task_type="CAUSAL_LM")
+
+
+def lora_b_parameters(model: torch.nn.Module, adapter: str | None = None) -> Iterator[tuple[str, torch.nn.Parameter]]:
+    """``(module name, lora_B weight)`` of every PEFT LoRA layer, found by module type, for one adapter.
+
+    ``adapter`` defaults to each layer's active adapter; other adapters (e.g. GRPO's frozen ``ref``) are skipped.
+    Module names drop PEFT's ``base_model.model.`` prefix so they match the base model's own names.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        active = module.active_adapters
+        names = [adapter] if adapter is not None else active
+        for a in names:
+            if a in module.lora_B:
+                yield name.removeprefix("base_model.model."), module.lora_B[a].weight
+
+
+def attach_lora(model: PreTrainedModel, *, r: int = 8, alpha: int | None = None,
+                target_modules: Sequence[str] = ALL_PROJECTIONS, dropout: float = 0.0, seed: int = 0):
+    """Wrap ``model`` in a PEFT LoRA adapter (LoRA-FA): every ``lora_A`` frozen, only ``lora_B`` requires grad.
+
+    B starts at zero as in standard LoRA; A keeps PEFT's (seeded) Kaiming init and never changes.
+    """
+    from peft import get_peft_model
+
+    config = lora_config(model, r=r, alpha=alpha, target_modules=target_modules, dropout=dropout)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(model, config)
+    freeze_lora_a(peft_model)
+    return peft_model
+
+
+def freeze_lora_a(model: torch.nn.Module) -> None:
+    """Set ``requires_grad`` so that exactly the ``lora_B`` weights of the LoRA layers train."""
+    trainable = {id(p) for _, p in lora_b_parameters(model)}
+    if not trainable:
+        raise GradlensError("model has no PEFT LoRA adapter (no LoraLayer found); attach one with attach_lora()")
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trainable)

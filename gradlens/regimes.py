@@ -1,0 +1,101 @@
+"""Builders for ready-to-train TRL trainers (SFT and GRPO) on a LoRA-FA model, with defaults that run on a CPU.
+
+Every TRL config field can be overridden by name; an unknown name is an error rather than silently ignored.
+
+Note on GRPO batch sizes: in ``GRPOConfig``, ``per_device_train_batch_size`` counts *completions*, not prompts. With
+``num_generations=G``, one micro-batch of ``B`` completions covers ``B / G`` prompts, and ``B`` times the number of
+processes (times ``steps_per_generation``) must be divisible by ``G``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
+
+from gradlens.errors import GradlensError
+
+REGIMES = ("sft", "grpo")
+
+# Safe everywhere, needed on a CPU: no mixed precision, no activation checkpointing, no reporting or checkpoints
+# unless asked for. Everything here can be overridden.
+CPU_SAFE_DEFAULTS: dict[str, Any] = {
+    "bf16": False,
+    "fp16": False,
+    "gradient_checkpointing": False,
+    "activation_checkpointing": False,
+    "report_to": "none",
+    "save_strategy": "no",
+    "optim": "adamw_torch",
+    "logging_steps": 5,
+    "dataloader_num_workers": 0,
+}
+
+
+def config_class(regime: str) -> type:
+    """The TRL config dataclass of a regime."""
+    if regime == "sft":
+        from trl import SFTConfig
+
+        return SFTConfig
+    if regime == "grpo":
+        from trl import GRPOConfig
+
+        return GRPOConfig
+    raise GradlensError(f"unknown regime {regime!r}; choose one of: {', '.join(REGIMES)}")
+
+
+def config_fields(regime: str) -> dict[str, dataclasses.Field]:
+    """The settable fields of a regime's TRL config, by name."""
+    return {f.name: f for f in dataclasses.fields(config_class(regime)) if f.init}
+
+
+def build_trl_config(regime: str, output_dir: str, overrides: Mapping[str, Any] | None = None):
+    """A TRL ``SFTConfig``/``GRPOConfig`` from the CPU-safe defaults updated by ``overrides``."""
+    fields = config_fields(regime)
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise GradlensError(f"unknown {config_class(regime).__name__} field(s): {', '.join(unknown)}")
+    kwargs = {k: v for k, v in CPU_SAFE_DEFAULTS.items() if k in fields}
+    kwargs.update(overrides)
+    try:
+        return config_class(regime)(output_dir=output_dir, **kwargs)
+    except (ValueError, TypeError) as e:
+        raise GradlensError(f"invalid {config_class(regime).__name__}: {e}") from e
+
+
+def _require_trainable_lora(model: PreTrainedModel) -> None:
+    from gradlens.adapters import lora_b_parameters
+
+    if not any(True for _ in lora_b_parameters(model)):
+        raise GradlensError("model has no PEFT LoRA adapter (no LoraLayer found); attach one with attach_lora()")
+
+
+def build_sft_trainer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train_dataset, *, output_dir: str,
+                      overrides: Mapping[str, Any] | None = None,
+                      callbacks: Sequence[TrainerCallback] = ()):
+    """An ``SFTTrainer`` for a LoRA model. Prompt-completion datasets train on the completion only (TRL default)."""
+    from trl import SFTTrainer
+
+    _require_trainable_lora(model)
+    args = build_trl_config("sft", output_dir, overrides)
+    return SFTTrainer(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer,
+                      callbacks=list(callbacks))
+
+
+def build_grpo_trainer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train_dataset,
+                       reward_funcs: Callable | Sequence[Callable], *, output_dir: str,
+                       overrides: Mapping[str, Any] | None = None, callbacks: Sequence[TrainerCallback] = ()):
+    """A ``GRPOTrainer`` for a LoRA model with plain-Python reward functions.
+
+    ``per_device_train_batch_size`` counts completions (see the module docstring).
+    """
+    from trl import GRPOTrainer
+
+    _require_trainable_lora(model)
+    args = build_trl_config("grpo", output_dir, overrides)
+    return GRPOTrainer(model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset,
+                       processing_class=tokenizer, callbacks=list(callbacks))

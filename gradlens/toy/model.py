@@ -1,0 +1,193 @@
+"""The embedded base model: a tiny Qwen2-architecture causal LM, pretrained by a seeded recipe to be *partly* right.
+
+GRPO learns nothing from a model that never earns a reward, so the base model is pretrained on the addition task's
+train split with a systematic, learnable error: a share (``carryless_share``) of the targets that need a carry are
+replaced by the carry-less sum. The model then learns both modes; greedy decoding follows the majority (carry-less)
+mode and is right only on the ~27% of prompts that need no carry, while sampling still hits the right answer often.
+Fine-tuning (SFT on correct answers, or GRPO with the exact-match reward) has something real to learn: "carry".
+
+Built models are cached as ordinary ``save_pretrained`` directories under ``$GRADLENS_CACHE`` (default
+``~/.cache/gradlens``), keyed by preset, seed and recipe version, so ``AutoModelForCausalLM.from_pretrained`` loads
+them like any hub model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from gradlens.errors import GradlensError
+from gradlens.toy.task import AdditionTask, carryless_sum
+from gradlens.toy.tokenizer import build_char_tokenizer
+
+# Bump when the recipe changes, so stale cached models are not reused.
+RECIPE_VERSION = 1
+RECIPE_FILE = "gradlens_recipe.json"
+
+
+@dataclass(frozen=True)
+class ToyPreset:
+    """Sizes of the toy Qwen2 model and the budget of its pretraining recipe."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    pretrain_steps: int
+    batch_size: int = 128
+    learning_rate: float = 3e-3
+    carryless_share: float = 0.7
+    digits: int = 2
+
+
+PRESETS: dict[str, ToyPreset] = {
+    # Fast enough for every test: ~0.1M parameters, B matrices of 64 x r.
+    "tiny": ToyPreset(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, pretrain_steps=1500),
+    # For placement experiments: B matrices of 256 x r and 768 x r, so a 1% budget still leaves tens of entries in
+    # every matrix.
+    "small": ToyPreset(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=4, pretrain_steps=1500, learning_rate=1e-3),
+}
+
+
+def get_preset(name: str) -> ToyPreset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise GradlensError(f"unknown toy preset {name!r}; choose one of: {', '.join(PRESETS)}") from None
+
+
+def build_toy_config(preset: str | ToyPreset, tokenizer: PreTrainedTokenizerFast) -> Qwen2Config:
+    """A Qwen2Config of the preset's sizes over the character tokenizer's vocabulary."""
+    p = get_preset(preset) if isinstance(preset, str) else preset
+    return Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=p.hidden_size,
+        intermediate_size=p.intermediate_size,
+        num_hidden_layers=p.num_hidden_layers,
+        num_attention_heads=p.num_attention_heads,
+        num_key_value_heads=p.num_key_value_heads,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+
+
+def pretraining_targets(task: AdditionTask, carryless_share: float, seed: int) -> list[tuple[str, str]]:
+    """(prompt, target) pairs of the train split; a target needing a carry is carry-less w.p. ``carryless_share``."""
+    rng = random.Random(seed)
+    train, _ = task.split()
+    out = []
+    for a, b in train:
+        wrong = carryless_sum(a, b)
+        target = str(wrong) if wrong != a + b and rng.random() < carryless_share else task.answer(a, b)
+        out.append((task.prompt(a, b), target))
+    return out
+
+
+def encode_pretraining_data(tokenizer: PreTrainedTokenizerFast, pairs: list[tuple[str, str]]
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ``prompt + target + eos`` ids, attention mask, and labels on the target and eos only."""
+    prompts = tokenizer([p for p, _ in pairs], add_special_tokens=False)["input_ids"]
+    targets = tokenizer([t for _, t in pairs], add_special_tokens=False)["input_ids"]
+    seqs = [p + t + [tokenizer.eos_token_id] for p, t in zip(prompts, targets, strict=True)]
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), tokenizer.pad_token_id)
+    labels = torch.full((len(seqs), width), -100)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, (s, p) in enumerate(zip(seqs, prompts, strict=True)):
+        ids[i, : len(s)] = torch.tensor(s)
+        labels[i, len(p) : len(s)] = torch.tensor(s[len(p) :])
+        mask[i, : len(s)] = 1
+    return ids, mask, labels
+
+
+def build_base_model(preset: str = "tiny", seed: int = 0, *, progress: bool = False
+                     ) -> tuple[Qwen2ForCausalLM, PreTrainedTokenizerFast]:
+    """Build and pretrain the toy base model from scratch; deterministic for a given preset, seed and thread count."""
+    p = get_preset(preset)
+    tokenizer = build_char_tokenizer()
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(build_toy_config(p, tokenizer))
+    data = pretraining_targets(AdditionTask(digits=p.digits), p.carryless_share, seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=p.learning_rate, weight_decay=0.01, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=p.learning_rate, total_steps=p.pretrain_steps,
+                                                pct_start=0.1)
+    ids, mask, labels = encode_pretraining_data(tokenizer, data)
+    gen = torch.Generator().manual_seed(seed + 1)
+    order = torch.empty(0, dtype=torch.long)
+    steps = range(p.pretrain_steps)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc=f"pretraining toy base model ({preset})", unit="step")
+    model.train()
+    for _ in steps:
+        if len(order) < p.batch_size:  # epochs of seeded permutations
+            order = torch.cat([order, torch.randperm(len(data), generator=gen)])
+        batch, order = order[: p.batch_size], order[p.batch_size :]
+        loss = model(input_ids=ids[batch], attention_mask=mask[batch], labels=labels[batch]).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    model.eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = None
+    return model, tokenizer
+
+
+def cache_dir() -> Path:
+    """Where built base models live: ``$GRADLENS_CACHE`` or ``~/.cache/gradlens``."""
+    return Path(os.environ.get("GRADLENS_CACHE") or Path.home() / ".cache" / "gradlens")
+
+
+def base_model_path(preset: str = "tiny", seed: int = 0) -> Path:
+    get_preset(preset)
+    return cache_dir() / "toy" / f"{preset}-seed{seed}-v{RECIPE_VERSION}"
+
+
+def ensure_base_model(preset: str = "tiny", seed: int = 0, *, rebuild: bool = False, progress: bool = False) -> Path:
+    """Return the cached base-model directory, building it first if missing (written atomically: temp dir + rename)."""
+    path = base_model_path(preset, seed)
+    if path.is_dir() and (path / RECIPE_FILE).is_file() and not rebuild:
+        return path
+    start = time.perf_counter()
+    model, tokenizer = build_base_model(preset, seed, progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        recipe = {"preset": preset, "seed": seed, "recipe_version": RECIPE_VERSION,
+                  "build_seconds": round(time.perf_counter() - start, 1), **asdict(get_preset(preset))}
+        (tmp / RECIPE_FILE).write_text(json.dumps(recipe, indent=2))
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def load_base_model(preset: str = "tiny", seed: int = 0, *, progress: bool = False
+                    ) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """The cached toy base model and its tokenizer, loaded through the standard ``from_pretrained`` path."""
+    from gradlens.adapters import load_model_and_tokenizer
+
+    return load_model_and_tokenizer(ensure_base_model(preset, seed, progress=progress))
