@@ -439,6 +439,24 @@ class RunWriter:
         steps = self._manifest["steps"]
         return steps[-1]["step"] if steps else None
 
+    def live_summary(self) -> dict[str, float]:
+        """Whole-adapter diagnostics of the steps added so far, cheap enough to compute after every step.
+
+        ``cos_prev``: cosine between the last two added steps; ``sign_stability``: mean over entries of
+        ``|sum sign(g)| / count`` (1 = every entry kept one sign, ~0 = random signs); ``b_grad_norm``: norm of the last.
+        """
+        acc = self._acc
+        if not acc.steps:
+            return {}
+        sq = sum(s[-1] for s in acc.sqnorm)
+        out = {"step": float(acc.steps[-1]), "b_grad_norm": math.sqrt(sq), "cos_prev": math.nan}
+        if len(acc.steps) >= 2:
+            denom = math.sqrt(sq * sum(s[-2] for s in acc.sqnorm))
+            out["cos_prev"] = sum(d[-1] for d in acc.dot_prev) / denom if denom > 0 else math.nan
+        total = sum(spec.size for spec in self.specs) * len(acc.steps)
+        out["sign_stability"] = float(sum(np.abs(s["sumsign"]).sum() for s in acc.sums) / total)
+        return out
+
     def add_step(self, step: int, grads: list[np.ndarray], meta: dict[str, Any]) -> None:
         """Record one optimizer step: ``grads`` in module order, float32 ``(d_out, r)``; ``meta`` must be JSON-able."""
         if self._closed or self._broken:

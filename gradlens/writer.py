@@ -18,7 +18,8 @@ class AsyncRunWriter:
     """Feeds a :class:`RunWriter` from a daemon thread through a bounded queue (``submit`` blocks when it is full).
 
     ``submit`` takes ownership of the arrays: do not modify them afterwards. An error in the thread is re-raised as a
-    GradlensError on the next ``submit`` or on ``close``.
+    GradlensError on the next ``submit`` or on ``close``. ``latest`` holds :meth:`RunWriter.live_summary` as of the
+    last step written, for live logging without touching the writer from the training thread.
     """
 
     def __init__(self, run_writer: RunWriter, max_queue: int = 4) -> None:
@@ -26,6 +27,7 @@ class AsyncRunWriter:
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_queue)
         self._error: BaseException | None = None
         self._closed = False
+        self.latest: dict[str, float] = run_writer.live_summary()
         self._thread = threading.Thread(target=self._work, name="gradlens-writer", daemon=True)
         self._thread.start()
 
@@ -34,6 +36,7 @@ class AsyncRunWriter:
             if self._error is None:  # after a failure keep draining, so submit never blocks forever
                 try:
                     self.run_writer.add_step(*item)
+                    self.latest = self.run_writer.live_summary()
                 except BaseException as e:  # handed to the training thread
                     self._error = e
 

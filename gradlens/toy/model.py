@@ -6,9 +6,10 @@ replaced by the carry-less sum. The model then learns both modes; greedy decodin
 mode and is right only on the ~27% of prompts that need no carry, while sampling still hits the right answer often.
 Fine-tuning (SFT on correct answers, or GRPO with the exact-match reward) has something real to learn: "carry".
 
-Built models are cached as ordinary ``save_pretrained`` directories under ``$GRADLENS_CACHE`` (default
-``~/.cache/gradlens``), keyed by preset, seed and recipe version, so ``AutoModelForCausalLM.from_pretrained`` loads
-them like any hub model.
+Built models are ordinary ``save_pretrained`` directories, so ``AutoModelForCausalLM.from_pretrained`` loads them like
+any hub model. The ``tiny`` preset (seed 0) ships inside the package, built by this recipe, because building it takes
+about a minute; other presets and seeds are built on first use and cached under ``$GRADLENS_CACHE`` (default
+``~/.cache/gradlens``), keyed by preset, seed and recipe version.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from gradlens.toy.tokenizer import build_char_tokenizer
 # Bump when the recipe changes, so stale cached models are not reused.
 RECIPE_VERSION = 1
 RECIPE_FILE = "gradlens_recipe.json"
+SHIPPED_DIR = Path(__file__).parent / "checkpoints"
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,7 @@ PRESETS: dict[str, ToyPreset] = {
                       num_key_value_heads=2, pretrain_steps=1500),
     # For placement experiments: B matrices of 256 x r and 768 x r, so a 1% budget still leaves tens of entries in
     # every matrix.
-    "small": ToyPreset(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+    "small": ToyPreset(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=4, pretrain_steps=1500, learning_rate=1e-3),
 }
 
@@ -129,13 +131,12 @@ def build_base_model(preset: str = "tiny", seed: int = 0, *, progress: bool = Fa
     ids, mask, labels = encode_pretraining_data(tokenizer, data)
     gen = torch.Generator().manual_seed(seed + 1)
     order = torch.empty(0, dtype=torch.long)
-    steps = range(p.pretrain_steps)
-    if progress:
-        from tqdm.auto import tqdm
+    from tqdm.auto import tqdm
 
-        steps = tqdm(steps, desc=f"pretraining toy base model ({preset})", unit="step")
+    bar = tqdm(range(p.pretrain_steps), desc=f"pretraining toy base model ({preset})", unit="step",
+               disable=not progress)
     model.train()
-    for _ in steps:
+    for step in bar:
         if len(order) < p.batch_size:  # epochs of seeded permutations
             order = torch.cat([order, torch.randperm(len(data), generator=gen)])
         batch, order = order[: p.batch_size], order[p.batch_size :]
@@ -145,6 +146,8 @@ def build_base_model(preset: str = "tiny", seed: int = 0, *, progress: bool = Fa
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -157,20 +160,39 @@ def cache_dir() -> Path:
     return Path(os.environ.get("GRADLENS_CACHE") or Path.home() / ".cache" / "gradlens")
 
 
-def base_model_path(preset: str = "tiny", seed: int = 0) -> Path:
+def _model_dir_name(preset: str, seed: int) -> str:
     get_preset(preset)
-    return cache_dir() / "toy" / f"{preset}-seed{seed}-v{RECIPE_VERSION}"
+    return f"{preset}-seed{seed}-v{RECIPE_VERSION}"
+
+
+def shipped_model_path(preset: str = "tiny", seed: int = 0) -> Path | None:
+    """The base model shipped in the package for this preset and seed, if there is one."""
+    path = SHIPPED_DIR / _model_dir_name(preset, seed)
+    return path if (path / RECIPE_FILE).is_file() else None
+
+
+def base_model_path(preset: str = "tiny", seed: int = 0) -> Path:
+    """Where the base model of this preset and seed is cached (whether or not it has been built)."""
+    return cache_dir() / "toy" / _model_dir_name(preset, seed)
 
 
 def ensure_base_model(preset: str = "tiny", seed: int = 0, *, rebuild: bool = False, progress: bool = False) -> Path:
-    """Return the cached base-model directory, building it first if missing (written atomically: temp dir + rename)."""
+    """The base-model directory: shipped, else cached, else built now and cached (atomically: temp dir + rename).
+
+    ``rebuild=True`` always runs the recipe and writes the result to the cache.
+    """
     path = base_model_path(preset, seed)
-    if path.is_dir() and (path / RECIPE_FILE).is_file() and not rebuild:
-        return path
+    if not rebuild:
+        shipped = shipped_model_path(preset, seed)
+        if shipped is not None:
+            return shipped
+        if (path / RECIPE_FILE).is_file():
+            return path
     start = time.perf_counter()
     model, tokenizer = build_base_model(preset, seed, progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a cache is shared like any model directory
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

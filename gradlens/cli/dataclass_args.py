@@ -1,0 +1,108 @@
+"""Dataclass configs on the command line: one flag per field (help from field metadata), plus ``--config x.yaml``.
+
+Precedence: the dataclass defaults, then the YAML file, then flags given on the command line. Flags that no field
+claims (``--num_generations 8``) are collected as ``key -> value`` pairs for commands that forward them (to TRL).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from gradlens.errors import GradlensError
+
+
+def _scalar_type(tp: Any) -> tuple[Any, bool]:
+    """(element type, is_list) of a field annotation, unwrapping ``X | None``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _scalar_type(args[0]) if len(args) == 1 else (str, False)
+    if origin in (list, tuple):
+        return (typing.get_args(tp) or (str,))[0], True
+    if origin is typing.Literal:
+        return type(typing.get_args(tp)[0]), False
+    return tp, False
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One ``--field`` per dataclass field, with no argparse default, so only explicitly given flags are set."""
+    hints = typing.get_type_hints(cls)
+    parser.add_argument("--config", type=Path, default=None, metavar="YAML",
+                        help="YAML file of settings (any field below; for record, also any TRL config field)")
+    for f in dataclasses.fields(cls):
+        if not f.init or f.metadata.get("cli") is False:
+            continue
+        tp, is_list = _scalar_type(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        help_text = f"{f.metadata.get('help', '')} (default: {default})"
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        if tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = tp if tp in (int, float, str, Path) else str
+            if is_list:
+                kwargs["nargs"] = "+"
+            if "choices" in f.metadata:
+                kwargs["choices"] = f.metadata["choices"]
+        parser.add_argument(f"--{f.name}", **kwargs)
+
+
+def parse_extra_flags(extra: list[str]) -> dict[str, Any]:
+    """``['--beta', '0.04', '--use_vllm=false']`` -> ``{'beta': 0.04, 'use_vllm': False}`` (values parsed as YAML)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(extra):
+        token = extra[i]
+        if not token.startswith("--") or len(token) < 3:
+            raise GradlensError(f"unexpected argument {token!r}")
+        key, eq, value = token[2:].partition("=")
+        if not eq:
+            if i + 1 < len(extra) and not extra[i + 1].startswith("--"):
+                value, i = extra[i + 1], i + 1
+            else:
+                value = "true"
+        out[key.replace("-", "_")] = yaml.safe_load(value)
+        i += 1
+    return out
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise GradlensError(f"config file {path} does not exist") from None
+    except (OSError, yaml.YAMLError) as e:
+        raise GradlensError(f"cannot read config file {path}: {e}".splitlines()[0]) from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise GradlensError(f"config file {path}: expected a mapping of settings, got {type(data).__name__}")
+    return data
+
+
+def config_from_args(cls: type, args: argparse.Namespace, extra: dict[str, Any] | None = None,
+                     *, extra_field: str | None = None) -> Any:
+    """Build ``cls`` from YAML (``args.config``) and explicit flags; unknown keys go to ``extra_field`` or fail."""
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    values: dict[str, Any] = load_yaml(args.config) if getattr(args, "config", None) else {}
+    leftovers = {k: values.pop(k) for k in list(values) if k not in names}
+    values.update({k: v for k, v in vars(args).items() if k in names})
+    leftovers.update(extra or {})
+    if leftovers:
+        if extra_field is None:
+            raise GradlensError(f"unknown setting(s): {', '.join(sorted(leftovers))}")
+        values[extra_field] = {**values.get(extra_field, {}), **leftovers}
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as e:
+        raise GradlensError(str(e)) from e

@@ -1,0 +1,55 @@
+"""The ``gradlens`` command: a thin argparse layer over the library, one module per subcommand.
+
+Subcommand modules are imported only when they are needed (and they import torch, transformers and TRL only inside
+``run``), so ``gradlens --help`` is instant. A :class:`GradlensError` is printed as one line, with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from gradlens.errors import GradlensError
+
+# name -> (module, one-line help). Each module defines ``add_arguments(parser)`` and ``run(args) -> int``; a module
+# with ``FORWARDS_UNKNOWN_FLAGS = True`` receives flags it does not declare as ``args.extra`` (e.g. TRL fields).
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "toy": ("gradlens.cli.toy", "the embedded toy world: build or show the base model and its accuracy"),
+    "record": ("gradlens.cli.record", "train with TRL (SFT or GRPO) and record every LoRA-B gradient"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from gradlens import __version__
+
+    parser = argparse.ArgumentParser(prog="gradlens", description="Record, analyze and act on LoRA-B gradients.")
+    parser.add_argument("--version", action="version", version=f"gradlens {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(module).add_arguments(sub_parser)
+        sub_parser.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    module = importlib.import_module(args._module)
+    if extra and not getattr(module, "FORWARDS_UNKNOWN_FLAGS", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
+    try:
+        return int(module.run(args) or 0)
+    except GradlensError as e:
+        print(f"gradlens {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"gradlens {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""What ``gradlens toy base`` reports: where the toy base model comes from and how accurate it is on held-out prompts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from gradlens.errors import GradlensError
+from gradlens.evaluate import Accuracy, accuracy
+from gradlens.toy.model import RECIPE_FILE, base_model_path, ensure_base_model, get_preset, shipped_model_path
+from gradlens.toy.task import AdditionTask
+
+SOURCES = ("shipped", "cached", "built")
+
+
+@dataclass(frozen=True)
+class BaseModelReport:
+    """The base model's directory, its source (one of :data:`SOURCES`), size, and held-out accuracy."""
+
+    preset: str
+    seed: int
+    path: Path
+    source: str
+    n_parameters: int
+    accuracy: Accuracy
+
+
+def base_model_source(preset: str = "tiny", seed: int = 0, *, rebuild: bool = False) -> str:
+    """Where :func:`ensure_base_model` will take the model from right now: ``shipped``, ``cached`` or ``built``."""
+    if rebuild:
+        return "built"
+    if shipped_model_path(preset, seed) is not None:
+        return "shipped"
+    if (base_model_path(preset, seed) / RECIPE_FILE).is_file():
+        return "cached"
+    return "built"
+
+
+def evaluate_base_model(preset: str = "tiny", seed: int = 0, *, n: int = 400, k: int = 8, rebuild: bool = False,
+                        progress: bool = False) -> BaseModelReport:
+    """Ensure (ship, cache or build) the toy base model, load it with ``from_pretrained``, and evaluate it.
+
+    Accuracy is measured on the first ``n`` prompts of the held-out split of the preset's addition task: greedy,
+    and with ``k`` samples per prompt (``k=0`` skips sampling).
+    """
+    from gradlens.adapters import load_model_and_tokenizer
+
+    p = get_preset(preset)
+    task = AdditionTask(digits=p.digits)
+    if not 1 <= n <= task.n_heldout:
+        raise GradlensError(f"--n must be in 1..{task.n_heldout} (the held-out split's size), got {n}")
+    if k < 0:
+        raise GradlensError(f"--k must be >= 0, got {k}")
+    source = base_model_source(preset, seed, rebuild=rebuild)
+    path = ensure_base_model(preset, seed, rebuild=rebuild, progress=progress)
+    model, tokenizer = load_model_and_tokenizer(path)
+    data = task.dataset("heldout", n=n)
+    acc = accuracy(model, tokenizer, data["prompt"], data["answer"], k=k)
+    return BaseModelReport(preset=preset, seed=seed, path=Path(path), source=source,
+                           n_parameters=sum(t.numel() for t in model.parameters()), accuracy=acc)
