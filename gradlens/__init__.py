@@ -1,8 +1,27 @@
-"""gradlens: record, analyze and act on the LoRA-B gradients of TRL SFT and GRPO runs."""
+"""gradlens: record, analyze and act on the LoRA-B gradients of TRL SFT and GRPO runs.
+
+The public names are imported lazily, so ``import gradlens`` (and the CLI's ``--help``) does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from gradlens.errors import GradlensError
-from gradlens.store import ModuleSpec, Run, RunWriter, open_run
 
 __version__ = "0.1.0"
 
-__all__ = ["GradlensError", "ModuleSpec", "Run", "RunWriter", "open_run", "__version__"]
+_LAZY = {
+    "open_run": "gradlens.store", "Run": "gradlens.store", "RunWriter": "gradlens.store",
+    "ModuleSpec": "gradlens.store", "GradientRecorder": "gradlens.recorder", "attach_lora": "gradlens.adapters",
+    "load_model_and_tokenizer": "gradlens.adapters", "record": "gradlens.record", "RecordConfig": "gradlens.config",
+}
+
+__all__ = ["GradlensError", "__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'gradlens' has no attribute {name!r}")

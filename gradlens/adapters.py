@@ -13,10 +13,8 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from gradlens.config import ALL_PROJECTIONS
 from gradlens.errors import GradlensError
-
-# The seven projections of a Llama/Qwen2-style decoder layer.
-ALL_PROJECTIONS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def load_model_and_tokenizer(name_or_path: str | os.PathLike[str], *, dtype: str | torch.dtype = "float32",

@@ -20,7 +20,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from transformers import TrainerCallback
 
@@ -36,7 +35,7 @@ MAX_STEPS_PER_SHARD = 64
 
 
 def select_modules(names: Sequence[str], modules: ModuleFilter) -> list[str]:
-    """The names kept by a filter: ``None`` (all), a callable, or module names / projection types (``v_proj``, ``v``)."""
+    """Names kept by a filter: ``None`` (all), a callable, or module names / projection types (``v_proj``, ``v``)."""
     if modules is None:
         return list(names)
     if callable(modules):

@@ -15,9 +15,8 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
+from gradlens.config import REGIMES
 from gradlens.errors import GradlensError
-
-REGIMES = ("sft", "grpo")
 
 # Safe everywhere, needed on a CPU: no mixed precision, no activation checkpointing, no reporting or checkpoints
 # unless asked for. Everything here can be overridden.
@@ -52,13 +51,18 @@ def config_fields(regime: str) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(config_class(regime)) if f.init}
 
 
+def check_overrides(regime: str, overrides: Mapping[str, Any]) -> None:
+    """Fail early, naming them, on override keys that are not fields of the regime's TRL config."""
+    unknown = sorted(set(overrides) - set(config_fields(regime)))
+    if unknown:
+        raise GradlensError(f"unknown {config_class(regime).__name__} field(s): {', '.join(unknown)}")
+
+
 def build_trl_config(regime: str, output_dir: str, overrides: Mapping[str, Any] | None = None):
     """A TRL ``SFTConfig``/``GRPOConfig`` from the CPU-safe defaults updated by ``overrides``."""
     fields = config_fields(regime)
     overrides = dict(overrides or {})
-    unknown = sorted(set(overrides) - set(fields))
-    if unknown:
-        raise GradlensError(f"unknown {config_class(regime).__name__} field(s): {', '.join(unknown)}")
+    check_overrides(regime, overrides)
     kwargs = {k: v for k, v in CPU_SAFE_DEFAULTS.items() if k in fields}
     kwargs.update(overrides)
     try:

@@ -443,7 +443,7 @@ class RunWriter:
         """Whole-adapter diagnostics of the steps added so far, cheap enough to compute after every step.
 
         ``cos_prev``: cosine between the last two added steps; ``sign_stability``: mean over entries of
-        ``|sum sign(g)| / count`` (1 = every entry kept one sign, ~0 = random signs); ``b_grad_norm``: norm of the last.
+        ``|sum sign(g)| / count`` (1: every entry kept one sign, ~0: random signs); ``b_grad_norm``: the last norm.
         """
         acc = self._acc
         if not acc.steps:

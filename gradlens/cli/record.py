@@ -1,0 +1,38 @@
+"""``gradlens record``: train with TRL (SFT or GRPO) and record every LoRA-B gradient into a run directory.
+
+Flags mirror :class:`gradlens.record.RecordConfig`; any other ``--field value`` is passed to the TRL config
+(``--num_generations 8``, ``--beta 0.04``), and ``--config run.yaml`` may hold any of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from gradlens.cli.dataclass_args import add_dataclass_arguments, config_from_args, parse_extra_flags
+
+FORWARDS_UNKNOWN_FLAGS = True
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from gradlens.config import RecordConfig
+
+    parser.epilog = "Any other --FIELD VALUE is a TRL SFTConfig/GRPOConfig field, e.g. --num_generations 8."
+    add_dataclass_arguments(parser, RecordConfig)
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def run(args: argparse.Namespace) -> int:
+    from gradlens.record import RecordConfig, record
+
+    config = config_from_args(RecordConfig, args, parse_extra_flags(args.extra), extra_field="trl")
+    result = record(config)
+    print(f"gradlens record: {result.path}: {result.steps} steps, {_human_bytes(result.bytes)} "
+          f"({config.regime}, model {config.model})")
+    return 0
