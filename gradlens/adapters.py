@@ -41,7 +41,14 @@ def load_model_and_tokenizer(name_or_path: str | os.PathLike[str], *, dtype: str
 
 
 def _linear_names(model: torch.nn.Module) -> set[str]:
-    return {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    """Last name component of every linear layer, including those already wrapped by a LoRA layer."""
+    from peft.tuners.lora import LoraLayer
+
+    names = set()
+    for name, m in model.named_modules():
+        if isinstance(m, LoraLayer) or (isinstance(m, torch.nn.Linear) and not name.endswith("base_layer")):
+            names.add(name.rsplit(".", 1)[-1])
+    return names
 
 
 def lora_config(model: torch.nn.Module, *, r: int = 8, alpha: int | None = None,

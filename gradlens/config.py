@@ -78,6 +78,10 @@ class RecordConfig:
             raise GradlensError(f"n_train must be >= 1, got {self.n_train}")
         if self.lora_r < 1:
             raise GradlensError(f"lora_r must be >= 1, got {self.lora_r}")
+        if self.model.startswith(TOY_PREFIX):
+            from gradlens.toy.presets import get_preset
+
+            get_preset(self.model[len(TOY_PREFIX) :])
         reserved = {"max_steps", "seed", "learning_rate", "output_dir"} & set(self.trl)
         if reserved:
             raise GradlensError(f"set {', '.join(sorted(reserved))} as gradlens settings, not TRL extras")

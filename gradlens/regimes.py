@@ -64,6 +64,10 @@ def build_trl_config(regime: str, output_dir: str, overrides: Mapping[str, Any] 
     overrides = dict(overrides or {})
     check_overrides(regime, overrides)
     kwargs = {k: v for k, v in CPU_SAFE_DEFAULTS.items() if k in fields}
+    import torch
+
+    if not torch.cuda.is_available():  # pinned memory only helps host-to-GPU copies
+        kwargs["dataloader_pin_memory"] = False
     kwargs.update(overrides)
     try:
         return config_class(regime)(output_dir=output_dir, **kwargs)

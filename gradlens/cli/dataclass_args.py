@@ -8,12 +8,30 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import re
 import types
 import typing
 from pathlib import Path
 from typing import Any
 
 from gradlens.errors import GradlensError
+
+
+@functools.cache
+def _yaml_loader() -> type:
+    """PyYAML's SafeLoader, except that exponent floats without a dot (``1e-4``, ``3E5``) load as floats, not strings.
+
+    PyYAML follows YAML 1.1, where ``1e-4`` is a string; learning rates are written that way on command lines.
+    """
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    exponent_float = re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", exponent_float, list("-+0123456789"))
+    return Loader
 
 
 def _scalar_type(tp: Any) -> tuple[Any, bool]:
@@ -40,7 +58,10 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         tp, is_list = _scalar_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        help_text = f"{f.metadata.get('help', '')} (default: {default})"
+        help_text = str(f.metadata.get("help", ""))
+        if not re.search(r"\b(default|required)\b", help_text):  # the help may already say it
+            help_text += f" (default: {default})"
+        help_text = help_text.replace("%", "%%")  # argparse %-formats help strings
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
@@ -69,7 +90,7 @@ def parse_extra_flags(extra: list[str]) -> dict[str, Any]:
                 value, i = extra[i + 1], i + 1
             else:
                 value = "true"
-        out[key.replace("-", "_")] = yaml.safe_load(value)
+        out[key.replace("-", "_")] = yaml.load(value, Loader=_yaml_loader())
         i += 1
     return out
 
@@ -78,7 +99,7 @@ def load_yaml(path: Path) -> dict[str, Any]:
     import yaml
 
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        data = yaml.load(Path(path).read_text(), Loader=_yaml_loader())
     except FileNotFoundError:
         raise GradlensError(f"config file {path} does not exist") from None
     except (OSError, yaml.YAMLError) as e:

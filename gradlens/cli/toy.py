@@ -16,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           description="Ensure the toy base model (shipped in the package, cached, or built now by "
                                       "its seeded recipe) and report its held-out accuracy.")
     base.add_argument("--preset", default="tiny",
-                      help="model size preset, a key of gradlens.toy.model.PRESETS, e.g. tiny or small "
+                      help="model size preset, a key of gradlens.toy.presets.PRESETS, e.g. tiny or small "
                            "(default: tiny)")
     base.add_argument("--seed", type=int, default=0, help="seed of the pretraining recipe (default: 0)")
     base.add_argument("--rebuild", action="store_true",
@@ -44,10 +44,13 @@ def format_report(report) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gradlens.toy.report import evaluate_base_model
+    from gradlens.toy.presets import get_preset
 
     if args.toy_action != "base":  # argparse enforces the choice; kept for callers building args by hand
         raise ValueError(f"unknown toy action {args.toy_action!r}")
+    get_preset(args.preset)  # fail before importing torch
+    from gradlens.toy.report import evaluate_base_model
+
     report = evaluate_base_model(args.preset, args.seed, n=args.n, k=args.k, rebuild=args.rebuild, progress=True)
     print(format_report(report))
     return 0

@@ -2,8 +2,9 @@
 
 GRPO learns nothing from a model that never earns a reward, so the base model is pretrained on the addition task's
 train split with a systematic, learnable error: a share (``carryless_share``) of the targets that need a carry are
-replaced by the carry-less sum. The model then learns both modes; greedy decoding follows the majority (carry-less)
-mode and is right only on the ~27% of prompts that need no carry, while sampling still hits the right answer often.
+replaced by the carry-less sum. The model then learns both modes; greedy decoding mostly follows the majority
+(carry-less) mode, so it is right on the ~27% of held-out prompts that need no carry and on some others (40% in all
+for ``tiny``), while sampling still reaches the right answer often (pass@8 0.83).
 Fine-tuning (SFT on correct answers, or GRPO with the exact-match reward) has something real to learn: "carry".
 
 Built models are ordinary ``save_pretrained`` directories, so ``AutoModelForCausalLM.from_pretrained`` loads them like
@@ -20,13 +21,13 @@ import random
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from gradlens.errors import GradlensError
+from gradlens.toy.presets import ToyPreset, get_preset
 from gradlens.toy.task import AdditionTask, carryless_sum
 from gradlens.toy.tokenizer import build_char_tokenizer
 
@@ -34,40 +35,6 @@ from gradlens.toy.tokenizer import build_char_tokenizer
 RECIPE_VERSION = 1
 RECIPE_FILE = "gradlens_recipe.json"
 SHIPPED_DIR = Path(__file__).parent / "checkpoints"
-
-
-@dataclass(frozen=True)
-class ToyPreset:
-    """Sizes of the toy Qwen2 model and the budget of its pretraining recipe."""
-
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    pretrain_steps: int
-    batch_size: int = 128
-    learning_rate: float = 3e-3
-    carryless_share: float = 0.7
-    digits: int = 2
-
-
-PRESETS: dict[str, ToyPreset] = {
-    # Fast enough for every test: ~0.1M parameters, B matrices of 64 x r.
-    "tiny": ToyPreset(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, pretrain_steps=1500),
-    # For placement experiments: B matrices of 256 x r and 768 x r, so a 1% budget still leaves tens of entries in
-    # every matrix.
-    "small": ToyPreset(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=4, pretrain_steps=1500, learning_rate=1e-3),
-}
-
-
-def get_preset(name: str) -> ToyPreset:
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise GradlensError(f"unknown toy preset {name!r}; choose one of: {', '.join(PRESETS)}") from None
 
 
 def build_toy_config(preset: str | ToyPreset, tokenizer: PreTrainedTokenizerFast) -> Qwen2Config:

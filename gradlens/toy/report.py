@@ -1,4 +1,4 @@
-"""What ``gradlens toy base`` reports: where the toy base model comes from and how accurate it is on held-out prompts."""
+"""What ``gradlens toy base`` reports: where the toy base model comes from and its accuracy on held-out prompts."""
 
 from __future__ import annotations
 
