@@ -154,3 +154,19 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path: Path) -> None:
     for module in run.modules:
         np.testing.assert_allclose(acc[module].sum, acc_ref[module].sum, rtol=1e-5, atol=1e-8)
         assert acc[module].count == acc_ref[module].count == 24
+
+
+def test_info_and_damaged_runs_name_the_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "run"
+    args = ("record", "--out", str(out), "--max_steps", "3", "--steps_per_shard", "1", *QUIET)
+    assert gradlens_inproc(capsys, *args).returncode == 0
+    info = gradlens_inproc(capsys, "info", str(out))
+    assert info.returncode == 0 and "sft run, complete" in info.stdout and "3 (steps 1..3)" in info.stdout
+
+    shard = out / "shards" / "shard-000001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-10])  # truncated
+    assert_one_line_error(gradlens_inproc(capsys, "info", str(out)), "shard-000001.safetensors")
+    assert_one_line_error(gradlens_inproc(capsys, *args, "--resume"), "shard-000001.safetensors")
+    shard.unlink()  # missing
+    assert_one_line_error(gradlens_inproc(capsys, "info", str(out)), "shard-000001.safetensors")
+    assert_one_line_error(gradlens_inproc(capsys, "info", str(tmp_path / "nothing")), "nothing")

@@ -18,6 +18,7 @@ from gradlens.errors import GradlensError
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "toy": ("gradlens.cli.toy", "the embedded toy world: build or show the base model and its accuracy"),
     "record": ("gradlens.cli.record", "train with TRL (SFT or GRPO) and record every LoRA-B gradient"),
+    "info": ("gradlens.cli.info", "describe recorded runs (steps, modules, size), checking every shard"),
 }
 
 
