@@ -41,8 +41,10 @@ test: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
+# Re-running replaces the previous demo runs (record refuses to overwrite a run without --resume).
 demo: venv
 	$(VENV)/bin/gradlens toy base
+	rm -rf $(DEMO_OUT)/sft $(DEMO_OUT)/grpo $(DEMO_OUT)/analysis
 	$(VENV)/bin/gradlens record --regime sft --out $(DEMO_OUT)/sft --max_steps 40
 	$(VENV)/bin/gradlens record --regime grpo --out $(DEMO_OUT)/grpo --max_steps 40
 	$(VENV)/bin/gradlens analyze $(DEMO_OUT)/sft $(DEMO_OUT)/grpo --out $(DEMO_OUT)/analysis

@@ -94,3 +94,33 @@ class RecordConfig:
         if self.learning_rate is not None:
             out["learning_rate"] = self.learning_rate
         return out
+
+
+@dataclass
+class AnalyzeConfig:
+    """Settings of ``gradlens analyze`` (and :func:`gradlens.analyze.analyze_runs`); the run directories are given
+    separately."""
+
+    out: str = field(default="", metadata=_meta(
+        "output directory for the tables, figures and provenance.json (required on the command line)"))
+    lags: int = field(default=10, metadata=_meta("largest lag L of the step-to-step cosines (L = 1..lags)"))
+    window: int | None = field(default=None, metadata=_meta(
+        "also take every statistic over the first N usable steps (columns suffixed _wN; default: none)"))
+    bins: int = field(default=20, metadata=_meta("bins on [0, 1] of the sign-stability histograms"))
+    memory_mb: float = field(default=512.0, metadata=_meta(
+        "working memory for gradient blocks and per-module Gram matrices, in MiB; the whole-adapter, "
+        "per-projection and per-layer T x T Grams come on top"))
+    unclip: bool = field(default=False, metadata=_meta(
+        "divide each stored (clipped) step by its clip_coef, i.e. analyse the pre-clip gradient"))
+    figures: bool = field(default=True, metadata=_meta("draw the PNG figures"))
+    progress: bool = field(default=True, metadata=_meta("show progress bars while reading shards"))
+
+    def __post_init__(self) -> None:
+        if self.lags < 1:
+            raise GradlensError(f"lags must be >= 1, got {self.lags}")
+        if self.window is not None and self.window < 2:
+            raise GradlensError(f"window must be >= 2 steps, got {self.window}")
+        if self.bins < 2:
+            raise GradlensError(f"bins must be >= 2, got {self.bins}")
+        if not self.memory_mb >= 16:
+            raise GradlensError(f"memory_mb must be >= 16, got {self.memory_mb}")

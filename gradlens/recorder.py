@@ -149,7 +149,12 @@ class GradientRecorder(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         step = state.global_step + 1
-        if step % self.every_n_steps:
+        recorded = step % self.every_n_steps == 0
+        # Read the running loss and rewards at every step, recorded or not: the Trainer keeps summing the loss and
+        # empties its reward metrics at each log, so a skipped step must not leak into the next recorded one.
+        loss = self._step_loss(recorded)
+        grpo_meta = self._grpo_meta(args)
+        if not recorded:
             return
         post = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
         pre = [loc if fresh else torch.zeros_like(p)
@@ -157,7 +162,6 @@ class GradientRecorder(TrainerCallback):
         if _distributed():
             pre = self._all_reduce_mean(pre)
         coef, pre_norm, post_norm = self._clip_coefficient(args, _unwrap(model), post, pre)
-        loss = self._step_loss()
         if not state.is_world_process_zero:
             return
         grads = [g.detach().to("cpu", torch.float32, copy=True).numpy() for g in post]
@@ -171,7 +175,7 @@ class GradientRecorder(TrainerCallback):
             "epoch": state.epoch,
         }
         self._last_b_norm = meta["b_grad_norm"]
-        meta.update(self._grpo_meta(args))
+        meta.update(grpo_meta)
         self.writer.submit(step, grads, meta)
         self.steps_recorded += 1
 
@@ -271,21 +275,26 @@ class GradientRecorder(TrainerCallback):
             return 1.0, post_norm, post_norm
         return coef, pre_norm, post_norm
 
-    def _step_loss(self) -> float | None:
-        """This step's training loss, from the Trainer's running sum (which it resets at each log)."""
+    def _step_loss(self, recorded: bool = True) -> float | None:
+        """This step's training loss, from the Trainer's running sum (which it resets at each log).
+
+        Must be called at every optimizer step; only a ``recorded`` step pays for the all-reduce and the host sync.
+        """
         t = self.trainer
         if t is None or not isinstance(getattr(t, "_tr_loss", None), torch.Tensor):
             return None
-        total = t._tr_loss.detach().double()
-        if _distributed():
-            total = total.to(_collective_device())
-            torch.distributed.all_reduce(total)
-            total /= torch.distributed.get_world_size()
-        total_f = float(total)
+        total = t._tr_loss.detach().to(torch.float64, copy=True)  # this process's running sum
         last_logged = getattr(t, "_globalstep_last_logged", None)
         seen, seen_logged = self._loss_seen
-        self._loss_seen = (total_f, last_logged)
-        return total_f - (seen if seen_logged == last_logged else 0.0)
+        self._loss_seen = (total, last_logged)
+        if not recorded:
+            return None
+        loss = total - (seen if seen_logged == last_logged else 0.0)  # a new tensor: total stays local
+        if _distributed():  # the mean over processes of the local step losses, as the Trainer logs it
+            loss = loss.to(_collective_device())
+            torch.distributed.all_reduce(loss)
+            loss /= torch.distributed.get_world_size()
+        return float(loss)
 
     def _grpo_meta(self, args) -> dict[str, Any]:
         """GRPO only: reward mean/std of the generation batch this step trained on, and that batch's index."""

@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "toy": ("gradlens.cli.toy", "the embedded toy world: build or show the base model and its accuracy"),
     "record": ("gradlens.cli.record", "train with TRL (SFT or GRPO) and record every LoRA-B gradient"),
     "info": ("gradlens.cli.info", "describe recorded runs (steps, modules, size), checking every shard"),
+    "analyze": ("gradlens.cli.analyze", "effective rank, step-to-step cosine and sign stability of recorded runs"),
 }
 
 

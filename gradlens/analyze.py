@@ -1,0 +1,261 @@
+"""``analyze_runs``: the statistics of :mod:`gradlens.stats` for several runs, as tables, figures and a finding.
+
+The library entry point behind ``gradlens analyze`` (notebooks call it directly)::
+
+    from gradlens.analyze import analyze_runs
+    from gradlens.config import AnalyzeConfig
+
+    res = analyze_runs(["runs/sft", "runs/grpo"], "runs/analysis", AnalyzeConfig(window=16))
+    res.summary[["run", "regime", "cos_lag1_mean", "erank_traj_unit", "sign_stability_mean", "sign_null_mean"]]
+
+Tables (one row per run and module / run / projection type / layer) use the same statistic columns; see
+:func:`gradlens.stats.stat_columns`. With ``window=W`` every statistic is repeated over the first W usable steps,
+in columns suffixed ``_wW``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import json
+import os
+import platform
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from gradlens.config import AnalyzeConfig
+from gradlens.errors import GradlensError
+from gradlens.stats import RunStats, ScopeStats, analyze_run, histogram_edges, stat_columns
+
+TABLES = ("summary", "modules", "proj", "layers", "series", "hist")
+CSV_TABLES = ("summary", "modules", "proj", "layers")
+PROVENANCE = "provenance.json"
+PARQUET_KEY = b"gradlens_provenance"
+
+
+@dataclass
+class AnalysisResult:
+    """DataFrames of an analysis (``summary``, ``modules``, ``proj``, ``layers``, long ``series`` and ``hist``),
+    the per-run :class:`~gradlens.stats.RunStats`, the printed finding and the files written."""
+
+    summary: pd.DataFrame
+    modules: pd.DataFrame
+    proj: pd.DataFrame
+    layers: pd.DataFrame
+    series: pd.DataFrame
+    hist: pd.DataFrame
+    runs: list[RunStats]
+    findings: str
+    provenance: dict[str, Any]
+    files: list[Path] = field(default_factory=list)
+
+
+def _labels(paths: Sequence[Path]) -> list[str]:
+    names = [p.resolve().name or str(p) for p in paths]
+    return [name if names.count(name) == 1 else str(p) for name, p in zip(names, paths, strict=True)]
+
+
+def _stat_values(stats: ScopeStats, lags: int, window: int | None) -> dict[str, Any]:
+    cols = stat_columns(lags)
+    out = {c: stats.row[c] for c in cols}
+    if window is not None:
+        out.update({f"{c}_w{window}": stats.window_row[c] for c in cols})
+    return out
+
+
+def build_tables(runs: Sequence[RunStats], labels: Sequence[str], lags: int, window: int | None
+                 ) -> dict[str, pd.DataFrame]:
+    """The six DataFrames from per-run statistics (``window``: the configured window, for column names)."""
+    rows: dict[str, list[dict[str, Any]]] = {name: [] for name in TABLES if name != "series"}
+    series: list[dict[str, Any]] = []
+    for rs, label in zip(runs, labels, strict=True):
+        base = {"run": label, "regime": rs.regime}
+        excluded = len(rs.excluded)
+        spec_of = {s.name: s for s in rs.specs}
+        for sc in rs.scopes:
+            entries = sum(spec_of[m].size for m in sc.modules)
+            stats = _stat_values(sc, lags, window)
+            if sc.scope == "module":
+                spec = spec_of[sc.name]
+                rows["modules"].append({**base, "module": sc.name, "proj": spec.proj, "layer": spec.layer,
+                                        "d_out": spec.shape[0], "r": spec.shape[1], "entries": entries,
+                                        "nonfinite_steps": excluded, **stats})
+            elif sc.scope in ("proj", "layer"):
+                key = "layers" if sc.scope == "layer" else "proj"
+                name: Any = int(sc.name) if sc.scope == "layer" else sc.name
+                rows[key].append({**base, sc.scope: name, "modules": len(sc.modules), "entries": entries,
+                                  "nonfinite_steps": excluded, **stats})
+            else:
+                rows["summary"].append({**base, "seed": rs.seed, "path": str(rs.path), "modules": len(sc.modules),
+                                        "entries": entries, "nonfinite_steps": excluded,
+                                        "excluded_steps": json.dumps(rs.excluded), **stats})
+            steps = np.asarray(rs.steps, np.int64)
+            for kind, values in sc.series.items():
+                offset = int(kind[len("cos_lag"):]) if kind.startswith("cos_lag") else 0
+                n = len(values)
+                series.append({**base, "scope": sc.scope, "name": sc.name, "series": kind, "n": n,
+                               "t": np.arange(n, dtype=np.int32), "step": steps[:n],
+                               "step_to": steps[offset:offset + n], "value": np.asarray(values, np.float64)})
+            edges = histogram_edges(rs.bins)
+            total = max(int(sc.hist.sum()), 1)
+            for b in range(rs.bins):
+                rows["hist"].append({**base, "scope": sc.scope, "name": sc.name, "steps": len(rs.steps),
+                                     "bin_lo": edges[b], "bin_hi": edges[b + 1], "count": int(sc.hist[b]),
+                                     "fraction": sc.hist[b] / total, "null_prob": float(sc.null_hist[b])})
+    tables = {name: pd.DataFrame(r) for name, r in rows.items()}
+    tables["series"] = _series_frame(series)
+    if not tables["layers"].empty:
+        tables["layers"]["layer"] = tables["layers"]["layer"].astype("int64")
+    if not tables["modules"].empty:
+        tables["modules"]["layer"] = tables["modules"]["layer"].astype("Int64")
+    return tables
+
+
+def _series_frame(parts: list[dict[str, Any]]) -> pd.DataFrame:
+    """The long series table, built column-wise with categorical labels (it has modules x series x T rows)."""
+    lengths = np.array([p["n"] for p in parts], np.int64)
+    cols: dict[str, Any] = {}
+    for key in ("run", "regime", "scope", "name", "series"):
+        labels = [p[key] for p in parts]
+        cats = {label: i for i, label in enumerate(dict.fromkeys(labels))}
+        codes = np.repeat(np.array([cats[label] for label in labels], np.int32), lengths)
+        cols[key] = pd.Categorical.from_codes(codes, categories=list(cats))
+    for key, dtype in (("t", np.int32), ("step", np.int64), ("step_to", np.int64), ("value", np.float64)):
+        cols[key] = np.concatenate([p[key] for p in parts]).astype(dtype) if parts else np.zeros(0, dtype)
+    return pd.DataFrame(cols)
+
+
+def _fmt(x: float, digits: int = 2) -> str:
+    return "nan" if x is None or not np.isfinite(x) else f"{x:.{digits}f}"
+
+
+def findings(runs: Sequence[RunStats], labels: Sequence[str]) -> str:
+    """A few lines that read as a finding: per run, then GRPO against SFT when both are present."""
+    lines = []
+    for rs, label in zip(runs, labels, strict=True):
+        a = rs.adapter.row
+        T = len(rs.steps)
+        r = max(s.shape[1] for s in rs.specs)
+        line = (f"{label} ({rs.regime}, T={T}): lag-1 cosine {_fmt(a['cos_lag1_mean'])}, cosine to mean "
+                f"{_fmt(a['cos_to_mean_mean'])}; trajectory erank {_fmt(a['erank_traj'], 1)} "
+                f"(unit rows {_fmt(a['erank_traj_unit'], 1)}) of T={T}; per-step erank "
+                f"{_fmt(a['erank_step_mean'], 1)} of r={r}; sign stability {_fmt(a['sign_stability_mean'])} "
+                f"(null {_fmt(a['sign_null_mean'])}), {_fmt(100 * a['sign_stable_frac_0.8'], 1)}% of entries "
+                f"above 0.8 (null {_fmt(100 * a['sign_null_frac_0.8'], 1)}%)")
+        if rs.excluded:
+            line += f"; {len(rs.excluded)} non-finite step(s) excluded: {' '.join(map(str, rs.excluded[:10]))}"
+        lines.append(line)
+        if rs.window is not None:
+            w = rs.adapter.window_row
+            lines.append(f"  first {rs.window} steps: lag-1 cosine {_fmt(w['cos_lag1_mean'])}, trajectory erank "
+                         f"(unit rows) {_fmt(w['erank_traj_unit'], 1)} of {rs.window}, sign stability "
+                         f"{_fmt(w['sign_stability_mean'])} (null {_fmt(w['sign_null_mean'])})")
+    by_regime = {}
+    for rs in runs:
+        by_regime.setdefault(rs.regime, rs)
+    if "sft" in by_regime and "grpo" in by_regime:
+        s, g = by_regime["sft"].adapter.row, by_regime["grpo"].adapter.row
+        ts, tg = len(by_regime["sft"].steps), len(by_regime["grpo"].steps)
+        t = f"T={tg}" if ts == tg else f"T={tg}/{ts}"
+        null = (_fmt(s["sign_null_mean"]) if ts == tg
+                else f"{_fmt(g['sign_null_mean'])}/{_fmt(s['sign_null_mean'])}")
+        lines.append(f"Finding: GRPO lag-1 cosine {_fmt(g['cos_lag1_mean'])} vs SFT {_fmt(s['cos_lag1_mean'])}; "
+                     f"trajectory erank (unit rows) {_fmt(g['erank_traj_unit'], 1)} vs "
+                     f"{_fmt(s['erank_traj_unit'], 1)} of {t}; sign stability {_fmt(g['sign_stability_mean'])} vs "
+                     f"{_fmt(s['sign_stability_mean'])} (null {null}).")
+    return "\n".join(lines)
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("gradlens", "numpy", "scipy", "pandas", "pyarrow", "matplotlib", "torch", "safetensors"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            out[pkg] = importlib.metadata.version(pkg)
+    return out
+
+
+def provenance(runs: Sequence[RunStats], labels: Sequence[str], config: AnalyzeConfig) -> dict[str, Any]:
+    """What produced the outputs: the config, package versions, and each source run's path, seed and steps."""
+    return {
+        "tool": "gradlens analyze",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "config": asdict(config),
+        "argv": list(sys.argv),
+        "versions": _versions(),
+        "runs": [{
+            "label": label, "path": str(rs.path.resolve()), "regime": rs.regime, "seed": rs.seed,
+            "steps_used": len(rs.steps), "first_step": rs.steps[0], "last_step": rs.steps[-1],
+            "nonfinite_steps_excluded": rs.excluded, "window": rs.window, "created": rs.meta.get("created"),
+            "complete": rs.meta.get("complete"), "dtype": rs.meta.get("dtype"),
+            "record_config": (rs.meta.get("config") or {}).get("record"), "versions": rs.meta.get("versions"),
+        } for rs, label in zip(runs, labels, strict=True)],
+    }
+
+
+def _write_parquet(df: pd.DataFrame, path: Path, prov: dict[str, Any]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    meta = dict(table.schema.metadata or {})
+    meta[PARQUET_KEY] = json.dumps(prov).encode()
+    pq.write_table(table.replace_schema_metadata(meta), path)
+
+
+def write_outputs(result: AnalysisResult, out_dir: Path, config: AnalyzeConfig) -> list[Path]:
+    """Write the CSV and parquet tables, ``provenance.json`` and (unless disabled) the figures into ``out_dir``."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise GradlensError(f"{out_dir}: cannot create the output directory ({e.strerror})") from None
+    files = []
+    prov = result.provenance
+    for name in TABLES:
+        df = getattr(result, name)
+        if name in CSV_TABLES:
+            df.to_csv(out_dir / f"{name}.csv", index=False)
+            files.append(out_dir / f"{name}.csv")
+        _write_parquet(df, out_dir / f"{name}.parquet", prov)
+        files.append(out_dir / f"{name}.parquet")
+    if config.figures:
+        from gradlens.figures import make_figures
+
+        files += make_figures(result, out_dir)
+    prov["files"] = [p.name for p in [*files, out_dir / PROVENANCE]]
+    (out_dir / PROVENANCE).write_text(json.dumps(prov, indent=1, default=str) + "\n")
+    files.append(out_dir / PROVENANCE)
+    return files
+
+
+def analyze_runs(paths: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str] | None = None,
+                 config: AnalyzeConfig | None = None) -> AnalysisResult:
+    """Analyse each run (one streaming pass per run), build the tables and the finding, and write them if asked.
+
+    ``out_dir`` (default ``config.out``; empty: write nothing) receives ``summary/modules/proj/layers.csv``, all six
+    tables as parquet, the PNG figures and ``provenance.json``.
+    """
+    from gradlens.store import open_run
+
+    config = config or AnalyzeConfig()
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise GradlensError("no run directories given")
+    for p in paths:  # fail fast on a bad path before the long passes
+        open_run(p)
+    runs = [analyze_run(p, lags=config.lags, window=config.window, bins=config.bins, memory_mb=config.memory_mb,
+                        unclip=config.unclip, progress=config.progress) for p in paths]
+    labels = _labels(paths)
+    tables = build_tables(runs, labels, config.lags, config.window)
+    result = AnalysisResult(**tables, runs=runs, findings=findings(runs, labels),
+                            provenance=provenance(runs, labels, config))
+    target = out_dir if out_dir is not None else config.out
+    if target:
+        result.files = write_outputs(result, Path(target), config)
+    return result

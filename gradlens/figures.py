@@ -1,0 +1,158 @@
+"""PNG figures of an analysis, one panel per run side by side (SFT next to GRPO when both are given).
+
+Drawn with matplotlib's object API (``matplotlib.figure.Figure``, rendered by Agg), so no pyplot backend is touched
+and it works headless and inside notebooks alike. Every PNG carries the source runs in its metadata.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from gradlens.analyze import AnalysisResult
+
+PROJ_ORDER = ("q", "k", "v", "o", "gate", "up", "down")
+HEATMAP_METRICS = ("sign_stability_mean", "cos_lag1_mean")
+FIGURES = ("lag_cosine.png", "cosine_series.png", "erank_traj.png", "sign_hist.png", "heatmap.png")
+
+
+def _figure(n_rows: int, n_cols: int, width: float = 4.6, height: float = 3.4) -> tuple[Any, np.ndarray]:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width * n_cols, height * n_rows), layout="constrained")
+    axes = np.asarray(fig.subplots(n_rows, n_cols, squeeze=False))
+    return fig, axes
+
+
+def _save(fig: Any, path: Path, result: AnalysisResult) -> Path:
+    prov = result.provenance
+    meta = {"Software": f"gradlens {prov['versions'].get('gradlens', '')}".strip(),
+            "Source": json.dumps([{"path": r["path"], "seed": r["seed"]} for r in prov["runs"]]),
+            "Description": json.dumps({"config": prov["config"], "created": prov["created"]}, default=str)}
+    fig.savefig(path, dpi=110, metadata=meta)
+    return path
+
+
+def _title(label: str, regime: str, steps: int) -> str:
+    return f"{label} ({regime.upper()}, T={steps})"
+
+
+def _projs(names: list[str]) -> list[str]:
+    return sorted(names, key=lambda p: (PROJ_ORDER.index(p) if p in PROJ_ORDER else len(PROJ_ORDER), p))
+
+
+def make_figures(result: AnalysisResult, out_dir: Path) -> list[Path]:
+    """Draw the five figures of :data:`FIGURES` into ``out_dir``; returns their paths."""
+    runs = result.summary[["run", "regime", "steps"]].to_dict("records")
+    files = []
+    series, proj, hist, modules = result.series, result.proj, result.hist, result.modules
+    colors = {p: f"C{i}" for i, p in enumerate(_projs(list(proj["proj"].unique())))}
+    lags = result.runs[0].lags
+
+    # 1. Mean lag-L cosine against L.
+    fig, axes = _figure(1, len(runs))
+    for ax, run in zip(axes[0], runs, strict=True):
+        x = np.arange(1, lags + 1)
+        sub = proj[proj["run"] == run["run"]]
+        for _, row in sub.iterrows():
+            ax.plot(x, [row[f"cos_lag{lag}_mean"] for lag in x], marker=".", lw=1, color=colors[row["proj"]],
+                    label=row["proj"])
+        a = result.summary[result.summary["run"] == run["run"]].iloc[0]
+        ax.plot(x, [a[f"cos_lag{lag}_mean"] for lag in x], marker="o", lw=2.5, color="black", label="adapter")
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set(title=_title(run["run"], run["regime"], run["steps"]), xlabel="lag L (recorded steps)",
+               ylabel=r"mean cos($g_t$, $g_{t+L}$)")
+        ax.legend(fontsize=7, ncol=2)
+    files.append(_save(fig, out_dir / FIGURES[0], result))
+
+    # 2. Cosine series: lag-1 and to the mean gradient, whole adapter and per projection.
+    fig, axes = _figure(1, len(runs), width=5.2)
+    for ax, run in zip(axes[0], runs, strict=True):
+        sub = series[series["run"] == run["run"]]
+        for p in _projs([n for n in sub.loc[sub["scope"] == "proj", "name"].unique()]):
+            s = sub[(sub["scope"] == "proj") & (sub["name"] == p) & (sub["series"] == "cos_lag1")]
+            ax.plot(s["step_to"], s["value"], lw=0.8, alpha=0.6, color=colors.get(p, "grey"), label=f"{p} lag 1")
+        s = sub[(sub["scope"] == "adapter") & (sub["series"] == "cos_lag1")]
+        ax.plot(s["step_to"], s["value"], lw=2.2, color="black", label="adapter lag 1")
+        s = sub[(sub["scope"] == "adapter") & (sub["series"] == "cos_to_mean")]
+        ax.plot(s["step"], s["value"], lw=1.8, ls="--", color="crimson", label="adapter to mean")
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set(title=_title(run["run"], run["regime"], run["steps"]), xlabel="step", ylabel="cosine",
+               ylim=(-1.05, 1.05))
+        ax.legend(fontsize=6, ncol=2)
+    files.append(_save(fig, out_dir / FIGURES[1], result))
+
+    # 3. Trajectory erank per projection type (raw and unit rows), against T.
+    fig, axes = _figure(1, len(runs))
+    for ax, run in zip(axes[0], runs, strict=True):
+        sub = proj[proj["run"] == run["run"]].set_index("proj")
+        names = _projs(list(sub.index))
+        a = result.summary[result.summary["run"] == run["run"]].iloc[0]
+        x = np.arange(len(names) + 1)
+        raw = [sub.loc[p, "erank_traj"] for p in names] + [a["erank_traj"]]
+        unit = [sub.loc[p, "erank_traj_unit"] for p in names] + [a["erank_traj_unit"]]
+        ax.bar(x - 0.2, raw, 0.4, label="raw", color="C0")
+        ax.bar(x + 0.2, unit, 0.4, label="unit rows", color="C1")
+        ax.axhline(run["steps"], color="black", ls=":", lw=1, label=f"T={run['steps']}")
+        ax.set_xticks(x, [*names, "adapter"], fontsize=8)
+        ax.set(title=_title(run["run"], run["regime"], run["steps"]), ylabel="trajectory erank",
+               ylim=(0, run["steps"] * 1.25))
+        ax.legend(fontsize=7, ncol=3, loc="upper center")
+    files.append(_save(fig, out_dir / FIGURES[2], result))
+
+    # 4. Sign-stability histogram of all entries against the random-sign null.
+    fig, axes = _figure(1, len(runs))
+    for ax, run in zip(axes[0], runs, strict=True):
+        h = hist[(hist["run"] == run["run"]) & (hist["scope"] == "adapter")]
+        width = float((h["bin_hi"] - h["bin_lo"]).iloc[0])
+        ax.bar(h["bin_lo"], h["fraction"], width=width, align="edge", alpha=0.7, color="C0", label="entries")
+        ax.step(np.r_[h["bin_lo"], h["bin_hi"].iloc[-1]], np.r_[h["null_prob"], h["null_prob"].iloc[-1]],
+                where="post", color="black", lw=1.5, label="null (random signs)")
+        a = result.summary[result.summary["run"] == run["run"]].iloc[0]
+        ax.axvline(a["sign_stability_mean"], color="C0", ls="--", lw=1.2,
+                   label=f"mean {a['sign_stability_mean']:.2f}")
+        ax.axvline(a["sign_null_mean"], color="black", ls=":", lw=1.2, label=f"null mean {a['sign_null_mean']:.2f}")
+        ax.set(title=_title(run["run"], run["regime"], run["steps"]), xlabel=r"sign stability $|\sum_t$ sign$|/T$",
+               ylabel="share of entries", xlim=(0, 1))
+        ax.legend(fontsize=7)
+    files.append(_save(fig, out_dir / FIGURES[3], result))
+
+    # 5. Projection-by-layer heat maps of sign stability and lag-1 cosine (one row per metric, shared colour scale).
+    fig, axes = _figure(len(HEATMAP_METRICS), len(runs), width=4.2, height=3.2)
+    mods = modules[modules["layer"].notna()]
+    for row_axes, metric in zip(axes, HEATMAP_METRICS, strict=True):
+        values = mods[metric].to_numpy(np.float64)
+        finite = values[np.isfinite(values)]
+        vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+        if metric.startswith("cos"):
+            vmax = max(abs(vmin), abs(vmax), 1e-3)
+            vmin, cmap = -vmax, "RdBu_r"
+        else:
+            cmap = "viridis"
+        for ax, run in zip(row_axes, runs, strict=True):
+            sub = mods[mods["run"] == run["run"]]
+            names = _projs(list(sub["proj"].unique()))
+            layers = sorted(int(x) for x in sub["layer"].unique())
+            if not layers:
+                ax.set_axis_off()
+                ax.text(0.5, 0.5, "no modules with a layer index", ha="center", va="center")
+                continue
+            grid = np.full((len(names), len(layers)), np.nan)
+            for _, m in sub.iterrows():
+                grid[names.index(m["proj"]), layers.index(int(m["layer"]))] = m[metric]
+            im = ax.imshow(grid, aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax)
+            ax.set_yticks(range(len(names)), names)
+            ax.set_xticks(range(len(layers)), layers)
+            if grid.size <= 120:
+                for (i, j), v in np.ndenumerate(grid):
+                    if np.isfinite(v):
+                        ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white"
+                                if cmap == "viridis" and v < (vmin + vmax) / 2 else "black")
+            ax.set(title=f"{run['run']} ({run['regime'].upper()}): {metric}", xlabel="layer")
+            fig.colorbar(im, ax=ax, shrink=0.8)
+    files.append(_save(fig, out_dir / FIGURES[4], result))
+    return files

@@ -1,0 +1,230 @@
+"""Pure numpy statistics of a gradient trajectory; each docstring gives the formula it computes.
+
+Notation: ``g_t`` (t = 0..T-1) is the vectorised gradient of one module (or the concatenation of several) at the
+t-th usable recorded step, ``G_ts = g_t . g_s`` the ``T x T`` Gram matrix, ``s_1 >= s_2 >= ...`` singular values.
+Nothing here reads files; :mod:`gradlens.stats.driver` feeds these functions from a run, shard by shard.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+EPS = float(np.finfo(np.float64).eps)
+STABLE_THRESHOLDS: tuple[float, ...] = (0.5, 0.8)
+ENERGY_FRACTION = 0.9
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Cosines from a Gram matrix
+
+
+def gram_norms(gram: np.ndarray) -> np.ndarray:
+    """``||g_t|| = sqrt(G_tt)`` (negative rounding noise on the diagonal is clipped to 0)."""
+    return np.sqrt(np.clip(np.diagonal(gram), 0.0, None))
+
+
+def cosine_matrix(gram: np.ndarray) -> np.ndarray:
+    """``C_ts = G_ts / sqrt(G_tt G_ss)``; NaN in every row and column of a step whose gradient is exactly zero."""
+    n = gram_norms(gram)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        c = gram / np.outer(n, n)
+    c[n == 0, :] = np.nan
+    c[:, n == 0] = np.nan
+    return np.clip(c, -1.0, 1.0)
+
+
+def lag_cosines(gram: np.ndarray, max_lag: int) -> list[np.ndarray]:
+    """Series of step-to-step cosines: element ``L-1`` is ``[cos(g_t, g_{t+L}) for t in 0..T-L-1]``, L = 1..max_lag.
+
+    The lag counts usable recorded steps. A lag >= T gives an empty series.
+    """
+    c = cosine_matrix(gram)
+    return [np.diagonal(c, offset=lag).copy() for lag in range(1, max_lag + 1)]
+
+
+def nanmean(x: np.ndarray) -> float:
+    """Mean over the finite values of ``x``; NaN when there are none (no warning)."""
+    x = np.asarray(x, np.float64)
+    x = x[np.isfinite(x)]
+    return float(x.mean()) if x.size else math.nan
+
+
+def lag_cosine_means(gram: np.ndarray, max_lag: int) -> np.ndarray:
+    """``mean_t cos(g_t, g_{t+L})`` for L = 1..max_lag (zero-gradient steps skipped; NaN where no pair exists)."""
+    return np.array([nanmean(s) for s in lag_cosines(gram, max_lag)])
+
+
+def cosine_to_mean(gram: np.ndarray) -> np.ndarray:
+    """``cos(g_t, gbar)`` with ``gbar = (1/T) sum_s g_s``: ``sum_s G_ts / (||g_t|| sqrt(sum_{s,u} G_su))``.
+
+    Uses ``g_t . gbar = (1/T) sum_s G_ts`` and ``||gbar||^2 = (1/T^2) sum_{s,u} G_su``. NaN if the mean is zero.
+    """
+    total = float(gram.sum())
+    n = gram_norms(gram)
+    if total <= 0:
+        return np.full(len(n), np.nan)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        c = gram.sum(axis=1) / (n * math.sqrt(total))
+    c[n == 0] = np.nan
+    return np.clip(c, -1.0, 1.0)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Spectra
+
+
+def unit_gram(gram: np.ndarray) -> np.ndarray:
+    """The Gram matrix of the rows scaled to unit norm: ``G_ts / sqrt(G_tt G_ss)``, over the non-zero rows only."""
+    n = gram_norms(gram)
+    keep = n > 0
+    return gram[np.ix_(keep, keep)] / np.outer(n[keep], n[keep])
+
+
+def gram_singular_values(gram: np.ndarray) -> np.ndarray:
+    """Singular values of the ``T x D`` matrix with rows ``g_t``, from its Gram: ``s_i = sqrt(max(lambda_i, 0))``.
+
+    ``lambda_i`` are the eigenvalues of ``G`` (``numpy.linalg.eigvalsh``), in descending order. Eigenvalues below
+    ``10 T eps lambda_max`` are rounding noise of a rank-deficient ``G`` and are set to zero.
+    """
+    if gram.size == 0:
+        return np.zeros(0)
+    lam = np.linalg.eigvalsh(np.asarray(gram, np.float64))[::-1]
+    if lam[0] <= 0:
+        return np.zeros_like(lam)
+    lam[lam <= 10 * len(lam) * EPS * lam[0]] = 0.0
+    return np.sqrt(lam)
+
+
+def _nonzero(s: np.ndarray, rtol: float) -> np.ndarray:
+    s = np.asarray(s, np.float64)
+    if s.size == 0 or not np.isfinite(s).all() or s.max() <= 0:
+        return np.zeros(0)
+    return s[s > rtol * s.max()]
+
+
+def erank(s: np.ndarray, rtol: float = 0.0) -> float:
+    """Entropy effective rank (Roy & Vetterli 2007): ``exp(-sum_i p_i log p_i)``, ``p_i = s_i / sum_j s_j``.
+
+    Over the non-zero singular values (those above ``rtol * s_max``); between 1 and their number; NaN if all are 0.
+    """
+    s = _nonzero(s, rtol)
+    if s.size == 0:
+        return math.nan
+    p = s / s.sum()
+    return float(math.exp(-(p * np.log(p)).sum()))
+
+
+def stable_rank(s: np.ndarray) -> float:
+    """Stable rank ``||M||_F^2 / ||M||_2^2 = sum_i s_i^2 / s_1^2``; NaN for a zero matrix."""
+    s = _nonzero(s, 0.0)
+    if s.size == 0:
+        return math.nan
+    e = s * s
+    return float(e.sum() / e.max())
+
+
+def energy_count(s: np.ndarray, fraction: float = ENERGY_FRACTION) -> float:
+    """Fewest leading components holding ``fraction`` of the energy: min k with ``sum_{i<=k} s_i^2 >= f sum_i s_i^2``.
+
+    NaN for a zero matrix.
+    """
+    s = np.sort(_nonzero(s, 0.0))[::-1]
+    if s.size == 0:
+        return math.nan
+    cum = np.cumsum(s * s)
+    return float(np.searchsorted(cum, fraction * cum[-1] * (1 - 1e-12)) + 1)
+
+
+def spectrum_stats(s: np.ndarray, rtol: float = 0.0) -> dict[str, float]:
+    """``erank``, ``stable_rank`` and ``energy90`` of one set of singular values."""
+    return {"erank": erank(s, rtol), "stable_rank": stable_rank(s), "energy90": energy_count(s)}
+
+
+def trajectory_stats(gram: np.ndarray) -> dict[str, float]:
+    """Spectral statistics of the trajectory matrix (rows ``g_t``), raw and with rows scaled to unit norm.
+
+    Both come from the ``T x T`` Gram matrix (:func:`gram_singular_values`, :func:`unit_gram`), never from an SVD of
+    the tall matrix. Keys: ``erank_traj``, ``stable_rank_traj``, ``energy90_traj`` and the same with ``_unit``.
+    """
+    out = {}
+    for suffix, g in (("", gram), ("_unit", unit_gram(gram))):
+        for key, value in spectrum_stats(gram_singular_values(g)).items():
+            out[f"{key}_traj{suffix}"] = value
+    return out
+
+
+def step_singular_values(grads: np.ndarray) -> np.ndarray:
+    """Singular values of each ``G_t``: ``(n, d_out, r) -> (n, min(d_out, r))``, by a float64 SVD."""
+    return np.linalg.svd(np.asarray(grads, np.float64), compute_uv=False)
+
+
+def step_spectrum_stats(grads: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-step ``erank``, ``stable_rank`` and ``energy90`` of each ``G_t`` (arrays of length n; NaN for a zero G_t).
+
+    Singular values below ``max(d_out, r) eps s_max`` count as zero (the ``numpy.linalg.matrix_rank`` tolerance).
+    """
+    grads = np.asarray(grads)
+    rtol = max(grads.shape[1:], default=1) * EPS
+    sv = step_singular_values(grads)
+    rows = [spectrum_stats(s, rtol) for s in sv]
+    return {k: np.array([r[k] for r in rows], np.float64) for k in ("erank", "stable_rank", "energy90")}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Sign stability
+
+
+def sign_stability(sumsign: np.ndarray, steps: int) -> np.ndarray:
+    """Per entry ``|sum_t sign(g_t)| / T``; ``sign(0) = 0``, so an entry whose gradient is always zero gets 0."""
+    return np.abs(np.asarray(sumsign, np.float64)) / steps
+
+
+def stable_share(stability: np.ndarray, threshold: float) -> float:
+    """Share of entries whose sign stability is strictly above ``threshold``."""
+    stability = np.asarray(stability)
+    return float((stability > threshold).mean()) if stability.size else math.nan
+
+
+def sign_null_mean(steps: int) -> float:
+    """``E|S_T| / T`` for a simple random walk ``S_T`` of T independent +-1 signs (the sign stability of chance).
+
+    ``S_T = 2X - T`` with ``X ~ Binomial(T, 1/2)``; exactly ``binom(T-1, floor((T-1)/2)) / 2^(T-1)``
+    (about ``sqrt(2 / (pi T))`` for large T), evaluated through log-gamma.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    m = (steps - 1) // 2
+    log = math.lgamma(steps) - math.lgamma(m + 1) - math.lgamma(steps - m) - (steps - 1) * math.log(2)
+    return math.exp(log)
+
+
+def sign_null_pmf(steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """Null distribution of one entry's sign stability: values ``|2k - T| / T`` with ``P = binom(T, k) / 2^T``."""
+    from scipy.stats import binom
+
+    k = np.arange(steps + 1)
+    return np.abs(2 * k - steps) / steps, binom.pmf(k, steps, 0.5)
+
+
+def sign_null_share(steps: int, threshold: float) -> float:
+    """Probability under the null that an entry's sign stability is strictly above ``threshold``."""
+    values, probs = sign_null_pmf(steps)
+    return float(probs[values > threshold].sum())
+
+
+def histogram_edges(bins: int) -> np.ndarray:
+    """``bins`` equal bins on [0, 1] (the last one closed), shared by every histogram so that counts add up."""
+    return np.linspace(0.0, 1.0, bins + 1)
+
+
+def stability_histogram(stability: np.ndarray, bins: int) -> np.ndarray:
+    """Counts of sign-stability values in :func:`histogram_edges` bins."""
+    return np.histogram(np.asarray(stability, np.float64).ravel(), bins=histogram_edges(bins))[0]
+
+
+def null_histogram(steps: int, bins: int) -> np.ndarray:
+    """Probability of each :func:`histogram_edges` bin under the random-sign null (sums to 1)."""
+    values, probs = sign_null_pmf(steps)
+    return np.histogram(values, bins=histogram_edges(bins), weights=probs)[0]

@@ -1,0 +1,86 @@
+"""A toy SFT run with the GradientRecorder, meant to be launched on several CPU processes (gloo) by the DDP test.
+
+Every rank trains the shipped ``tiny`` base model with a LoRA-FA adapter on the first rows of the addition task, in
+sequential order, and records into ``OUT/run`` (only rank 0 may write there). For the test's independent reference
+each rank also saves, through observation only, the micro-batches it trained on and the ``lora_B`` weights before
+every optimizer step (``OUT/rank{R}.pt``), and a few facts about its recorder (``OUT/rank{R}.json``).
+
+Usage: ``accelerate launch --cpu --num_processes 2 record_sft_ddp.py OUT [--steps N] [--batch B] [--ga G] ...``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+from trl import SFTTrainer
+
+from gradlens.adapters import attach_lora, lora_b_parameters
+from gradlens.recorder import GradientRecorder
+from gradlens.regimes import build_trl_config
+from gradlens.toy.model import load_base_model
+from gradlens.toy.task import AdditionTask
+
+
+class ObservingSFTTrainer(SFTTrainer):
+    """``SFTTrainer`` that keeps a copy of every micro-batch it trains on; it changes nothing else."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen_batches: list[dict[str, torch.Tensor]] = []
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.seen_batches.append({k: v.detach().cpu().clone() for k, v in inputs.items()
+                                  if isinstance(v, torch.Tensor)})
+        return super().training_step(model, inputs, num_items_in_batch)
+
+
+class SnapshotLoraB(TrainerCallback):
+    """Copies every ``lora_B`` weight at the beginning of each optimizer step."""
+
+    def __init__(self) -> None:
+        self.snapshots: list[dict[str, torch.Tensor]] = []
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self.snapshots.append({n: p.detach().cpu().clone() for n, p in lora_b_parameters(model)})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=2, help="per-device batch size")
+    parser.add_argument("--ga", type=int, default=1, help="gradient accumulation steps")
+    parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--max_grad_norm", type=float, default=4.0)
+    parser.add_argument("--n_train", type=int, default=64)
+    args = parser.parse_args()
+
+    model, tokenizer = load_base_model("tiny")
+    model = attach_lora(model)
+    data = AdditionTask().dataset("train", args.n_train)
+    config = build_trl_config("sft", str(args.out / "trainer"), {
+        "max_steps": args.steps, "per_device_train_batch_size": args.batch,
+        "gradient_accumulation_steps": args.ga, "learning_rate": args.lr, "max_grad_norm": args.max_grad_norm,
+        "train_sampling_strategy": "sequential", "logging_steps": 1, "disable_tqdm": True, "seed": 0, "use_cpu": True,
+    })
+    trainer = ObservingSFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer)
+    snapshots = SnapshotLoraB()
+    trainer.add_callback(snapshots)
+    recorder = GradientRecorder.attach(trainer, args.out / "run")
+    trainer.train()
+
+    rank = trainer.args.process_index
+    torch.save({"batches": trainer.seen_batches, "snapshots": snapshots.snapshots}, args.out / f"rank{rank}.pt")
+    facts = {"rank": rank, "world_size": trainer.args.world_size, "pid": os.getpid(),
+             "steps_recorded": recorder.steps_recorded, "global_step": trainer.state.global_step,
+             "log_history": trainer.state.log_history}
+    (args.out / f"rank{rank}.json").write_text(json.dumps(facts))
+
+
+if __name__ == "__main__":
+    main()

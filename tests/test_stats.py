@@ -1,0 +1,373 @@
+"""Tests for gradlens.stats: every statistic against an independent plain-numpy computation, on known inputs.
+
+The reference (:func:`reference_row`) stacks the gradients into the dense ``T x D`` matrix and uses a dense SVD and
+explicit loops; the code under test works from ``T x T`` Gram matrices accumulated shard by shard.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gradlens import stats
+from gradlens.errors import GradlensError
+from gradlens.stats import analyze_run, stat_columns
+from gradlens.store import ModuleSpec, RunWriter
+
+LAGS = 4
+NAMES_SHAPES = [("model.layers.0.self_attn.q_proj", (12, 4)), ("model.layers.0.mlp.down_proj", (9, 4)),
+                ("model.layers.1.self_attn.q_proj", (12, 4)), ("model.layers.1.self_attn.v_proj", (5, 2))]
+SPECS = [ModuleSpec.from_name(n, s) for n, s in NAMES_SHAPES]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Independent reference
+
+
+def _ref_erank(s: np.ndarray) -> float:
+    s = s[s > 1e-9 * s.max()] if s.size and s.max() > 0 else np.zeros(0)
+    if s.size == 0:
+        return math.nan
+    total = 0.0
+    for v in s:
+        p = v / s.sum()
+        total -= p * math.log(p)
+    return math.exp(total)
+
+
+def _ref_spectrum(m: np.ndarray) -> tuple[float, float, float]:
+    """(erank, stable rank, 90%-energy count) of a dense matrix by numpy's SVD."""
+    s = np.linalg.svd(m, compute_uv=False)
+    if s.max() == 0:
+        return math.nan, math.nan, math.nan
+    energy = s**2
+    k, acc = 0, 0.0
+    while acc < 0.9 * energy.sum() * (1 - 1e-12):
+        acc += energy[k]
+        k += 1
+    return _ref_erank(s), float(energy.sum() / energy.max()), float(k)
+
+
+def _ref_cos(a: np.ndarray, b: np.ndarray) -> float:
+    na, nb = math.sqrt(float(a @ a)), math.sqrt(float(b @ b))
+    return math.nan if na == 0 or nb == 0 else float(a @ b) / (na * nb)
+
+
+def _nanmean(values) -> float:
+    values = [v for v in np.ravel(values) if np.isfinite(v)]
+    return sum(values) / len(values) if values else math.nan
+
+
+def reference_row(grads: list[np.ndarray], lags: int = LAGS) -> dict[str, float]:
+    """All statistics of the concatenation of ``grads`` (a list of float ``(T, d_out, r)`` arrays, one per module)."""
+    T = len(grads[0])
+    v = np.concatenate([g.reshape(T, -1).astype(np.float64) for g in grads], axis=1)
+    row: dict[str, float] = {"steps": T}
+    for lag in range(1, lags + 1):
+        row[f"cos_lag{lag}_mean"] = _nanmean([_ref_cos(v[t], v[t + lag]) for t in range(T - lag)])
+    mean = v.mean(axis=0)
+    row["cos_to_mean_mean"] = _nanmean([_ref_cos(v[t], mean) for t in range(T)])
+    norms = np.linalg.norm(v, axis=1)
+    unit = v[norms > 0] / norms[norms > 0, None]
+    for suffix, m in (("", v), ("_unit", unit)):
+        e, sr, k = _ref_spectrum(m)
+        row[f"erank_traj{suffix}"], row[f"stable_rank_traj{suffix}"], row[f"energy90_traj{suffix}"] = e, sr, k
+    per_step = np.array([[_ref_spectrum(g[t].astype(np.float64)) for t in range(T)] for g in grads])  # (M, T, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        step_means = np.nanmean(per_step, axis=0)  # mean over modules, per step
+    for j, key in enumerate(("erank", "stable_rank", "energy90")):
+        row[f"{key}_step_mean"] = _nanmean(step_means[:, j])
+    stab = np.concatenate([np.abs(np.sign(g.astype(np.float64)).sum(axis=0)).ravel() / T for g in grads])
+    row["sign_stability_mean"] = float(stab.mean())
+    row["sign_stable_frac_0.5"] = float((stab > 0.5).mean())
+    row["sign_stable_frac_0.8"] = float((stab > 0.8).mean())
+    probs = {k: math.comb(T, k) / 2**T for k in range(T + 1)}
+    row["sign_null_mean"] = sum(p * abs(2 * k - T) / T for k, p in probs.items())
+    for thr in (0.5, 0.8):
+        row[f"sign_null_frac_{thr}"] = sum(p for k, p in probs.items() if abs(2 * k - T) / T > thr)
+    return row
+
+
+def assert_row(actual: dict[str, float], expected: dict[str, float], rtol: float = 1e-8, atol: float = 1e-10) -> None:
+    assert list(actual) == stat_columns(len([k for k in expected if k.startswith("cos_lag")]))
+    assert set(expected) == set(actual)
+    for key, want in expected.items():
+        got = actual[key]
+        if isinstance(want, float) and math.isnan(want):
+            assert math.isnan(got), (key, got)
+        else:
+            assert got == pytest.approx(want, rel=rtol, abs=atol), (key, got, want)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Synthetic runs
+
+
+def write(path: Path, steps: list[int], grads: list[list[np.ndarray]], specs=SPECS, clip=None, **kw) -> Path:
+    """Write ``grads[t]`` (one array per module) at ``steps[t]`` with RunWriter (``clip[t]``: its clip_coef)."""
+    kw.setdefault("steps_per_shard", 3)
+    clip = clip if clip is not None else [1.0] * len(steps)
+    with RunWriter(path, specs, config={"record": {"regime": "sft"}}, seed=7, **kw) as w:
+        for step, g, c in zip(steps, grads, clip, strict=True):
+            w.add_step(step, g, {"loss": 0.0, "clip_coef": c})
+    return path
+
+
+def random_grads(T: int, specs=SPECS, seed: int = 0) -> list[list[np.ndarray]]:
+    """Random gradients with a shared drift (so cosines are neither 0 nor 1), varying norms and some exact zeros."""
+    rng = np.random.default_rng(seed)
+    drift = [rng.standard_normal(s.shape) for s in specs]
+    out = []
+    for t in range(T):
+        step = []
+        for s, d in zip(specs, drift, strict=True):
+            g = (0.7 * d + rng.standard_normal(s.shape)) * (1 + t % 3)
+            g[rng.random(s.shape) < 0.1] = 0.0
+            step.append(g.astype(np.float32))
+        out.append(step)
+    return out
+
+
+def stacked(grads: list[list[np.ndarray]], i: int) -> np.ndarray:
+    return np.stack([g[i] for g in grads]).astype(np.float64)
+
+
+def scope_members(scope: str, name: str) -> list[int]:
+    if scope == "module":
+        return [i for i, s in enumerate(SPECS) if s.name == name]
+    if scope == "proj":
+        return [i for i, s in enumerate(SPECS) if s.proj == name]
+    if scope == "layer":
+        return [i for i, s in enumerate(SPECS) if str(s.layer) == name]
+    return list(range(len(SPECS)))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Pure functions
+
+
+def test_sign_null_mean_is_exact():
+    for T in range(1, 13):  # enumerate every sign sequence
+        walks = [abs(sum(seq)) / T for seq in itertools.product((-1, 1), repeat=T)]
+        assert stats.sign_null_mean(T) == pytest.approx(sum(walks) / len(walks), rel=1e-12)
+        for thr in (0.5, 0.8):
+            want = sum(w > thr for w in walks) / len(walks)
+            assert stats.sign_null_share(T, thr) == pytest.approx(want, rel=1e-12, abs=1e-15)
+        values, probs = stats.sign_null_pmf(T)
+        assert probs.sum() == pytest.approx(1.0) and stats.null_histogram(T, 10).sum() == pytest.approx(1.0)
+    for T in (1000, 100_000):
+        assert stats.sign_null_mean(T) == pytest.approx(math.sqrt(2 / (math.pi * T)), rel=1e-3)
+
+
+def test_erank_stable_rank_energy_of_known_spectra():
+    assert stats.erank(np.array([3.0, 0.0, 0.0])) == pytest.approx(1.0)
+    assert stats.erank(np.ones(5)) == pytest.approx(5.0)
+    assert math.isnan(stats.erank(np.zeros(3)))
+    s = np.array([4.0, 2.0, 1.0, 0.5])
+    p = s / s.sum()
+    assert stats.erank(s) == pytest.approx(math.exp(-sum(x * math.log(x) for x in p)))
+    assert stats.stable_rank(s) == pytest.approx((16 + 4 + 1 + 0.25) / 16)
+    assert stats.energy_count(s) == 2  # 20/21.25 = 0.94 >= 0.9, 16/21.25 = 0.75 < 0.9
+    assert stats.energy_count(np.ones(10)) == 9
+
+
+@pytest.mark.parametrize("rank", [None, 3, 1])
+def test_gram_spectrum_equals_dense_svd(rank):
+    rng = np.random.default_rng(1)
+    T, D = 12, 200
+    x = rng.standard_normal((T, D)) * rng.uniform(0.1, 3, (T, 1))
+    if rank is not None:
+        x = rng.standard_normal((T, rank)) @ rng.standard_normal((rank, D))
+    x[4] = 0.0  # a zero step: excluded from the unit-row matrix
+    gram = x @ x.T
+    got = stats.trajectory_stats(gram)
+    norms = np.linalg.norm(x, axis=1)
+    for suffix, m in (("", x), ("_unit", x[norms > 0] / norms[norms > 0, None])):
+        e, sr, k = _ref_spectrum(m)
+        assert got[f"erank_traj{suffix}"] == pytest.approx(e, rel=1e-7)
+        assert got[f"stable_rank_traj{suffix}"] == pytest.approx(sr, rel=1e-9)
+        assert got[f"energy90_traj{suffix}"] == k
+    if rank == 1:
+        assert got["erank_traj"] == pytest.approx(1.0, abs=1e-12)
+
+
+def test_cosines_from_gram_equal_loops():
+    rng = np.random.default_rng(2)
+    T = 9
+    x = rng.standard_normal((T, 30)) + 0.5
+    x[3] = 0.0
+    gram = x @ x.T
+    series = stats.lag_cosines(gram, 10)
+    for lag in range(1, 11):
+        want = [_ref_cos(x[t], x[t + lag]) for t in range(T - lag)]
+        np.testing.assert_allclose(series[lag - 1], want, rtol=1e-12)
+    means = stats.lag_cosine_means(gram, 10)
+    assert means[0] == pytest.approx(_nanmean([_ref_cos(x[t], x[t + 1]) for t in range(T - 1)]))
+    assert np.isnan(means[T - 1:]).all()  # no pair at lag >= T
+    np.testing.assert_allclose(stats.cosine_to_mean(gram), [_ref_cos(x[t], x.mean(0)) for t in range(T)], rtol=1e-12)
+
+
+def test_step_spectrum_equals_per_matrix_svd():
+    rng = np.random.default_rng(3)
+    g = rng.standard_normal((5, 16, 4))
+    g[1] = np.outer(rng.standard_normal(16), rng.standard_normal(4))  # rank 1
+    g[2] = 0.0
+    got = stats.step_spectrum_stats(g)
+    for t in range(5):
+        want = _ref_spectrum(g[t])
+        for j, key in enumerate(("erank", "stable_rank", "energy90")):
+            assert got[key][t] == pytest.approx(want[j], rel=1e-9, nan_ok=True)
+    assert got["erank"][1] == pytest.approx(1.0, abs=1e-9)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The driver on synthetic runs with known answers
+
+
+def test_identical_steps_give_cosine_one_and_erank_one(tmp_path):
+    rng = np.random.default_rng(4)
+    base = [rng.standard_normal(s.shape).astype(np.float32) for s in SPECS]
+    rs = analyze_run(write(tmp_path / "run", list(range(8)), [base] * 8), lags=LAGS)
+    for sc in rs.scopes:
+        for lag in range(1, LAGS + 1):
+            assert sc.row[f"cos_lag{lag}_mean"] == pytest.approx(1.0, abs=1e-9)
+        assert sc.row["cos_to_mean_mean"] == pytest.approx(1.0, abs=1e-9)
+        for key in ("erank_traj", "erank_traj_unit", "stable_rank_traj", "energy90_traj"):
+            assert sc.row[key] == pytest.approx(1.0, abs=1e-9), (sc.name, key)
+        assert sc.row["sign_stability_mean"] == pytest.approx(1.0)  # constant signs, no zeros
+        assert sc.row["sign_stable_frac_0.8"] == 1.0
+    assert rs.adapter.row["sign_null_mean"] == pytest.approx(stats.sign_null_mean(8))
+
+
+def test_orthogonal_steps_give_cosine_zero_and_erank_T(tmp_path):
+    T = 6
+    spec = [ModuleSpec.from_name("model.layers.0.mlp.up_proj", (8, 2))]
+    q, _ = np.linalg.qr(np.random.default_rng(5).standard_normal((16, T)))
+    norms = np.array([1.0, 2.0, 3.0, 1.0, 2.0, 3.0])
+    grads = [[(q[:, t] * norms[t]).reshape(8, 2).astype(np.float32)] for t in range(T)]
+    rs = analyze_run(write(tmp_path / "run", list(range(T)), grads, specs=spec), lags=3)
+    row = rs.adapter.row
+    for lag in (1, 2, 3):
+        assert abs(row[f"cos_lag{lag}_mean"]) < 1e-6
+    assert row["erank_traj_unit"] == pytest.approx(T, rel=1e-6)
+    p = norms / norms.sum()
+    assert row["erank_traj"] == pytest.approx(math.exp(-(p * np.log(p)).sum()), rel=1e-6)  # the norms alone
+    assert row["erank_traj"] < T
+    assert row["stable_rank_traj_unit"] == pytest.approx(T, rel=1e-6)
+
+
+def test_random_signs_near_null_constant_signs_one(tmp_path):
+    T = 16
+    spec = [ModuleSpec.from_name("model.layers.0.mlp.down_proj", (256, 8))]
+    rng = np.random.default_rng(6)
+    noise = [[rng.standard_normal((256, 8)).astype(np.float32)] for _ in range(T)]
+    row = analyze_run(write(tmp_path / "noise", list(range(T)), noise, specs=spec), lags=2).adapter.row
+    assert row["sign_null_mean"] == pytest.approx(stats.sign_null_mean(T))
+    assert abs(row["sign_stability_mean"] - row["sign_null_mean"]) < 0.01
+    assert abs(row["sign_stable_frac_0.5"] - row["sign_null_frac_0.5"]) < 0.02
+    pattern = np.sign(rng.standard_normal((256, 8)))
+    const = [[(pattern * rng.uniform(0.1, 2, (256, 8))).astype(np.float32)] for _ in range(T)]
+    row = analyze_run(write(tmp_path / "const", list(range(T)), const, specs=spec), lags=2).adapter.row
+    assert row["sign_stability_mean"] == 1.0 and row["sign_stable_frac_0.8"] == 1.0
+
+
+@pytest.mark.parametrize("memory_mb", [64, 0.003])  # one group in memory; panels of a few steps per module
+def test_every_scope_matches_reference(tmp_path, memory_mb):
+    T = 11
+    grads = random_grads(T)
+    rs = analyze_run(write(tmp_path / "run", [2 * s + 1 for s in range(T)], grads), lags=LAGS, memory_mb=memory_mb)
+    assert rs.steps == [2 * s + 1 for s in range(T)] and rs.excluded == [] and rs.regime == "sft" and rs.seed == 7
+    assert {(sc.scope, sc.name) for sc in rs.scopes} == {
+        *(("module", s.name) for s in SPECS), ("proj", "q"), ("proj", "down"), ("proj", "v"), ("layer", "0"),
+        ("layer", "1"), ("adapter", "adapter")}
+    for sc in rs.scopes:
+        members = scope_members(sc.scope, sc.name)
+        assert sc.modules == [SPECS[i].name for i in members]
+        assert_row(sc.row, reference_row([stacked(grads, i) for i in members]))
+        assert sc.window_row is None
+        assert sc.hist.sum() == sum(SPECS[i].size for i in members)
+    adapter = rs.adapter
+    v = np.concatenate([stacked(grads, i).reshape(T, -1) for i in range(len(SPECS))], axis=1)
+    np.testing.assert_allclose(adapter.series["cos_lag2"], [_ref_cos(v[t], v[t + 2]) for t in range(T - 2)],
+                               rtol=1e-10)
+    np.testing.assert_allclose(adapter.series["grad_norm"], np.linalg.norm(v, axis=1), rtol=1e-10)
+
+
+def test_window_equals_truncated_run(tmp_path):
+    T, W = 10, 5
+    grads = random_grads(T, seed=8)
+    full = analyze_run(write(tmp_path / "full", list(range(T)), grads), lags=LAGS, window=W, memory_mb=0.003)
+    short = analyze_run(write(tmp_path / "short", list(range(W)), grads[:W]), lags=LAGS)
+    assert full.window == W
+    for a, b in zip(full.scopes, short.scopes, strict=True):
+        assert (a.scope, a.name) == (b.scope, b.name)
+        assert_row(a.window_row, b.row, rtol=1e-10)
+        assert a.row["steps"] == T
+    # A window longer than the run is the whole run.
+    longer = analyze_run(tmp_path / "short", lags=LAGS, window=50)
+    assert longer.window == W and longer.adapter.window_row == longer.adapter.row
+
+
+def test_nonfinite_steps_are_excluded_and_reported(tmp_path):
+    T = 9
+    grads = random_grads(T, seed=9)
+    bad = [list(g) for g in grads]
+    bad[2][1] = bad[2][1].copy()
+    bad[2][1][0, 0] = np.nan
+    bad[6][3] = bad[6][3].copy()
+    bad[6][3][1, 1] = np.inf
+    rs = analyze_run(write(tmp_path / "bad", list(range(T)), bad), lags=LAGS)
+    keep = [t for t in range(T) if t not in (2, 6)]
+    assert rs.excluded == [2, 6] and rs.steps == keep
+    clean = [grads[t] for t in keep]
+    for sc in rs.scopes:
+        members = scope_members(sc.scope, sc.name)
+        assert_row(sc.row, reference_row([stacked(clean, i) for i in members]))
+        assert all(np.isfinite(v).all() for v in sc.series.values()), sc.name  # nothing non-finite leaks
+    # A non-finite step the manifest does not flag is found while reading and excluded all the same.
+    manifest = tmp_path / "bad" / "manifest.json"
+    data = json.loads(manifest.read_text())
+    for rec in data["steps"]:
+        rec["nonfinite"] = False
+    manifest.write_text(json.dumps(data))
+    again = analyze_run(tmp_path / "bad", lags=LAGS, memory_mb=0.003)
+    assert again.excluded == [2, 6]
+    assert_row(again.adapter.row, rs.adapter.row, rtol=1e-12)
+
+
+def test_bad_inputs_are_clear_errors(tmp_path):
+    grads = random_grads(3, seed=10)
+    with pytest.raises(GradlensError, match="0 usable recorded step"):
+        analyze_run(write(tmp_path / "zero", [], []))
+    with pytest.raises(GradlensError, match="1 usable recorded step"):
+        analyze_run(write(tmp_path / "one", [0], grads[:1]))
+    nan = [list(g) for g in grads[:2]]
+    nan[1][0] = np.full(SPECS[0].shape, np.nan, np.float32)
+    with pytest.raises(GradlensError, match=r"1 usable recorded step.*non-finite step\(s\) excluded: \[1\]"):
+        analyze_run(write(tmp_path / "nan", [0, 1], nan))
+    with pytest.raises(GradlensError, match="does not exist"):
+        analyze_run(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(GradlensError, match="not a gradlens run"):
+        analyze_run(tmp_path / "empty")
+    with pytest.raises(GradlensError, match="save_raw=False"):
+        analyze_run(write(tmp_path / "noraw", [0, 1], grads[:2], save_raw=False))
+
+
+def test_unclip_divides_each_step_by_its_clip_coef(tmp_path):
+    T = 7
+    grads = random_grads(T, seed=11)
+    clip = [1.0, 0.5, 0.25, 1.0, 0.2, 1.0, 0.8]
+    rs = analyze_run(write(tmp_path / "run", list(range(T)), grads, clip=clip), lags=LAGS, unclip=True)
+    raw = [[g / c for g in step] for step, c in zip(grads, clip, strict=True)]
+    assert_row(rs.adapter.row, reference_row([stacked(raw, i) for i in range(len(SPECS))]))
+    clipped = analyze_run(tmp_path / "run", lags=LAGS).adapter.row
+    assert clipped["erank_traj"] != pytest.approx(rs.adapter.row["erank_traj"], rel=1e-3)
+    assert clipped["erank_traj_unit"] == pytest.approx(rs.adapter.row["erank_traj_unit"], rel=1e-9)
