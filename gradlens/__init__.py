@@ -16,6 +16,8 @@ _LAZY = {
     "open_run": "gradlens.store", "Run": "gradlens.store", "RunWriter": "gradlens.store",
     "ModuleSpec": "gradlens.store", "GradientRecorder": "gradlens.recorder", "attach_lora": "gradlens.adapters",
     "load_model_and_tokenizer": "gradlens.adapters", "record": "gradlens.record", "RecordConfig": "gradlens.config",
+    "analyze_runs": "gradlens.analyze", "AnalyzeConfig": "gradlens.config", "probe": "gradlens.placement.probe",
+    "ProbeConfig": "gradlens.config", "compare": "gradlens.compare", "CompareConfig": "gradlens.config",
 }
 
 __all__ = ["GradlensError", "__version__", *_LAZY]

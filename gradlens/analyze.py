@@ -15,11 +15,8 @@ in columns suffixed ``_wW``.
 
 from __future__ import annotations
 
-import contextlib
-import importlib.metadata
 import json
 import os
-import platform
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -32,6 +29,7 @@ import pandas as pd
 
 from gradlens.config import AnalyzeConfig
 from gradlens.errors import GradlensError
+from gradlens.provenance import package_versions
 from gradlens.stats import RunStats, ScopeStats, analyze_run, histogram_edges, stat_columns
 
 TABLES = ("summary", "modules", "proj", "layers", "series", "hist")
@@ -173,14 +171,6 @@ def findings(runs: Sequence[RunStats], labels: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def _versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for pkg in ("gradlens", "numpy", "scipy", "pandas", "pyarrow", "matplotlib", "torch", "safetensors"):
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            out[pkg] = importlib.metadata.version(pkg)
-    return out
-
-
 def provenance(runs: Sequence[RunStats], labels: Sequence[str], config: AnalyzeConfig) -> dict[str, Any]:
     """What produced the outputs: the config, package versions, and each source run's path, seed and steps."""
     return {
@@ -188,7 +178,7 @@ def provenance(runs: Sequence[RunStats], labels: Sequence[str], config: AnalyzeC
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config": asdict(config),
         "argv": list(sys.argv),
-        "versions": _versions(),
+        "versions": package_versions(),
         "runs": [{
             "label": label, "path": str(rs.path.resolve()), "regime": rs.regime, "seed": rs.seed,
             "steps_used": len(rs.steps), "first_step": rs.steps[0], "last_step": rs.steps[-1],

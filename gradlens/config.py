@@ -124,3 +124,127 @@ class AnalyzeConfig:
             raise GradlensError(f"bins must be >= 2, got {self.bins}")
         if not self.memory_mb >= 16:
             raise GradlensError(f"memory_mb must be >= 16, got {self.memory_mb}")
+
+
+# Selector names, kept here (light) so flags are checked without importing numpy; gradlens.placement uses the same.
+PLACEMENT_METHODS: tuple[str, ...] = ("random", "random_matched", "magnitude", "fisher", "sign", "sign_magnitude",
+                                      "modules")
+INFORMED_METHODS: tuple[str, ...] = ("magnitude", "fisher", "sign", "sign_magnitude")
+BUDGET_SCOPES: tuple[str, ...] = ("global", "per_module")
+
+
+def _check_methods(methods: list[str], allowed: tuple[str, ...]) -> None:
+    unknown = [m for m in methods if m not in allowed]
+    if unknown or not methods:
+        raise GradlensError(f"unknown or no placement method(s) {', '.join(unknown) or '(none)'}; "
+                            f"choose from: {', '.join(allowed)}")
+
+
+def _check_budgets(budgets: list[str], scope: str) -> None:
+    if not budgets:
+        raise GradlensError("no budgets given (e.g. --budgets 1% 0.1%)")
+    if scope not in BUDGET_SCOPES:
+        raise GradlensError(f"unknown budget scope {scope!r}; choose one of: {', '.join(BUDGET_SCOPES)}")
+    from gradlens.placement.masks import Budget
+
+    for b in budgets:
+        Budget.parse(str(b), scope)
+
+
+@dataclass
+class ProbeConfig(RecordConfig):
+    """``gradlens probe``: a short recorded run (statistics only) whose accumulators score every B entry, then masks.
+
+    ``out`` is the probe directory: the recorded run goes to ``OUT/run``, masks to ``OUT/masks``, costs to
+    ``OUT/probe.json``.
+    """
+
+    max_steps: int = field(default=16, metadata=_meta("optimizer steps of the probe"))
+    save_raw: bool = field(default=False, metadata=_meta(
+        "also write raw gradient shards (the selectors need only the streaming statistics)"))
+    methods: list[str] = field(default_factory=lambda: list(INFORMED_METHODS), metadata=_meta(
+        "informed selectors to build masks with", choices=INFORMED_METHODS))
+    budgets: list[str] = field(default_factory=lambda: ["1%"], metadata=_meta(
+        "budgets: a share of all B entries ('1%', '0.001') or a count ('5000')"))
+    scope: str = field(default="global", metadata=_meta(
+        "'global': top-k over the whole adapter; 'per_module': the same share in every matrix", choices=BUDGET_SCOPES))
+    train_steps: int | None = field(default=None, metadata=_meta(
+        "optimizer steps of the training run the probe is for, to report the probe's cost as a fraction of it"))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_methods(self.methods, INFORMED_METHODS)
+        _check_budgets(self.budgets, self.scope)
+        if self.train_steps is not None and self.train_steps < 1:
+            raise GradlensError(f"train_steps must be >= 1, got {self.train_steps}")
+
+    def record_config(self, out: str) -> RecordConfig:
+        """The recording part of the probe, as a plain :class:`RecordConfig` writing to ``out``."""
+        from dataclasses import fields
+
+        names = {f.name for f in fields(RecordConfig)}
+        return RecordConfig(**{**{k: v for k, v in vars(self).items() if k in names}, "out": out})
+
+
+@dataclass
+class CompareConfig:
+    """``gradlens compare``: base, full-B LoRA and sparse-B placements (random and informed) under SFT and GRPO."""
+
+    out: str = field(default="", metadata=_meta("output directory (required)"))
+    regimes: list[str] = field(default_factory=lambda: list(REGIMES), metadata=_meta(
+        "regimes to compare", choices=REGIMES))
+    methods: list[str] = field(default_factory=lambda: ["random", "random_matched", "fisher", "sign"],
+                               metadata=_meta("placement methods; random_matched copies the per-module counts of "
+                                              "the first informed method's mask", choices=PLACEMENT_METHODS))
+    budgets: list[str] = field(default_factory=lambda: ["1%", "10%"], metadata=_meta(
+        "budgets: a share of all B entries ('1%', '0.001') or a count ('500')"))
+    scope: str = field(default="global", metadata=_meta(
+        "'global': top-k over the whole adapter; 'per_module': the same share in every matrix", choices=BUDGET_SCOPES))
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata=_meta(
+        "seeds: each gives its own probe, masks, LoRA init and data order"))
+    model: str = field(default="toy:small", metadata=_meta("model: 'toy:PRESET', a local path or a hub id"))
+    max_steps: int = field(default=60, metadata=_meta("optimizer steps of every training run"))
+    probe_steps: int = field(default=16, metadata=_meta("optimizer steps of each probe (informed masks)"))
+    lora_r: int = field(default=8, metadata=_meta("LoRA rank"))
+    full_lrs: list[float] | None = field(default=None, metadata=_meta(
+        "learning rates swept for full-B LoRA (default: the regime's toy default, no sweep)"))
+    sparse_lrs: list[float] = field(default_factory=lambda: [1e-2, 3e-2, 1e-1], metadata=_meta(
+        "learning rates swept for each sparse method (on --sweep_seed, first budget, validation prompts)"))
+    sweep_seed: int = field(default=1000, metadata=_meta("seed of the learning-rate sweep, apart from --seeds"))
+    n_val: int = field(default=200, metadata=_meta(
+        "validation prompts for the sweep, held back from the training split"))
+    n_eval: int = field(default=400, metadata=_meta("held-out prompts for the reported accuracy"))
+    eval_samples: int = field(default=4, metadata=_meta("samples per prompt for sampled accuracy (0: greedy only)"))
+    curve_every: int = field(default=0, metadata=_meta(
+        "also record greedy accuracy on 100 held-out prompts every N steps (0: off)"))
+    export: bool = field(default=True, metadata=_meta("save every trained sparse adapter as a PEFT adapter"))
+    resume: bool = field(default=False, metadata=_meta("skip runs already in OUT/placement.csv and OUT/sweep.csv"))
+    progress: bool = field(default=True, metadata=_meta("show a progress bar"))
+    trl: dict[str, Any] = field(default_factory=dict, metadata=_meta("extra TRL config fields", cli=False))
+
+    def __post_init__(self) -> None:
+        if not self.regimes or any(r not in REGIMES for r in self.regimes):
+            raise GradlensError(f"regimes must be among: {', '.join(REGIMES)}; got {self.regimes}")
+        _check_methods(self.methods, PLACEMENT_METHODS)
+        if "random_matched" in self.methods and not set(self.methods) & set(INFORMED_METHODS):
+            raise GradlensError("random_matched needs an informed method to copy its per-module counts from "
+                                f"(one of: {', '.join(INFORMED_METHODS)})")
+        _check_budgets(self.budgets, self.scope)
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise GradlensError(f"seeds must be distinct and at least one, got {self.seeds}")
+        if self.sweep_seed in self.seeds:
+            raise GradlensError(f"sweep_seed {self.sweep_seed} must differ from the evaluation seeds {self.seeds}")
+        for name in ("max_steps", "probe_steps", "lora_r", "n_val", "n_eval"):
+            if getattr(self, name) < 1:
+                raise GradlensError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_samples < 0 or self.curve_every < 0:
+            raise GradlensError("eval_samples and curve_every must be >= 0")
+        if any(not lr > 0 for lr in [*(self.full_lrs or []), *self.sparse_lrs]) or not self.sparse_lrs:
+            raise GradlensError("learning rates must be > 0 (and --sparse_lrs non-empty)")
+        if self.model.startswith(TOY_PREFIX):
+            from gradlens.toy.presets import get_preset
+
+            get_preset(self.model[len(TOY_PREFIX) :])
+        else:
+            raise GradlensError("gradlens compare runs on the embedded toy world only (--model toy:PRESET): "
+                                "its evaluation needs the toy task's held-out split")

@@ -156,3 +156,39 @@ def make_figures(result: AnalysisResult, out_dir: Path) -> list[Path]:
             fig.colorbar(im, ax=ax, shrink=0.8)
     files.append(_save(fig, out_dir / FIGURES[4], result))
     return files
+
+
+def placement_plot(summary: Any, path: Path, provenance: dict[str, Any]) -> Path:
+    """Held-out accuracy per method and budget (mean and 95% interval over seeds), one panel per regime, with the
+    base model and full-B LoRA as horizontal references."""
+    regimes = list(dict.fromkeys(summary["regime"]))
+    fig, axes = _figure(1, len(regimes), width=5.2, height=3.6)
+    for ax, regime in zip(axes[0], regimes, strict=True):
+        g = summary[summary["regime"] == regime]
+        base, full = g[g["method"] == "base"], g[g["method"] == "full"]
+        sparse = g[~g["method"].isin(["base", "full"])]
+        budgets = list(dict.fromkeys(sparse["budget"]))
+        methods = list(dict.fromkeys(sparse["method"]))
+        width = 0.8 / max(len(methods), 1)
+        for i, method in enumerate(methods):
+            rows = sparse[sparse["method"] == method].set_index("budget").reindex(budgets)
+            x = np.arange(len(budgets)) + (i - (len(methods) - 1) / 2) * width
+            mean = rows["accuracy_mean"].to_numpy(float)
+            err = np.vstack([mean - rows["ci95_lo"].to_numpy(float), rows["ci95_hi"].to_numpy(float) - mean])
+            ax.errorbar(x, mean, yerr=np.nan_to_num(err), fmt="o", capsize=3, label=method, color=f"C{i}")
+        if len(base):
+            ax.axhline(base["accuracy_mean"].iloc[0], color="0.4", ls="--", lw=1, label="base")
+        if len(full):
+            f = full.iloc[0]
+            ax.axhline(f["accuracy_mean"], color="k", lw=1, label="full-B LoRA")
+            if np.isfinite(f["ci95_lo"]):
+                ax.axhspan(f["ci95_lo"], f["ci95_hi"], color="k", alpha=0.08)
+        ax.set_xticks(np.arange(len(budgets)), budgets)
+        ax.set_xlabel("budget (share of B entries trained)")
+        ax.set_ylabel("held-out greedy accuracy")
+        ax.set_title(f"{regime.upper()}: placement")
+    axes[0][-1].legend(fontsize=7, loc="best")
+    meta = {"Software": f"gradlens {provenance.get('versions', {}).get('gradlens', '')}".strip(),
+            "Description": json.dumps(provenance.get("config", {}), default=str)}
+    fig.savefig(path, dpi=110, metadata=meta)
+    return path

@@ -27,12 +27,12 @@ class RecordResult:
     trainer: Any
 
 
-def load_task_dataset(task: str, n: int | None, seed: int):
+def load_task_dataset(task: str, n: int | None):
     """(train dataset, reward function) for the toy task or a local file."""
     from gradlens.toy.task import AdditionTask, exact_match_reward
 
-    if task == "addition":
-        return AdditionTask(seed=seed).dataset("train", n), exact_match_reward
+    if task == "addition":  # one fixed train/held-out split for every seed: the seed only orders the data
+        return AdditionTask().dataset("train", n), exact_match_reward
     path = Path(task)
     loaders = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
     if path.suffix not in loaders:
@@ -101,7 +101,7 @@ def record(config: RecordConfig) -> RecordResult:
     model, tokenizer = load_model(config.model, config.seed)
     model = attach_lora(model, r=config.lora_r, alpha=config.lora_alpha, target_modules=config.lora_target_modules,
                         seed=config.seed)
-    data, reward = load_task_dataset(config.task, config.n_train, config.seed)
+    data, reward = load_task_dataset(config.task, config.n_train)
     trainer_dir = out / "trainer"
     overrides = config.trl_overrides()
     if config.regime == "sft":

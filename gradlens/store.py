@@ -8,13 +8,10 @@ moment leaves a directory that reads back fully up to its last manifest. Nothing
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
-import importlib.metadata
 import json
 import math
 import os
-import platform
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -28,6 +25,7 @@ import safetensors.torch
 import torch
 
 from gradlens.errors import GradlensError
+from gradlens.provenance import package_versions
 
 FORMAT = "gradlens-run"
 FORMAT_VERSION = 1
@@ -187,17 +185,6 @@ def _safetensors_header(path: Path, what: str) -> dict[str, Any]:
     if size != 8 + n + end:
         raise GradlensError(f"{path}: truncated or corrupt {what} file ({size} bytes, header says {8 + n + end})")
     return header
-
-
-def _versions() -> dict[str, str]:
-    """Library versions recorded with every run, read from package metadata (no heavy imports)."""
-    versions = {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__,
-                "safetensors": safetensors.__version__}
-    for pkg in ("transformers", "trl", "peft", "accelerate", "gradlens"):
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            versions[pkg] = importlib.metadata.version(pkg)
-    versions.setdefault("gradlens", "unknown")
-    return versions
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -391,7 +378,7 @@ class RunWriter:
             "modules": [_spec_to_json(s) for s in self.specs], "dtype": self.dtype, "save_raw": self.save_raw,
             "steps_per_shard": self.steps_per_shard, "shards": [], "steps": [], "nonfinite_steps": [],
             "accumulators": {"file": ACCUMULATORS, "generation": 0},
-            "config": config or {}, "seed": seed, "versions": _versions(),
+            "config": config or {}, "seed": seed, "versions": package_versions(),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "complete": False,
         }
         self._write_accumulators(0)
@@ -407,7 +394,7 @@ class RunWriter:
             os.replace(found, self.path / ACCUMULATORS)
         self._acc = _AccumulatorState.from_tensors(self.specs, tensors)
         self._manifest = _public_manifest(manifest)
-        self._manifest.update(steps_per_shard=self.steps_per_shard, complete=False, versions=_versions())
+        self._manifest.update(steps_per_shard=self.steps_per_shard, complete=False, versions=package_versions())
         if config is not None:
             self._manifest["config"] = config
         if seed is not None:

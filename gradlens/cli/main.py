@@ -20,6 +20,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "record": ("gradlens.cli.record", "train with TRL (SFT or GRPO) and record every LoRA-B gradient"),
     "info": ("gradlens.cli.info", "describe recorded runs (steps, modules, size), checking every shard"),
     "analyze": ("gradlens.cli.analyze", "effective rank, step-to-step cosine and sign stability of recorded runs"),
+    "probe": ("gradlens.cli.probe", "a short recorded run that scores every B entry and writes placement masks"),
+    "compare": ("gradlens.cli.compare", "sparse-B placements (random vs informed) against base and full LoRA"),
 }
 
 

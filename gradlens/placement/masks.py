@@ -1,0 +1,271 @@
+"""Placement masks: which entries of each LoRA B matrix train, the budget that sizes them, and their file format.
+
+A :data:`Mask` maps each LoRA module name (as in ``Run.modules``, e.g. ``model.layers.0.self_attn.v_proj``) to a bool
+``(d_out, r)`` array. On disk a mask is a safetensors file with one uint8 tensor per module and its provenance
+(selector, budget, seed, source run) in the string metadata, so it loads without pickle and without torch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import safetensors
+import safetensors.numpy
+
+from gradlens.config import BUDGET_SCOPES
+from gradlens.errors import GradlensError
+from gradlens.figures import _projs
+
+if TYPE_CHECKING:
+    from gradlens.store import ModuleSpec
+
+Mask = dict[str, np.ndarray]
+Shapes = Mapping[str, tuple[int, int]]
+SCOPES = BUDGET_SCOPES
+MASK_FORMAT = "1"
+# Provenance every mask file carries; save_mask adds the format and the selected count itself.
+REQUIRED_METADATA = ("selector", "budget", "scope", "seed", "source_run", "scoring_seconds")
+_SET_BY_SAVE = ("gradlens_mask_format", "k")
+WHERE_COLUMNS = ["group", "key", "selected", "selected_share", "entries", "entry_share", "enrichment"]
+
+
+def _sizes(shapes: Shapes) -> dict[str, int]:
+    """Entry count of each module, refusing an empty adapter or a non-positive dimension."""
+    if not shapes:
+        raise GradlensError("placement: the adapter has no modules")
+    sizes = {}
+    for name, shape in shapes.items():
+        if len(shape) != 2 or min(int(d) for d in shape) < 1:
+            raise GradlensError(f"placement: module {name} has shape {tuple(shape)}, not a positive (d_out, r)")
+        sizes[name] = int(shape[0]) * int(shape[1])
+    return sizes
+
+
+def _round(x: float) -> int:
+    """Round half up, so a budget resolves the same way whatever the parity of the count (unlike ``round``)."""
+    return math.floor(x + 0.5)
+
+
+def _largest_remainder(k: int, sizes: dict[str, int]) -> dict[str, int]:
+    """Split ``k`` in proportion to ``sizes`` so the parts sum to exactly ``k`` (ties: earlier module first).
+
+    Integer arithmetic throughout, so the floors and remainders are exact whatever the adapter size.
+    """
+    total = sum(sizes.values())
+    counts = {name: k * size // total for name, size in sizes.items()}
+    names = list(sizes)
+    by_remainder = sorted(range(len(names)), key=lambda i: -(k * sizes[names[i]] % total))
+    for i in by_remainder[: k - sum(counts.values())]:
+        counts[names[i]] += 1
+    return counts
+
+
+def _budget_problem(k: Any, fraction: Any, scope: Any) -> str | None:
+    if (k is None) == (fraction is None):
+        return f"give exactly one of k and fraction (got k={k!r}, fraction={fraction!r})"
+    if k is not None and (isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1):
+        return f"k must be an integer >= 1, got {k!r}"
+    if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, (int, float))
+                                 or not 0 < fraction <= 1):
+        return f"fraction must be in (0, 1], got {fraction!r}"
+    if scope not in SCOPES:
+        return f"scope {scope!r} is not one of {', '.join(SCOPES)}"
+    return None
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How many B entries may train: a count ``k`` or a ``fraction`` of the entries.
+
+    ``scope="global"`` ranks the whole adapter at once (the selector decides where the entries go);
+    ``"per_module"`` gives every matrix the same share, so only the positions inside each matrix are chosen.
+    """
+
+    k: int | None = None
+    fraction: float | None = None
+    scope: str = "global"
+
+    def __post_init__(self) -> None:
+        problem = _budget_problem(self.k, self.fraction, self.scope)
+        if problem:
+            raise GradlensError(f"budget: {problem}")
+        if self.k is not None:
+            object.__setattr__(self, "k", int(self.k))
+        else:
+            object.__setattr__(self, "fraction", float(self.fraction))
+
+    @classmethod
+    def parse(cls, text: str, scope: str = "global") -> Budget:
+        """Read a ``--budget`` value: ``"1%"``, ``"0.5%"`` (percentages), ``"0.01"`` (a decimal below 1 is a
+        fraction) or ``"500"``/``"k=500"`` (a count, the form ``str`` writes)."""
+        s = text.strip()
+        count = s.removeprefix("k=")
+        try:
+            if s.endswith("%"):
+                kw: dict[str, Any] = {"fraction": float(s[:-1]) / 100}
+            elif count.isdigit():
+                kw = {"k": int(count)}
+            elif 0 < float(s) < 1:
+                kw = {"fraction": float(s)}
+            else:
+                raise ValueError
+        except ValueError:
+            raise GradlensError(f"budget {text!r}: not a count ('500'), a fraction below 1 ('0.01') "
+                                "or a percentage ('1%')") from None
+        problem = _budget_problem(kw.get("k"), kw.get("fraction"), scope)
+        if problem:
+            raise GradlensError(f"budget {text!r}: {problem}")
+        return cls(**kw, scope=scope)
+
+    def __str__(self) -> str:
+        """The label used in tables and mask files: ``"1%"``, ``"0.5%"`` or ``"k=500"`` (``parse`` reads it back)."""
+        return f"k={self.k}" if self.k is not None else f"{self.fraction * 100:g}%"
+
+    def counts(self, shapes: Shapes) -> int | dict[str, int]:
+        """Resolve against an adapter: the total count (global) or each module's count (per_module).
+
+        A fraction rounds half up and never resolves to 0 (globally, or in any module); a count under per_module
+        is split in proportion to module size with largest-remainder rounding, so the parts sum to exactly ``k``.
+        """
+        sizes = _sizes(shapes)
+        total = sum(sizes.values())
+        if self.k is not None and self.k > total:
+            raise GradlensError(f"budget k={self.k} exceeds the adapter's {total} B entries")
+        if self.scope == "global":
+            return self.k if self.k is not None else max(1, _round(self.fraction * total))
+        if self.fraction is not None:
+            return {name: max(1, _round(self.fraction * size)) for name, size in sizes.items()}
+        return _largest_remainder(self.k, sizes)
+
+
+def shapes_of(specs: Iterable[ModuleSpec]) -> dict[str, tuple[int, int]]:
+    """``{name: (d_out, r)}`` of modules such as ``Run.specs``: the adapter a mask must fit."""
+    return {spec.name: spec.shape for spec in specs}
+
+
+def specs_for(mask: Mapping[str, np.ndarray]) -> list[ModuleSpec]:
+    """Module specs (projection type, layer) derived from a mask's names, for when no run is at hand."""
+    from gradlens.store import ModuleSpec
+
+    return [ModuleSpec.from_name(name, np.shape(m)) for name, m in mask.items()]
+
+
+def check_mask_fits(mask: Mapping[str, np.ndarray], shapes: Shapes, where: str = "mask") -> None:
+    """Refuse a mask (or any per-module arrays) whose modules or shapes differ from the adapter's."""
+    for name in shapes:
+        if name not in mask:
+            raise GradlensError(f"{where}: has no module {name} of the adapter ({len(mask)} modules, "
+                                f"the adapter {len(shapes)})")
+    for name, m in mask.items():
+        if name not in shapes:
+            raise GradlensError(f"{where}: module {name} is not in the adapter ({len(mask)} modules, "
+                                f"the adapter {len(shapes)})")
+        got, want = tuple(np.shape(m)), tuple(shapes[name])
+        if got != want:
+            raise GradlensError(f"{where}: module {name} has shape {got}, the adapter's is {want}")
+
+
+def save_mask(path: str | os.PathLike[str], mask: Mapping[str, np.ndarray], metadata: Mapping[str, Any]) -> Path:
+    """Write a mask atomically as safetensors; ``metadata`` needs :data:`REQUIRED_METADATA` and may add more.
+
+    String values are stored as they are, other values JSON-encoded; ``k`` (the selected count) and the format
+    version are added here so they always describe the tensors actually written.
+    """
+    from gradlens.store import _atomic_write
+
+    path = Path(path)
+    missing = [key for key in REQUIRED_METADATA if key not in metadata]
+    if missing:
+        raise GradlensError(f"{path}: mask metadata lacks {', '.join(missing)}")
+    reserved = [key for key in _SET_BY_SAVE if key in metadata]
+    if reserved:
+        raise GradlensError(f"{path}: mask metadata may not set {', '.join(reserved)} (save_mask writes it)")
+    if not mask:
+        raise GradlensError(f"{path}: the mask has no modules")
+    tensors = {}
+    for name, m in mask.items():
+        m = np.asarray(m)
+        if m.dtype != np.bool_ or m.ndim != 2:
+            raise GradlensError(f"{path}: mask of module {name} is {m.dtype} {m.shape}, not a 2-D bool array")
+        tensors[name] = m.astype(np.uint8)
+    try:
+        meta = {str(key): value if isinstance(value, str) else json.dumps(value) for key, value in metadata.items()}
+    except (TypeError, ValueError) as e:
+        raise GradlensError(f"{path}: mask metadata is not JSON-serialisable ({e})") from None
+    meta.update(gradlens_mask_format=MASK_FORMAT, k=str(sum(int(t.sum()) for t in tensors.values())))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, lambda tmp: safetensors.numpy.save_file(tensors, tmp, metadata=meta))
+    return path
+
+
+def load_mask(path: str | os.PathLike[str]) -> tuple[Mask, dict[str, str]]:
+    """Read a mask written by :func:`save_mask`; returns the bool arrays and the metadata strings as stored.
+
+    The framing is validated before any tensor is read, so a truncated file or a foreign one (a pickle) is refused
+    without deserialising it.
+    """
+    from gradlens.store import _safetensors_header
+
+    path = Path(path)
+    header = _safetensors_header(path, "mask")
+    meta = header.get("__metadata__", {})
+    if meta.get("gradlens_mask_format") != MASK_FORMAT:
+        raise GradlensError(f"{path}: not a gradlens mask (gradlens_mask_format is "
+                            f"{meta.get('gradlens_mask_format')!r}, expected {MASK_FORMAT!r})")
+    names = [key for key in header if key != "__metadata__"]
+    if not names:
+        raise GradlensError(f"{path}: the mask has no modules")
+    for name in names:
+        info = header[name]
+        if info["dtype"] != "U8" or not isinstance(info["shape"], list) or len(info["shape"]) != 2:
+            raise GradlensError(f"{path}: tensor {name!r} is {info['dtype']} {info['shape']}, not a 2-D U8 mask")
+    try:
+        tensors = safetensors.numpy.load_file(path)
+    except (OSError, safetensors.SafetensorError, TypeError, ValueError) as e:
+        raise GradlensError(f"{path}: cannot read mask ({e})") from None
+    mask = {}
+    for name in names:
+        t = tensors[name]
+        if t.max(initial=0) > 1:
+            raise GradlensError(f"{path}: module {name} holds values other than 0 and 1")
+        mask[name] = t.astype(bool)
+    k = sum(int(m.sum()) for m in mask.values())
+    if meta.get("k") != str(k):
+        raise GradlensError(f"{path}: metadata says k={meta.get('k')!r} but the mask selects {k} entries")
+    return mask, dict(meta)
+
+
+def where_table(mask: Mapping[str, np.ndarray], specs: Iterable[ModuleSpec] | None = None) -> pd.DataFrame:
+    """Where the selected entries sit, per projection type (``group="proj"``) and per layer (``group="layer"``).
+
+    ``enrichment = selected_share / entry_share``: above 1, the selector favours that group beyond its size.
+    Specs default to :func:`specs_for` (proj and layer parsed from the names); a module without a layer is
+    keyed ``"none"``.
+    """
+    specs = specs_for(mask) if specs is None else list(specs)
+    check_mask_fits(mask, shapes_of(specs))
+    key_of = {"proj": lambda s: s.proj, "layer": lambda s: "none" if s.layer is None else str(s.layer)}
+    layers = sorted({s.layer for s in specs if s.layer is not None})
+    keys = {"proj": _projs(list(dict.fromkeys(s.proj for s in specs))),
+            "layer": [str(layer) for layer in layers] + (["none"] if any(s.layer is None for s in specs) else [])}
+    selected = {s.name: int(np.count_nonzero(mask[s.name])) for s in specs}
+    rows = []
+    for group, group_keys in keys.items():
+        for key in group_keys:
+            members = [s for s in specs if key_of[group](s) == key]
+            rows.append({"group": group, "key": key, "selected": sum(selected[s.name] for s in members),
+                         "entries": sum(s.size for s in members)})
+    table = pd.DataFrame(rows)
+    n_selected = sum(selected.values())
+    table["selected_share"] = table["selected"] / n_selected if n_selected else np.nan
+    table["entry_share"] = table["entries"] / sum(s.size for s in specs)
+    table["enrichment"] = table["selected_share"] / table["entry_share"]
+    return table[WHERE_COLUMNS]
