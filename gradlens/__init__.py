@@ -1,6 +1,8 @@
 """gradlens: record, analyze and act on the LoRA-B gradients of TRL SFT and GRPO runs.
 
 The public names are imported lazily, so ``import gradlens`` (and the CLI's ``--help``) does not import torch.
+``record`` and ``compare`` are submodules, not re-exported functions here: use ``from gradlens.record import record``
+and ``from gradlens.compare import compare`` (a lazy function export would be shadowed by its own submodule).
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ __version__ = "0.1.0"
 _LAZY = {
     "open_run": "gradlens.store", "Run": "gradlens.store", "RunWriter": "gradlens.store",
     "ModuleSpec": "gradlens.store", "GradientRecorder": "gradlens.recorder", "attach_lora": "gradlens.adapters",
-    "load_model_and_tokenizer": "gradlens.adapters", "record": "gradlens.record", "RecordConfig": "gradlens.config",
+    "load_model_and_tokenizer": "gradlens.adapters", "RecordConfig": "gradlens.config",
     "analyze_runs": "gradlens.analyze", "AnalyzeConfig": "gradlens.config", "probe": "gradlens.placement.probe",
-    "ProbeConfig": "gradlens.config", "compare": "gradlens.compare", "CompareConfig": "gradlens.config",
+    "ProbeConfig": "gradlens.config", "CompareConfig": "gradlens.config",
 }
 
 __all__ = ["GradlensError", "__version__", *_LAZY]

@@ -5,7 +5,7 @@ The library behind ``gradlens compare`` (notebooks call :func:`compare` with a :
 
 1. the base model's held-out accuracy;
 2. a learning-rate sweep on ``sweep_seed`` (validation prompts held back from the training split, never the held-out
-   ones): full-B LoRA over ``full_lrs``, each sparse method over ``sparse_lrs`` at the first budget;
+   ones): full-B LoRA over ``full_lrs``, each sparse method over ``sparse_lrs`` at each budget;
 3. per seed: a probe (``probe_steps`` recorded steps, statistics only) that scores every B entry, full-B LoRA, and
    each method at each budget with its swept learning rate; every run is evaluated on the held-out prompts.
 
@@ -15,6 +15,7 @@ progress, and ``resume=True`` skips what is done.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -201,7 +202,7 @@ class _Runner:
             rc = self.record_config(regime, seed, lr, out)
             fields = {k: v for k, v in asdict(rc).items() if k != "max_steps"}
             probe(ProbeConfig(**fields, max_steps=c.probe_steps, methods=methods, budgets=list(c.budgets),
-                              scope=c.scope, train_steps=c.max_steps))
+                              scope=c.scope, train_steps=c.max_steps), progress=False)
         info = json.loads((out / PROBE_FILE).read_text())
         masks = {tuple(key.split("/", 1)): load_mask(path)[0] for key, path in info["masks"].items()}
         return masks, info
@@ -216,12 +217,35 @@ def _jobs(config: CompareConfig) -> Iterator[tuple[str, str, int]]:
     for regime in config.regimes:
         yield regime, "base", 1
         yield regime, "sweep", (len(config.full_lrs or []) if len(config.full_lrs or []) > 1 else 0) + (
-            len(config.methods) * len(config.sparse_lrs) if len(config.sparse_lrs) > 1 else 0)
+            len(config.methods) * len(config.budgets) * len(config.sparse_lrs) if len(config.sparse_lrs) > 1 else 0)
         yield regime, "seeds", len(config.seeds) * (1 + len(config.methods) * len(config.budgets))
+
+
+@contextlib.contextmanager
+def _quiet_library_bars() -> Iterator[None]:
+    """Hide the per-run dataset and weight-loading bars of datasets/transformers (compare has its own bar)."""
+    import datasets
+    from transformers.utils import logging
+
+    ds_off, tf_on = datasets.are_progress_bars_disabled(), logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if not ds_off:
+            datasets.enable_progress_bars()
+        if tf_on:
+            logging.enable_progress_bar()
 
 
 def compare(config: CompareConfig) -> CompareResult:
     """Run the placement comparison described by ``config`` and write its tables, plot and provenance."""
+    with _quiet_library_bars():
+        return _compare(config)
+
+
+def _compare(config: CompareConfig) -> CompareResult:
     from tqdm.auto import tqdm
 
     from gradlens.placement.masks import Budget
@@ -273,23 +297,26 @@ def compare(config: CompareConfig) -> CompareResult:
         run_one(placement, "heldout", regime, "base", "", 0, 0.0, None, {})
         # Learning rates: swept on a separate seed and the validation prompts.
         full_lrs = config.full_lrs or [runner.default_lr(regime)]
-        lr_of = {"full": _best_lr(sweep, "val", regime, "full", "", config.sweep_seed, full_lrs, run_one, None)}
-        sweep_masks = {}
+        lr_of = {("full", ""): _best_lr(sweep, "val", regime, "full", "", config.sweep_seed, full_lrs, run_one,
+                                        None)}
+        sweep_masks: dict[str, dict[str, dict[str, np.ndarray]]] = {}
         if len(config.sparse_lrs) > 1:
-            sweep_masks = _method_masks(runner, regime, config.sweep_seed, lr_of["full"], config, budgets[0], select)
-        for method in config.methods:
-            lr_of[method] = _best_lr(sweep, "val", regime, method, budgets[0], config.sweep_seed, config.sparse_lrs,
-                                     run_one, sweep_masks.get(method))
+            sweep_masks, _ = _seed_masks(runner, regime, config.sweep_seed, lr_of[("full", "")], config, budgets,
+                                         select)
+        for budget in budgets:  # a sparser mask wants a larger rate: one sweep per method and budget
+            for method in config.methods:
+                lr_of[(method, budget)] = _best_lr(sweep, "val", regime, method, budget, config.sweep_seed,
+                                                   config.sparse_lrs, run_one, sweep_masks.get(budget, {}).get(method))
         for seed in config.seeds:
-            full = run_one(placement, "heldout", regime, "full", "", seed, lr_of["full"], None,
+            full = run_one(placement, "heldout", regime, "full", "", seed, lr_of[("full", "")], None,
                            {"lr_swept": len(full_lrs) > 1})
-            masks_by_budget, info = _seed_masks(runner, regime, seed, lr_of["full"], config, budgets, select)
+            masks_by_budget, info = _seed_masks(runner, regime, seed, lr_of[("full", "")], config, budgets, select)
             cost = _probe_cost(info, full)
             probe_rows.append({"regime": regime, "seed": seed, **cost})
             for budget in budgets:
                 for method in config.methods:
                     mask = masks_by_budget[budget][method]
-                    run_one(placement, "heldout", regime, method, budget, seed, lr_of[method], mask,
+                    run_one(placement, "heldout", regime, method, budget, seed, lr_of[(method, budget)], mask,
                             {"lr_swept": len(config.sparse_lrs) > 1})
                     if method in informed:
                         where_rows.append(_where(mask, regime, method, budget, seed))
@@ -318,11 +345,6 @@ def _best_lr(table: _Table, split: str, regime: str, method: str, budget: str, s
         return float(lrs[0])
     scores = [(run_one(table, split, regime, method, budget, seed, lr, mask, {})["accuracy"], -lr) for lr in lrs]
     return float(-max(scores)[1])
-
-
-def _method_masks(runner: _Runner, regime: str, seed: int, probe_lr: float, config: CompareConfig, budget: str,
-                  select) -> dict[str, dict[str, np.ndarray]]:
-    return _seed_masks(runner, regime, seed, probe_lr, config, [budget], select)[0][budget]
 
 
 def _seed_masks(runner: _Runner, regime: str, seed: int, probe_lr: float, config: CompareConfig,

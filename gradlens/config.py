@@ -206,10 +206,10 @@ class CompareConfig:
     max_steps: int = field(default=60, metadata=_meta("optimizer steps of every training run"))
     probe_steps: int = field(default=16, metadata=_meta("optimizer steps of each probe (informed masks)"))
     lora_r: int = field(default=8, metadata=_meta("LoRA rank"))
-    full_lrs: list[float] | None = field(default=None, metadata=_meta(
-        "learning rates swept for full-B LoRA (default: the regime's toy default, no sweep)"))
-    sparse_lrs: list[float] = field(default_factory=lambda: [1e-2, 3e-2, 1e-1], metadata=_meta(
-        "learning rates swept for each sparse method (on --sweep_seed, first budget, validation prompts)"))
+    full_lrs: list[float] | None = field(default_factory=lambda: [1e-3, 3e-3, 1e-2], metadata=_meta(
+        "learning rates swept for full-B LoRA (none: the regime's toy default, no sweep)"))
+    sparse_lrs: list[float] = field(default_factory=lambda: [1e-2, 3e-2, 1e-1, 3e-1], metadata=_meta(
+        "learning rates swept for each sparse method and budget (on --sweep_seed, scored on validation prompts)"))
     sweep_seed: int = field(default=1000, metadata=_meta("seed of the learning-rate sweep, apart from --seeds"))
     n_val: int = field(default=200, metadata=_meta(
         "validation prompts for the sweep, held back from the training split"))

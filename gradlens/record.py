@@ -79,9 +79,12 @@ def _resume_checkpoint(trainer_dir: Path, last_recorded: int | None) -> str | No
     return str(max(found)[1]) if found else None
 
 
-def record(config: RecordConfig) -> RecordResult:
-    """Train with TRL under ``config`` and record every LoRA-B gradient into ``config.out``."""
-    from transformers import set_seed
+def record(config: RecordConfig, *, progress: bool = True) -> RecordResult:
+    """Train with TRL under ``config`` and record every LoRA-B gradient into ``config.out``.
+
+    ``progress=False`` drops the Trainer's progress bar and console logs (callers with their own bar, like compare).
+    """
+    from transformers import PrinterCallback, ProgressCallback, set_seed
 
     from gradlens.adapters import attach_lora
     from gradlens.recorder import GradientRecorder
@@ -109,6 +112,9 @@ def record(config: RecordConfig) -> RecordResult:
     else:
         trainer = build_grpo_trainer(model, tokenizer, data, reward, output_dir=str(trainer_dir),
                                      overrides=overrides)
+    if not progress:
+        trainer.remove_callback(ProgressCallback)
+        trainer.remove_callback(PrinterCallback)
     provenance = {"record": asdict(config), "pid": os.getpid()}
     recorder = GradientRecorder.attach(trainer, out, modules=config.modules, every_n_steps=config.every_n_steps,
                                        dtype=config.dtype, save_raw=config.save_raw, resume=config.resume,

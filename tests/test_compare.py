@@ -13,8 +13,8 @@ from gradlens.config import CompareConfig, ProbeConfig
 from gradlens.errors import GradlensError
 
 TINY_COMPARE = dict(model="toy:tiny", methods=["random", "random_matched", "fisher"], budgets=["10%"], seeds=[0, 1],
-                    max_steps=4, probe_steps=2, sparse_lrs=[3e-2], n_val=20, n_eval=20, eval_samples=0,
-                    progress=False, trl={"per_device_train_batch_size": 8, "num_generations": 4})
+                    max_steps=4, probe_steps=2, full_lrs=[2e-3], sparse_lrs=[3e-2], n_val=20, n_eval=20,
+                    eval_samples=0, progress=False, trl={"per_device_train_batch_size": 8, "num_generations": 4})
 
 
 def _fisher_top_k(run_dir: Path, k: int) -> set[tuple[str, int]]:

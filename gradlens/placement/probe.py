@@ -46,11 +46,12 @@ def train_runtime(trainer: Any) -> float:
     raise GradlensError("the trainer logged no train_runtime; did training run?")
 
 
-def probe(config: ProbeConfig, *, train_seconds: float | None = None) -> ProbeResult:
+def probe(config: ProbeConfig, *, train_seconds: float | None = None, progress: bool = True) -> ProbeResult:
     """Record ``config.max_steps`` steps into ``OUT/run``, build a mask per selector and budget, write ``probe.json``.
 
     ``train_seconds`` (measured time of the training run the probe is for) makes the seconds fraction a
     measurement; otherwise it is estimated from the probe's own seconds per step and ``config.train_steps``.
+    ``progress=False`` silences the Trainer's bar and logs.
     """
     from gradlens.placement.masks import Budget, save_mask
     from gradlens.placement.selectors import select
@@ -60,7 +61,7 @@ def probe(config: ProbeConfig, *, train_seconds: float | None = None) -> ProbeRe
     out = Path(config.out)
     run_dir = out / "run"
     start = time.perf_counter()
-    result = record(config.record_config(str(run_dir)))
+    result = record(config.record_config(str(run_dir)), progress=progress)
     wall = time.perf_counter() - start
     seconds = train_runtime(result.trainer)
     run = open_run(run_dir)
