@@ -218,6 +218,7 @@ def write_outputs(result: AnalysisResult, out_dir: Path, config: AnalyzeConfig) 
         from gradlens.figures import make_figures
 
         files += make_figures(result, out_dir)
+    prov["findings"] = result.findings
     prov["files"] = [p.name for p in [*files, out_dir / PROVENANCE]]
     (out_dir / PROVENANCE).write_text(json.dumps(prov, indent=1, default=str) + "\n")
     files.append(out_dir / PROVENANCE)

@@ -21,6 +21,7 @@ import json
 import math
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -223,7 +224,8 @@ def _jobs(config: CompareConfig) -> Iterator[tuple[str, str, int]]:
 
 @contextlib.contextmanager
 def _quiet_library_bars() -> Iterator[None]:
-    """Hide the per-run dataset and weight-loading bars of datasets/transformers (compare has its own bar)."""
+    """Hide the per-run dataset and weight-loading bars of datasets/transformers (compare has its own bar) and a
+    deprecation warning that transformers raises from its own code on every run."""
     import datasets
     from transformers.utils import logging
 
@@ -231,7 +233,9 @@ def _quiet_library_bars() -> Iterator[None]:
     datasets.disable_progress_bars()
     logging.disable_progress_bar()
     try:
-        yield
+        with warnings.catch_warnings():  # transformers 5.x warns about its own deprecated call on every run
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            yield
     finally:
         if not ds_off:
             datasets.enable_progress_bars()

@@ -248,3 +248,24 @@ class CompareConfig:
         else:
             raise GradlensError("gradlens compare runs on the embedded toy world only (--model toy:PRESET): "
                                 "its evaluation needs the toy task's held-out split")
+
+
+@dataclass
+class ReportConfig:
+    """``gradlens report``: one self-contained HTML page from run, analysis and compare directories; ``lags`` and
+    ``window`` apply to the run directories it analyses itself."""
+
+    out: str = field(default="", metadata=_meta("the HTML file to write (required; ends in .html or .htm)"))
+    title: str = field(default="gradlens report", metadata=_meta("heading and title of the page"))
+    lags: int = field(default=10, metadata=_meta(
+        "largest lag L of the step-to-step cosines, for run directories analysed for the report"))
+    window: int | None = field(default=None, metadata=_meta(
+        "also take every statistic over the first N usable steps, for run directories analysed for the report "
+        "(default: none)"))
+
+    def __post_init__(self) -> None:
+        if not self.out:
+            raise GradlensError("an output file is required (--out report.html)")
+        if not self.out.lower().endswith((".html", ".htm")):
+            raise GradlensError(f"--out {self.out}: the report is an HTML file; its name must end in .html or .htm")
+        AnalyzeConfig(lags=self.lags, window=self.window)  # the same checks as gradlens analyze

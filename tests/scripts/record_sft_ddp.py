@@ -5,7 +5,7 @@ sequential order, and records into ``OUT/run`` (only rank 0 may write there). Fo
 each rank also saves, through observation only, the micro-batches it trained on and the ``lora_B`` weights before
 every optimizer step (``OUT/rank{R}.pt``), and a few facts about its recorder (``OUT/rank{R}.json``).
 
-Usage: ``accelerate launch --cpu --num_processes 2 record_sft_ddp.py OUT [--steps N] [--batch B] [--ga G] ...``
+Usage: ``python -m torch.distributed.run --standalone --nproc_per_node 2 record_sft_ddp.py OUT [--steps N] ...``
 """
 
 from __future__ import annotations
