@@ -352,7 +352,8 @@ def render(analyses: Sequence[Analysis], comparisons: Sequence[Comparison], titl
     findings = []
     for a in analyses:
         text = (_paragraphs(a.findings) if a.findings else
-                "<p>This analysis directory does not hold its finding text; give the run directories to get it.</p>\n")
+                "<p>This analysis directory (from an older gradlens) does not hold its finding text; give the run "
+                "directories to get it.</p>\n")
         findings.append(f"<h3>{_esc(a.source)}</h3>\n{text}")
     findings += [f"<h3>Placement: {_esc(c.path)}</h3>\n{_paragraphs(c.findings)}" for c in comparisons]
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")

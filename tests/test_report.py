@@ -187,7 +187,7 @@ def test_cli_report_and_one_line_errors(inputs, tmp_path, capsys):
     assert main(["report", str(inputs["analysis"]), str(inputs["compare"]), "--out", str(out)]) == 0
     assert capsys.readouterr().out.strip() == f"gradlens report: wrote {out}"
     doc = parse(out.read_text(encoding="utf-8"))
-    assert len(doc.images) == 6 and "does not hold its finding text" in "".join(doc.text)
+    assert len(doc.images) == 6 and "Finding: GRPO lag-1 cosine" in "".join(doc.text)  # kept by analyze
 
     missing = tmp_path / "nope"
     for argv, needle in (([str(missing), "--out", str(out)], str(missing)),
