@@ -18,7 +18,7 @@ DEMO_OUT ?= runs/demo
 
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint demo clean
+.PHONY: venv test lint demo clean figures
 .DELETE_ON_ERROR:
 
 venv: $(STAMP)
@@ -48,6 +48,13 @@ demo: venv
 	$(VENV)/bin/gradlens record --regime sft --out $(DEMO_OUT)/sft --max_steps 40
 	$(VENV)/bin/gradlens record --regime grpo --out $(DEMO_OUT)/grpo --max_steps 40
 	$(VENV)/bin/gradlens analyze $(DEMO_OUT)/sft $(DEMO_OUT)/grpo --out $(DEMO_OUT)/analysis
+
+# make figures: run notebooks/*.ipynb headless in the full setting (see notebooks/README.md); the PNGs go to figures/,
+# runs and tables to runs/notebooks/full/<notebook> (finished ones are reused), executed copies of the notebooks to
+# runs/notebooks/full/executed (never back into notebooks/).
+figures: venv
+	GRADLENS_SETTING=full $(VENV)/bin/jupyter nbconvert --to notebook --execute --ExecutePreprocessor.timeout=-1 \
+		--output-dir runs/notebooks/full/executed notebooks/*.ipynb
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache
