@@ -186,6 +186,31 @@ class ProbeConfig(RecordConfig):
         return RecordConfig(**{**{k: v for k, v in vars(self).items() if k in names}, "out": out})
 
 
+# ``select`` builds masks from a run alone; random_matched needs a second mask to copy counts from (compare does that).
+SELECT_METHODS: tuple[str, ...] = tuple(m for m in PLACEMENT_METHODS if m != "random_matched")
+
+
+@dataclass
+class SelectConfig:
+    """``gradlens select RUN_DIR --out OUT``: placement masks from the accumulators of a run already recorded (by
+    ``gradlens record``, a probe, or a ``GradientRecorder`` in your own Trainer)."""
+
+    out: str = field(default="", metadata=_meta("output directory: masks go to OUT/masks (required)"))
+    methods: list[str] = field(default_factory=lambda: list(INFORMED_METHODS), metadata=_meta(
+        "selectors to build masks with", choices=SELECT_METHODS))
+    budgets: list[str] = field(default_factory=lambda: ["1%"], metadata=_meta(
+        "budgets: a share of all B entries ('1%', '0.001') or a count ('5000')"))
+    scope: str = field(default="global", metadata=_meta(
+        "'global': top-k over the whole adapter; 'per_module': the same share in every matrix", choices=BUDGET_SCOPES))
+    seed: int = field(default=0, metadata=_meta("seed of the random selectors (informed ones are deterministic)"))
+
+    def __post_init__(self) -> None:
+        _check_methods(self.methods, SELECT_METHODS)
+        _check_budgets(self.budgets, self.scope)
+        if self.seed < 0:
+            raise GradlensError(f"seed must be >= 0, got {self.seed}")
+
+
 @dataclass
 class CompareConfig:
     """``gradlens compare``: base, full-B LoRA and sparse-B placements (random and informed) under SFT and GRPO."""

@@ -56,6 +56,23 @@ def test_probe_writes_masks_equal_to_top_k_of_its_own_gradients(tmp_path: Path) 
     assert info["steps"] == 3 and set(info["masks"]) == {"fisher/2%", "fisher/k=50", "sign/2%", "sign/k=50"}
     assert info["versions"]["torch"]
 
+    # gradlens select on the probe's run rebuilds the same informed mask, and draws exact-k random ones.
+    from gradlens.cli.main import main
+
+    out = tmp_path / "sel"
+    assert main(["select", str(res.run), "--out", str(out), "--methods", "fisher", "random", "--budgets", "2%",
+                 "--seed", "3"]) == 0
+    again, sel_meta = load_mask(mask_file(out, "fisher", "2%"))
+    assert all(np.array_equal(again[n], mask[n]) for n in mask) and sel_meta["source_run"] == str(res.run)
+    rand, rand_meta = load_mask(mask_file(out, "random", "2%"))
+    assert sum(int(m.sum()) for m in rand.values()) == k and rand_meta["seed"] == "3"
+    sel = json.loads((out / "select.json").read_text())
+    assert sel["steps"] == 3 and sel["config"]["budgets"] == ["2%"] and sel["versions"]["torch"]
+    with pytest.raises(SystemExit) as exc:  # a usage error: random_matched needs a second mask
+        main(["select", str(res.run), "--out", str(out), "--methods", "random_matched"])
+    assert exc.value.code == 2
+    assert main(["select", str(tmp_path / "nope"), "--out", str(out)]) == 2
+
 
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory: pytest.TempPathFactory):

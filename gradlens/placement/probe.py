@@ -8,15 +8,21 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from gradlens.config import ProbeConfig
+from gradlens.config import ProbeConfig, SelectConfig
 from gradlens.errors import GradlensError
+from gradlens.provenance import package_versions
 from gradlens.store import _json_dump
 
+if TYPE_CHECKING:
+    from gradlens.store import Run
+
 PROBE_FILE = "probe.json"
+SELECT_FILE = "select.json"
 
 
 @dataclass(frozen=True)
@@ -53,8 +59,6 @@ def probe(config: ProbeConfig, *, train_seconds: float | None = None, progress: 
     measurement; otherwise it is estimated from the probe's own seconds per step and ``config.train_steps``.
     ``progress=False`` silences the Trainer's bar and logs.
     """
-    from gradlens.placement.masks import Budget, save_mask
-    from gradlens.placement.selectors import select
     from gradlens.record import record
     from gradlens.store import open_run
 
@@ -65,21 +69,8 @@ def probe(config: ProbeConfig, *, train_seconds: float | None = None, progress: 
     wall = time.perf_counter() - start
     seconds = train_runtime(result.trainer)
     run = open_run(run_dir)
-    acc = run.accumulators()
-    shapes = {s.name: s.shape for s in run.specs}
-    masks: dict[tuple[str, str], Path] = {}
-    scoring: dict[str, float] = {}
-    for method in config.methods:
-        for text in config.budgets:
-            budget = Budget.parse(text, config.scope)
-            t0 = time.perf_counter()
-            mask = select(method, budget, shapes, accumulators=acc, seed=config.seed)
-            scoring[f"{method}/{budget}"] = time.perf_counter() - t0
-            path = save_mask(mask_file(out, method, str(budget)), mask, {
-                "selector": method, "budget": str(budget), "scope": config.scope, "seed": config.seed,
-                "source_run": str(run_dir), "scoring_seconds": scoring[f"{method}/{budget}"],
-                "probe_steps": len(run.steps)})
-            masks[(method, str(budget))] = path
+    masks, scoring = write_masks(run, out, config.methods, config.budgets, config.scope, config.seed,
+                                 {"probe_steps": len(run.steps)})
     cost = probe_cost(len(run.steps), seconds, config.train_steps, train_seconds)
     info = {"tool": "gradlens probe", "config": asdict(config), "run": str(run_dir), "steps": len(run.steps),
             "train_seconds": seconds, "wall_seconds": wall, "scoring_seconds": scoring, "cost": cost,
@@ -87,6 +78,49 @@ def probe(config: ProbeConfig, *, train_seconds: float | None = None, progress: 
     _json_dump(info, out / PROBE_FILE)
     return ProbeResult(path=out, run=run_dir, steps=len(run.steps), train_seconds=seconds, wall_seconds=wall,
                        scoring_seconds=scoring, masks=masks, cost=cost)
+
+
+def write_masks(run: Run, out: Path, methods: Sequence[str], budgets: Sequence[str], scope: str, seed: int,
+                metadata: dict[str, Any] | None = None) -> tuple[dict[tuple[str, str], Path], dict[str, float]]:
+    """Score ``run``'s accumulators with each selector and write one mask per budget to :func:`mask_file`.
+
+    Returns the mask files by ``(method, budget)`` and the scoring seconds by ``method/budget``; each mask's metadata
+    names the selector, budget, scope, seed, source run and scoring time (plus ``metadata``).
+    """
+    from gradlens.placement.masks import Budget, save_mask
+    from gradlens.placement.selectors import select
+
+    acc = run.accumulators()
+    shapes = {s.name: s.shape for s in run.specs}
+    masks: dict[tuple[str, str], Path] = {}
+    scoring: dict[str, float] = {}
+    for method in methods:
+        for text in budgets:
+            budget = Budget.parse(text, scope)
+            t0 = time.perf_counter()
+            mask = select(method, budget, shapes, accumulators=acc, seed=seed)
+            scoring[f"{method}/{budget}"] = time.perf_counter() - t0
+            masks[(method, str(budget))] = save_mask(mask_file(out, method, str(budget)), mask, {
+                "selector": method, "budget": str(budget), "scope": scope, "seed": seed, "source_run": str(run.path),
+                "scoring_seconds": scoring[f"{method}/{budget}"], **(metadata or {})})
+    return masks, scoring
+
+
+def select_masks(run_dir: str | Path, config: SelectConfig) -> tuple[dict[tuple[str, str], Path], dict[str, float]]:
+    """``gradlens select``: masks from a run already recorded, plus ``OUT/select.json`` (config, run, versions)."""
+    from gradlens.store import open_run
+
+    run = open_run(run_dir)
+    if not run.steps:
+        raise GradlensError(f"{run.path}: the run holds no recorded steps, so there is nothing to score")
+    out = Path(config.out)
+    masks, scoring = write_masks(run, out, config.methods, config.budgets, config.scope, config.seed,
+                                 {"source_steps": len(run.steps)})
+    _json_dump({"tool": "gradlens select", "config": asdict(config), "run": str(run.path), "steps": len(run.steps),
+                "run_seed": run.meta.get("seed"), "scoring_seconds": scoring,
+                "masks": {f"{m}/{b}": str(p) for (m, b), p in masks.items()}, "versions": package_versions()},
+               out / SELECT_FILE)
+    return masks, scoring
 
 
 def probe_cost(probe_steps: int, probe_seconds: float, train_steps: int | None,

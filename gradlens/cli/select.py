@@ -1,0 +1,31 @@
+"""``gradlens select RUN_DIR --out OUT``: placement masks from a recorded run's accumulators, one per selector and
+budget, without training anything (a thin layer over :func:`gradlens.placement.probe.write_masks`)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from gradlens.cli.dataclass_args import add_dataclass_arguments, config_from_args
+from gradlens.errors import GradlensError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from gradlens.config import SelectConfig
+
+    parser.add_argument("run", type=Path, metavar="RUN_DIR", help="a recorded run directory (its accumulators)")
+    parser.epilog = "Writes OUT/masks/METHOD-BUDGET.safetensors and OUT/select.json (config, run, scoring times)."
+    add_dataclass_arguments(parser, SelectConfig)
+
+
+def run(args: argparse.Namespace) -> int:
+    from gradlens.config import SelectConfig
+
+    config = config_from_args(SelectConfig, args)
+    if not config.out:
+        raise GradlensError("an output directory is required (--out OUT_DIR)")
+    from gradlens.placement.probe import select_masks
+
+    masks, _ = select_masks(args.run, config)
+    print(f"gradlens select: {len(masks)} masks from {args.run} in {Path(config.out) / 'masks'}")
+    return 0
