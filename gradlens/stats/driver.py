@@ -115,6 +115,7 @@ class RunStats:
     scopes: list[ScopeStats]
     specs: list[Any]
     meta: dict[str, Any]
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (shard file, why) left out under skip_bad
 
     def scope(self, scope: str, name: str = "") -> ScopeStats:
         for s in self.scopes:
@@ -200,17 +201,19 @@ def _plan_groups(sizes: Sequence[int], steps: int, budget: int) -> list[tuple[li
 
 
 def analyze_run(path: str | os.PathLike[str], *, lags: int = 10, window: int | None = None, bins: int = 20,
-                memory_mb: float = 512, unclip: bool = False, progress: bool = False) -> RunStats:
+                memory_mb: float = 512, unclip: bool = False, progress: bool = False,
+                skip_bad: bool = False) -> RunStats:
     """Compute every statistic of one run in a streaming pass over its shards (see the module docstring).
 
     Steps flagged non-finite in the manifest, or found to hold NaN/Inf while reading, are excluded and listed in
     ``RunStats.excluded``. ``window``: also take every statistic over the first ``window`` usable steps. ``unclip``:
-    divide each stored (clipped) step by its ``clip_coef`` first, i.e. analyse the pre-clip gradient.
+    divide each stored (clipped) step by its ``clip_coef`` first, i.e. analyse the pre-clip gradient. ``skip_bad``:
+    leave out the steps of missing or corrupt shards (listed in ``RunStats.skipped``) instead of failing.
     Raises :class:`GradlensError` for a path that is not a run, a run without raw shards, or fewer than 2 usable steps.
     """
     from gradlens.store import open_run
 
-    run = open_run(path)
+    run = open_run(path, skip_bad=skip_bad)
     flagged = {int(r["step"]) for r in run.step_records if r.get("nonfinite")}
     found: set[int] = set()
     while True:  # a non-finite step the manifest did not flag restarts the pass with that step excluded
@@ -244,7 +247,7 @@ def _analyze(run: Any, excluded: set[int], *, lags: int, window: int | None, bin
                           for c in (coef[s] for s in usable)])
 
     groups = _plan_groups([s.size for s in specs], T, budget)
-    n_shards = len(run.meta["shards"])
+    n_shards = len(run.meta["shards"]) - len(run.skipped)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -283,7 +286,8 @@ def _analyze(run: Any, excluded: set[int], *, lags: int, window: int | None, bin
                     inside = (idx >= lo) & (idx < hi)
                     after = idx >= hi
                     for i, arr in zip(group, arrays, strict=True):
-                        x = (arr if len(rows) == len(steps) else arr[rows]).astype(np.float64)
+                        stored = arr if len(rows) == len(steps) else arr[rows]  # float32
+                        x = stored.astype(np.float64)
                         if first:
                             finite = np.isfinite(x).reshape(len(rows), -1).all(axis=1)
                             if not finite.all():
@@ -291,10 +295,10 @@ def _analyze(run: Any, excluded: set[int], *, lags: int, window: int | None, bin
                                 continue
                             for key, values in core.step_spectrum_stats(x).items():
                                 per_step[i][key][idx] = values
-                            sg = np.sign(x)
-                            sumsign[i] += sg.sum(axis=0)
+                            sg = np.sign(stored)  # the same signs as x's, at half the memory traffic (10x faster)
+                            sumsign[i] += sg.sum(axis=0, dtype=np.float64)
                             if W is not None:
-                                sumsign_w[i] += sg[idx < W].sum(axis=0)
+                                sumsign_w[i] += sg[idx < W].sum(axis=0, dtype=np.float64)
                         flat = x.reshape(len(rows), -1)
                         buf[i][idx[inside] - lo] = flat[inside]
                         if after.any():
@@ -348,7 +352,8 @@ def _analyze(run: Any, excluded: set[int], *, lags: int, window: int | None, bin
     scopes.append(pooled(list(range(len(specs))), adapter_gram, "adapter", "adapter"))
     meta = {k: run.meta.get(k) for k in ("seed", "created", "complete", "dtype", "versions", "config")}
     return RunStats(path=Path(where), regime=run_regime(run.meta), seed=run.meta.get("seed"), steps=usable,
-                    excluded=bad, lags=lags, window=W, bins=bins, scopes=scopes, specs=list(specs), meta=meta)
+                    excluded=bad, lags=lags, window=W, bins=bins, scopes=scopes, specs=list(specs), meta=meta,
+                    skipped=list(run.skipped))
 
 
 def _nanmean_rows(x: np.ndarray) -> np.ndarray:
