@@ -43,29 +43,56 @@ def load_model_and_tokenizer(name_or_path: str | os.PathLike[str], *, dtype: str
 def _linear_names(model: torch.nn.Module) -> set[str]:
     """Last name component of every linear layer, including those already wrapped by a LoRA layer."""
     from peft.tuners.lora import LoraLayer
+    from transformers.pytorch_utils import Conv1D
 
     names = set()
     for name, m in model.named_modules():
-        if isinstance(m, LoraLayer) or (isinstance(m, torch.nn.Linear) and not name.endswith("base_layer")):
+        if isinstance(m, LoraLayer) or (isinstance(m, torch.nn.Linear | Conv1D) and not name.endswith("base_layer")):
             names.add(name.rsplit(".", 1)[-1])
     return names
 
 
+def default_lora_targets(model: torch.nn.Module) -> list[str]:
+    """Every linear projection of the architecture, by the rule of PEFT's ``target_modules="all-linear"``.
+
+    That is every ``nn.Linear``/``Conv1D`` except the output embedding (the LM head), given by last name component
+    in model order: ``q_proj ... down_proj`` on Llama, Qwen2/3, Mistral and Gemma, ``c_attn c_proj c_fc`` on GPT-2.
+    Names, not full paths, so the targets read like a recipe and ``--modules`` can select among them.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None  # PeftModel forwards it
+    inside_adapters = {f"{name}.{sub}" for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)
+                       for sub, _ in m.named_modules() if sub}  # base_layer, lora_A.default, ... of adapted layers
+    names: dict[str, None] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, BaseTunerLayer | torch.nn.Linear | Conv1D) and m is not head and name not in inside_adapters:
+            names.setdefault(name.rsplit(".", 1)[-1])
+    if not names:
+        raise GradlensError(f"{type(model).__name__} has no linear projection to adapt besides its output head "
+                            f"(expected nn.Linear/Conv1D layers such as {', '.join(ALL_PROJECTIONS)})")
+    return list(names)
+
+
 def lora_config(model: torch.nn.Module, *, r: int = 8, alpha: int | None = None,
-                target_modules: Sequence[str] = ALL_PROJECTIONS, dropout: float = 0.0):
-    """A PEFT ``LoraConfig`` for a causal LM, checking that every target names a linear layer of ``model``."""
+                target_modules: Sequence[str] | None = None, dropout: float = 0.0):
+    """A PEFT ``LoraConfig`` for a causal LM, checking that every target names a linear layer of ``model``.
+
+    ``target_modules=None`` adapts every linear projection of the architecture (:func:`default_lora_targets`).
+    """
     from peft import LoraConfig
 
     if r < 1:
         raise GradlensError(f"LoRA rank must be >= 1, got {r}")
-    targets = list(target_modules)
+    targets = default_lora_targets(model) if target_modules is None else list(target_modules)
     if not targets:
         raise GradlensError("no LoRA target modules given")
     available = _linear_names(model)
     unknown = [t for t in targets if t not in available]
     if unknown:
-        raise GradlensError(f"unknown LoRA target module(s) {', '.join(unknown)}; "
-                            f"this model's linear layers are: {', '.join(sorted(available))}")
+        raise GradlensError(f"{type(model).__name__} has no LoRA target module(s) {', '.join(unknown)}; "
+                            f"its linear layers are: {', '.join(sorted(available))}")
     return LoraConfig(r=r, lora_alpha=alpha if alpha is not None else 2 * r, target_modules=targets,
                       lora_dropout=dropout, bias="none", task_type="CAUSAL_LM")
 
@@ -89,7 +116,7 @@ def lora_b_parameters(model: torch.nn.Module, adapter: str | None = None) -> Ite
 
 
 def attach_lora(model: PreTrainedModel, *, r: int = 8, alpha: int | None = None,
-                target_modules: Sequence[str] = ALL_PROJECTIONS, dropout: float = 0.0, seed: int = 0):
+                target_modules: Sequence[str] | None = None, dropout: float = 0.0, seed: int = 0):
     """Wrap ``model`` in a PEFT LoRA adapter (LoRA-FA): every ``lora_A`` frozen, only ``lora_B`` requires grad.
 
     B starts at zero as in standard LoRA; A keeps PEFT's (seeded) Kaiming init and never changes.

@@ -53,6 +53,7 @@ class AnalysisResult:
     findings: str
     provenance: dict[str, Any]
     files: list[Path] = field(default_factory=list)
+    skipped_runs: list[tuple[str, str]] = field(default_factory=list)  # (path, why) left out under skip_bad
 
 
 def _labels(paths: Sequence[Path]) -> list[str]:
@@ -93,7 +94,8 @@ def build_tables(runs: Sequence[RunStats], labels: Sequence[str], lags: int, win
             else:
                 rows["summary"].append({**base, "seed": rs.seed, "path": str(rs.path), "modules": len(sc.modules),
                                         "entries": entries, "nonfinite_steps": excluded,
-                                        "excluded_steps": json.dumps(rs.excluded), **stats})
+                                        "excluded_steps": json.dumps(rs.excluded),
+                                        "skipped_shards": len(rs.skipped), **stats})
             steps = np.asarray(rs.steps, np.int64)
             for kind, values in sc.series.items():
                 offset = int(kind[len("cos_lag"):]) if kind.startswith("cos_lag") else 0
@@ -134,8 +136,9 @@ def _fmt(x: float, digits: int = 2) -> str:
     return "nan" if x is None or not np.isfinite(x) else f"{x:.{digits}f}"
 
 
-def findings(runs: Sequence[RunStats], labels: Sequence[str]) -> str:
-    """A few lines that read as a finding: per run, then GRPO against SFT when both are present."""
+def findings(runs: Sequence[RunStats], labels: Sequence[str], skipped_runs: Sequence[tuple[str, str]] = ()) -> str:
+    """A few lines that read as a finding: per run, then GRPO against SFT when both are present; then what
+    ``skip_bad`` left out, so a partial analysis never reads as a whole one."""
     lines = []
     for rs, label in zip(runs, labels, strict=True):
         a = rs.adapter.row
@@ -168,10 +171,13 @@ def findings(runs: Sequence[RunStats], labels: Sequence[str]) -> str:
                      f"trajectory erank (unit rows) {_fmt(g['erank_traj_unit'], 1)} vs "
                      f"{_fmt(s['erank_traj_unit'], 1)} of {t}; sign stability {_fmt(g['sign_stability_mean'])} vs "
                      f"{_fmt(s['sign_stability_mean'])} (null {null}).")
+    lines += [f"Skipped ({label}): {why}" for rs, label in zip(runs, labels, strict=True) for _, why in rs.skipped]
+    lines += [f"Skipped run: {why}" for _, why in skipped_runs]
     return "\n".join(lines)
 
 
-def provenance(runs: Sequence[RunStats], labels: Sequence[str], config: AnalyzeConfig) -> dict[str, Any]:
+def provenance(runs: Sequence[RunStats], labels: Sequence[str], config: AnalyzeConfig,
+               skipped_runs: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
     """What produced the outputs: the config, package versions, and each source run's path, seed and steps."""
     return {
         "tool": "gradlens analyze",
@@ -185,7 +191,9 @@ def provenance(runs: Sequence[RunStats], labels: Sequence[str], config: AnalyzeC
             "nonfinite_steps_excluded": rs.excluded, "window": rs.window, "created": rs.meta.get("created"),
             "complete": rs.meta.get("complete"), "dtype": rs.meta.get("dtype"),
             "record_config": (rs.meta.get("config") or {}).get("record"), "versions": rs.meta.get("versions"),
+            "skipped_shards": [{"file": file, "reason": why} for file, why in rs.skipped],
         } for rs, label in zip(runs, labels, strict=True)],
+        "skipped_runs": [{"path": path, "reason": why} for path, why in skipped_runs],
     }
 
 
@@ -230,7 +238,8 @@ def analyze_runs(paths: Sequence[str | os.PathLike[str]], out_dir: str | os.Path
     """Analyse each run (one streaming pass per run), build the tables and the finding, and write them if asked.
 
     ``out_dir`` (default ``config.out``; empty: write nothing) receives ``summary/modules/proj/layers.csv``, all six
-    tables as parquet, the PNG figures and ``provenance.json``.
+    tables as parquet, the PNG figures and ``provenance.json``. With ``config.skip_bad`` a bad shard drops only its
+    steps and a run that cannot be analysed at all is left out; both are listed in the finding and the provenance.
     """
     from gradlens.store import open_run
 
@@ -238,14 +247,26 @@ def analyze_runs(paths: Sequence[str | os.PathLike[str]], out_dir: str | os.Path
     paths = [Path(p) for p in paths]
     if not paths:
         raise GradlensError("no run directories given")
-    for p in paths:  # fail fast on a bad path before the long passes
-        open_run(p)
-    runs = [analyze_run(p, lags=config.lags, window=config.window, bins=config.bins, memory_mb=config.memory_mb,
-                        unclip=config.unclip, progress=config.progress) for p in paths]
-    labels = _labels(paths)
+    if not config.skip_bad:
+        for p in paths:  # fail fast on a bad path before the long passes
+            open_run(p)
+    runs, kept, skipped_runs = [], [], []
+    for p in paths:
+        try:
+            runs.append(analyze_run(p, lags=config.lags, window=config.window, bins=config.bins,
+                                    memory_mb=config.memory_mb, unclip=config.unclip, progress=config.progress,
+                                    skip_bad=config.skip_bad))
+            kept.append(p)
+        except GradlensError as e:
+            if not config.skip_bad:
+                raise
+            skipped_runs.append((str(p), str(e)))
+    if not runs:
+        raise GradlensError(f"no run could be analysed: {'; '.join(why for _, why in skipped_runs)}")
+    labels = _labels(kept)
     tables = build_tables(runs, labels, config.lags, config.window)
-    result = AnalysisResult(**tables, runs=runs, findings=findings(runs, labels),
-                            provenance=provenance(runs, labels, config))
+    result = AnalysisResult(**tables, runs=runs, findings=findings(runs, labels, skipped_runs),
+                            provenance=provenance(runs, labels, config, skipped_runs), skipped_runs=skipped_runs)
     target = out_dir if out_dir is not None else config.out
     if target:
         result.files = write_outputs(result, Path(target), config)

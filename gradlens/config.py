@@ -14,6 +14,10 @@ from gradlens.errors import GradlensError
 ALL_PROJECTIONS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 REGIMES: tuple[str, ...] = ("sft", "grpo")
 STORAGE_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
+MODEL_DTYPES: tuple[str, ...] = ("auto", *STORAGE_DTYPES)
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+PROMPT_FORMATS: tuple[str, ...] = ("auto", "plain", "chat")
+MATH_PREFIX = "gsm8k"  # --task gsm8k (the hub's openai/gsm8k) or gsm8k:SOURCE (hub id, local file or directory)
 
 TOY_PREFIX = "toy:"
 
@@ -39,22 +43,48 @@ class RecordConfig:
     model: str = field(default="toy:tiny", metadata=_meta(
         "model: 'toy:PRESET' for the embedded toy base model, or a local path or hub id for from_pretrained"))
     task: str = field(default="addition", metadata=_meta(
-        "'addition' (embedded toy task) or a local .json/.jsonl/.csv/.parquet file with 'prompt' and 'answer' "
-        "columns (SFT also uses 'completion', defaulting to the answer)"))
+        "'addition' (embedded toy task); a local .json/.jsonl/.csv/.parquet file with 'prompt' and 'answer' "
+        "columns (SFT also uses 'completion', defaulting to the answer); or a GSM8K-style math task: 'gsm8k' "
+        "(openai/gsm8k from the hub) or 'gsm8k:SOURCE' with SOURCE a hub id, a local .jsonl/.json/.parquet/.csv "
+        "file or a directory (data files, or saved by datasets' save_to_disk)"))
+    model_dtype: str = field(default="auto", metadata=_meta(
+        "dtype the model is loaded in (default auto: bfloat16 on a GPU that supports it, else float32; the toy "
+        "models always float32)", choices=MODEL_DTYPES))
+    device: str = field(default="auto", metadata=_meta(
+        "where to train (default auto: the GPU if there is one)", choices=DEVICES))
+    prompt_format: str = field(default="auto", metadata=_meta(
+        "math task prompts: 'plain' (Question:/Answer:) or 'chat' (the tokenizer's chat template); default auto: "
+        "chat for instruct models (a chat template and 'instruct', 'chat' or '-it' in the model name)",
+        choices=PROMPT_FORMATS))
+    question_column: str = field(default="question", metadata=_meta("math task: column holding the question"))
+    answer_column: str = field(default="answer", metadata=_meta(
+        "math task: column holding the worked answer, final answer after '####' (GSM8K convention)"))
+    dataset_config: str | None = field(default=None, metadata=_meta(
+        "math task: the hub dataset's config name (default: 'main' for --task gsm8k, else none)"))
+    train_split: str = field(default="train", metadata=_meta("math task: split to train on"))
+    eval_split: str = field(default="test", metadata=_meta("math task: held-out split for --n_eval"))
+    n_eval: int = field(default=0, metadata=_meta(
+        "math task: after training, greedy accuracy on the first N held-out examples, written to RUN_DIR/eval.json "
+        "(default 0: off)"))
+    eval_max_new_tokens: int = field(default=256, metadata=_meta("math task: token budget of each evaluation answer"))
+    format_reward: bool = field(default=False, metadata=_meta(
+        "math task, GRPO: add a format reward (1 when the completion states a final answer after '####' or in "
+        "\\boxed{})"))
     max_steps: int = field(default=40, metadata=_meta("optimizer steps to train and record"))
     seed: int = field(default=0, metadata=_meta("seed of training, LoRA init and data order"))
     learning_rate: float | None = field(default=None, metadata=_meta("learning rate (default: per regime)"))
     n_train: int | None = field(default=None, metadata=_meta("use only the first N training examples"))
     lora_r: int = field(default=8, metadata=_meta("LoRA rank"))
     lora_alpha: int | None = field(default=None, metadata=_meta("LoRA alpha (default: 2 * rank)"))
-    lora_target_modules: list[str] = field(default_factory=lambda: list(ALL_PROJECTIONS),
-                                           metadata=_meta("modules that get a LoRA adapter"))
+    lora_target_modules: list[str] | None = field(default=None, metadata=_meta(
+        "modules that get a LoRA adapter (default: every linear projection of the architecture, as PEFT's "
+        "'all-linear' finds them)"))
     modules: list[str] | None = field(default=None, metadata=_meta(
         "record only these LoRA modules: names or projection types such as v_proj down_proj (default: all)"))
     every_n_steps: int = field(default=1, metadata=_meta("record every N-th optimizer step"))
     dtype: str = field(default="float32", metadata=_meta("storage dtype of the raw shards", choices=STORAGE_DTYPES))
     steps_per_shard: int | None = field(default=None, metadata=_meta(
-        "steps per raw shard; a hard kill loses at most the unfinished shard (default: up to 64 steps or 64 MiB)"))
+        "steps per raw shard; a hard kill loses at most the unfinished shard (default: up to 64 steps or 256 MiB)"))
     save_raw: bool = field(default=True, metadata=_meta("write raw gradient shards (off: streaming statistics only)"))
     resume: bool = field(default=False, metadata=_meta(
         "continue the run in --out: training restarts from its newest Trainer checkpoint at or before the last "
@@ -78,10 +108,25 @@ class RecordConfig:
             raise GradlensError(f"n_train must be >= 1, got {self.n_train}")
         if self.lora_r < 1:
             raise GradlensError(f"lora_r must be >= 1, got {self.lora_r}")
+        if self.lora_alpha is not None and self.lora_alpha < 1:
+            raise GradlensError(f"lora_alpha must be >= 1, got {self.lora_alpha}")
+        if not 0 <= self.seed < 2**32:  # what numpy's and torch's seeding accept
+            raise GradlensError(f"seed must be in 0..2**32-1, got {self.seed}")
+        if self.learning_rate is not None and not 0 < self.learning_rate < float("inf"):
+            raise GradlensError(f"learning_rate must be > 0 and finite, got {self.learning_rate}")
+        if not self.model:
+            raise GradlensError("--model is empty; give 'toy:PRESET', a local path or a hub id")
         if self.model.startswith(TOY_PREFIX):
             from gradlens.toy.presets import get_preset
 
             get_preset(self.model[len(TOY_PREFIX) :])
+        if self.task == f"{MATH_PREFIX}:":
+            raise GradlensError(f"--task {self.task}: name the data after the colon (a hub id, file or directory)")
+        for name, allowed in (("model_dtype", MODEL_DTYPES), ("device", DEVICES), ("prompt_format", PROMPT_FORMATS)):
+            if getattr(self, name) not in allowed:
+                raise GradlensError(f"{name} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        if self.n_eval < 0 or self.eval_max_new_tokens < 1:
+            raise GradlensError("n_eval must be >= 0 and eval_max_new_tokens >= 1")
         reserved = {"max_steps", "seed", "learning_rate", "output_dir"} & set(self.trl)
         if reserved:
             raise GradlensError(f"set {', '.join(sorted(reserved))} as gradlens settings, not TRL extras")
@@ -114,6 +159,9 @@ class AnalyzeConfig:
         "divide each stored (clipped) step by its clip_coef, i.e. analyse the pre-clip gradient"))
     figures: bool = field(default=True, metadata=_meta("draw the PNG figures"))
     progress: bool = field(default=True, metadata=_meta("show progress bars while reading shards"))
+    skip_bad: bool = field(default=False, metadata=_meta(
+        "skip missing or corrupt shards (and runs that cannot be opened at all), analyse what is intact and report "
+        "what was skipped"))
 
     def __post_init__(self) -> None:
         if self.lags < 1:
@@ -122,8 +170,8 @@ class AnalyzeConfig:
             raise GradlensError(f"window must be >= 2 steps, got {self.window}")
         if self.bins < 2:
             raise GradlensError(f"bins must be >= 2, got {self.bins}")
-        if not self.memory_mb >= 16:
-            raise GradlensError(f"memory_mb must be >= 16, got {self.memory_mb}")
+        if not 16 <= self.memory_mb < float("inf"):
+            raise GradlensError(f"memory_mb must be >= 16 and finite, got {self.memory_mb}")
 
 
 # Selector names, kept here (light) so flags are checked without importing numpy; gradlens.placement uses the same.
@@ -248,6 +296,8 @@ class CompareConfig:
     trl: dict[str, Any] = field(default_factory=dict, metadata=_meta("extra TRL config fields", cli=False))
 
     def __post_init__(self) -> None:
+        if not self.out:
+            raise GradlensError("an output directory is required (--out OUT_DIR)")
         if not self.regimes or any(r not in REGIMES for r in self.regimes):
             raise GradlensError(f"regimes must be among: {', '.join(REGIMES)}; got {self.regimes}")
         _check_methods(self.methods, PLACEMENT_METHODS)
@@ -257,6 +307,8 @@ class CompareConfig:
         _check_budgets(self.budgets, self.scope)
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise GradlensError(f"seeds must be distinct and at least one, got {self.seeds}")
+        if not all(0 <= seed < 2**32 for seed in [*self.seeds, self.sweep_seed]):
+            raise GradlensError(f"seeds must be in 0..2**32-1, got {self.seeds} and sweep_seed {self.sweep_seed}")
         if self.sweep_seed in self.seeds:
             raise GradlensError(f"sweep_seed {self.sweep_seed} must differ from the evaluation seeds {self.seeds}")
         for name in ("max_steps", "probe_steps", "lora_r", "n_val", "n_eval"):
@@ -264,8 +316,8 @@ class CompareConfig:
                 raise GradlensError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.eval_samples < 0 or self.curve_every < 0:
             raise GradlensError("eval_samples and curve_every must be >= 0")
-        if any(not lr > 0 for lr in [*(self.full_lrs or []), *self.sparse_lrs]) or not self.sparse_lrs:
-            raise GradlensError("learning rates must be > 0 (and --sparse_lrs non-empty)")
+        if any(not 0 < lr < float("inf") for lr in [*(self.full_lrs or []), *self.sparse_lrs]) or not self.sparse_lrs:
+            raise GradlensError("learning rates must be > 0 and finite (and --sparse_lrs non-empty)")
         if self.model.startswith(TOY_PREFIX):
             from gradlens.toy.presets import get_preset
 

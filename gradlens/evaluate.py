@@ -27,8 +27,13 @@ class Accuracy:
 @torch.no_grad()
 def generate_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], *,
                      do_sample: bool = False, temperature: float = 1.0, num_return_sequences: int = 1,
-                     max_new_tokens: int = 8, batch_size: int = 256, seed: int = 0) -> list[str]:
-    """Completions (special tokens stripped), ``num_return_sequences`` per prompt in prompt order."""
+                     max_new_tokens: int = 8, batch_size: int = 256, seed: int = 0,
+                     add_special_tokens: bool = False) -> list[str]:
+    """Completions (special tokens stripped), ``num_return_sequences`` per prompt in prompt order.
+
+    ``add_special_tokens=True`` lets the tokenizer add its BOS, as TRL does for plain-text GRPO prompts; rendered chat
+    prompts already hold theirs.
+    """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -38,7 +43,7 @@ def generate_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     try:
         for i in range(0, len(prompts), batch_size):
             enc = tokenizer(list(prompts[i : i + batch_size]), return_tensors="pt", padding=True,
-                            add_special_tokens=False).to(device)
+                            add_special_tokens=add_special_tokens).to(device)
             if do_sample:  # seed the global RNG from our own generator so sampled accuracy is reproducible
                 torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
             seqs = model.generate(**enc, do_sample=do_sample, temperature=temperature if do_sample else None,

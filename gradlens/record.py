@@ -15,6 +15,7 @@ from gradlens.config import TOY_PREFIX, RecordConfig
 from gradlens.errors import GradlensError
 from gradlens.store import MANIFEST
 
+EVAL_FILE = "eval.json"
 __all__ = ["RecordConfig", "RecordResult", "load_model", "load_task_dataset", "record"]
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class RecordResult:
     steps: int
     bytes: int
     trainer: Any
+    eval: dict[str, Any] | None = None  # math task with n_eval > 0: greedy held-out accuracy (also in eval.json)
 
 
 def load_task_dataset(task: str, n: int | None):
@@ -36,7 +38,8 @@ def load_task_dataset(task: str, n: int | None):
     path = Path(task)
     loaders = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
     if path.suffix not in loaders:
-        raise GradlensError(f"unknown task {task!r}: use 'addition' or a .json/.jsonl/.csv/.parquet file")
+        raise GradlensError(f"unknown task {task!r}: use 'addition', a .json/.jsonl/.csv/.parquet file, 'gsm8k' or "
+                            "'gsm8k:SOURCE'")
     if not path.is_file():
         raise GradlensError(f"task file {task} does not exist")
     from datasets import load_dataset
@@ -55,14 +58,14 @@ def load_task_dataset(task: str, n: int | None):
     return data, exact_match_reward
 
 
-def load_model(spec: str, seed: int):
-    """(model, tokenizer) for ``toy:PRESET`` or a ``from_pretrained`` path / hub id."""
+def load_model(spec: str, seed: int, dtype: str = "float32"):
+    """(model, tokenizer) for ``toy:PRESET`` (always float32) or a ``from_pretrained`` path / hub id in ``dtype``."""
     from gradlens.adapters import load_model_and_tokenizer
     from gradlens.toy.model import load_base_model
 
     if spec.startswith(TOY_PREFIX):
         return load_base_model(spec[len(TOY_PREFIX) :], progress=True)
-    return load_model_and_tokenizer(spec)
+    return load_model_and_tokenizer(spec, dtype=dtype)
 
 
 def _resume_checkpoint(trainer_dir: Path, last_recorded: int | None) -> str | None:
@@ -87,26 +90,38 @@ def record(config: RecordConfig, *, progress: bool = True) -> RecordResult:
     from transformers import PrinterCallback, ProgressCallback, set_seed
 
     from gradlens.adapters import attach_lora
+    from gradlens.math_task import MathTask, greedy_accuracy, is_math_task, reward_functions
+    from gradlens.models import resolve_device, resolve_dtype, trainer_overrides, uses_chat_template
     from gradlens.recorder import GradientRecorder
     from gradlens.regimes import build_grpo_trainer, build_sft_trainer, check_overrides
-    from gradlens.store import open_run
+    from gradlens.store import _json_dump, open_run, writer_leftovers_only
 
     check_overrides(config.regime, config.trl_overrides())
     out = Path(config.out)
     if (out / MANIFEST).exists() and not config.resume:
         raise GradlensError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    if out.exists() and not (out / MANIFEST).exists() and any(out.iterdir()):
+    if not (out / MANIFEST).exists() and not writer_leftovers_only(out, also=("trainer",)):  # a kill's are fine
         raise GradlensError(f"{out} exists and is not a gradlens run; choose an empty or new --out")
     previous = open_run(out).steps if config.resume and (out / MANIFEST).exists() else []
     last_recorded = previous[-1] if previous else None
 
     set_seed(config.seed)
-    model, tokenizer = load_model(config.model, config.seed)
+    device = resolve_device(config.device)
+    model_dtype = resolve_dtype(config.model_dtype, device, config.model)
+    model, tokenizer = load_model(config.model, config.seed, model_dtype)
     model = attach_lora(model, r=config.lora_r, alpha=config.lora_alpha, target_modules=config.lora_target_modules,
                         seed=config.seed)
-    data, reward = load_task_dataset(config.task, config.n_train)
+    math = eval_data = None
+    if is_math_task(config.task):
+        math = MathTask.from_spec(config.task, dataset_config=config.dataset_config,
+                                  question_column=config.question_column, answer_column=config.answer_column,
+                                  chat=uses_chat_template(config.prompt_format, config.model, tokenizer))
+        data, reward = math.dataset(config.train_split, config.n_train), reward_functions(config.format_reward)
+        eval_data = math.dataset(config.eval_split, config.n_eval) if config.n_eval > 0 else None  # fail early
+    else:
+        data, reward = load_task_dataset(config.task, config.n_train)
     trainer_dir = out / "trainer"
-    overrides = config.trl_overrides()
+    overrides = {**trainer_overrides(device, model_dtype), **config.trl_overrides()}
     if config.regime == "sft":
         trainer = build_sft_trainer(model, tokenizer, data, output_dir=str(trainer_dir), overrides=overrides)
     else:
@@ -115,7 +130,8 @@ def record(config: RecordConfig, *, progress: bool = True) -> RecordResult:
     if not progress:
         trainer.remove_callback(ProgressCallback)
         trainer.remove_callback(PrinterCallback)
-    provenance = {"record": asdict(config), "pid": os.getpid()}
+    provenance = {"record": asdict(config), "pid": os.getpid(), "device": device, "model_dtype": model_dtype,
+                  "prompt_format": None if math is None else ("chat" if math.chat else "plain")}
     recorder = GradientRecorder.attach(trainer, out, modules=config.modules, every_n_steps=config.every_n_steps,
                                        dtype=config.dtype, save_raw=config.save_raw, resume=config.resume,
                                        steps_per_shard=config.steps_per_shard,
@@ -125,6 +141,11 @@ def record(config: RecordConfig, *, progress: bool = True) -> RecordResult:
     finally:
         recorder.close()
     trainer.model.save_pretrained(out / "adapter")  # the trained LoRA adapter, loadable with PEFT
+    evaluation = None
+    if eval_data is not None and trainer.is_world_process_zero():
+        evaluation = greedy_accuracy(trainer.model, tokenizer, math, eval_data,
+                                     max_new_tokens=config.eval_max_new_tokens)
+        _json_dump({"split": config.eval_split, **evaluation}, out / EVAL_FILE)
     run = open_run(out)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file() and trainer_dir not in f.parents)
-    return RecordResult(path=out, steps=len(run.steps), bytes=size, trainer=trainer)
+    return RecordResult(path=out, steps=len(run.steps), bytes=size, trainer=trainer, eval=evaluation)

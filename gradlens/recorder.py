@@ -16,7 +16,7 @@ import atexit
 import math
 import os
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +30,11 @@ from gradlens.writer import AsyncRunWriter
 
 ModuleFilter = Sequence[str] | Callable[[str], bool] | None
 LOG_PREFIX = "gradlens/"
-# Small shards keep the loss from a hard kill small: at most this many steps are buffered in memory.
+# A shard is committed with the whole float64 accumulators file (44 bytes per B entry), so shards must be large
+# against it (256 MiB: at most ~2x write amplification for a 1.5B adapter) yet bounded, since the steps of a shard
+# are buffered in host memory and a hard kill loses them: at most this many steps and this many bytes.
 MAX_STEPS_PER_SHARD = 64
+SHARD_BYTES = 256 * 2**20
 
 
 def select_modules(names: Sequence[str], modules: ModuleFilter) -> list[str]:
@@ -55,9 +58,41 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return extract_model_from_parallel(model)
 
 
+def _device_sum(values: Iterable[torch.Tensor]) -> float:
+    """Sum of 0-d tensors with a single host sync (``float()`` on each would sync once per module on a GPU)."""
+    parts = list(values)
+    return float(torch.stack([t.to(parts[0].device) for t in parts]).sum()) if parts else 0.0  # any device_map
+
+
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized() and \
         torch.distributed.get_world_size() > 1
+
+
+SUPPORTED_SETUPS = ("one process (CPU or one GPU), or DDP across processes (torchrun, or accelerate launch with a "
+                    "multi-GPU config)")
+
+
+def sharded_training(args: Any, trainer: Any, params: Sequence[torch.nn.Parameter]) -> str | None:
+    """The name of the sharding scheme this run uses (DeepSpeed or FSDP), or None if gradients are whole.
+
+    Under DeepSpeed ZeRO and FSDP each process holds a shard (or nothing) in ``param.grad``, not the full averaged
+    gradient the recorder reads. The run is recognised by any of: the Trainer's arguments, the Trainer's
+    accelerator, accelerate's launcher environment, or the parameters themselves (FSDP2 DTensors, ZeRO-3 partitions).
+    """
+    from torch.distributed.tensor import DTensor
+
+    def env(name: str) -> bool:
+        return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+
+    if getattr(args, "deepspeed", None) or getattr(args, "deepspeed_plugin", None) is not None or \
+            getattr(trainer, "is_deepspeed_enabled", False) or env("ACCELERATE_USE_DEEPSPEED") or \
+            any(hasattr(p, "ds_id") for p in params):
+        return "DeepSpeed"
+    if getattr(args, "fsdp_plugin_args", None) or getattr(trainer, "is_fsdp_enabled", False) or \
+            env("ACCELERATE_USE_FSDP") or any(isinstance(p, DTensor) for p in params):
+        return "FSDP"
+    return None
 
 
 class GradientRecorder(TrainerCallback):
@@ -131,6 +166,10 @@ class GradientRecorder(TrainerCallback):
             raise GradlensError(f"module filter {self.module_filter!r} matches none of the {len(found)} LoRA modules "
                                 f"(e.g. {found[0][0]})")
         chosen = [(n, p) for n, p in found if n in kept]
+        sharding = sharded_training(args, self.trainer, [p for _, p in found])
+        if sharding is not None:  # raised on every process alike: each sees the same setup
+            raise GradlensError(f"{sharding} shards gradients, so param.grad is not the full gradient and cannot be "
+                                f"recorded; the recorder supports {SUPPORTED_SETUPS}")
         frozen = [n for n, p in chosen if not p.requires_grad]
         if frozen:
             raise GradlensError(f"lora_B of {frozen[0]} does not require grad; only trainable modules can be recorded")
@@ -161,7 +200,7 @@ class GradientRecorder(TrainerCallback):
                for loc, fresh, p in zip(self._local, self._fresh, self._params, strict=True)]
         if _distributed():
             pre = self._all_reduce_mean(pre)
-        coef, pre_norm, post_norm = self._clip_coefficient(args, _unwrap(model), post, pre)
+        coef, pre_norm, post_norm, b_norm = self._clip_coefficient(args, _unwrap(model), post, pre)
         if not state.is_world_process_zero:
             return
         grads = [g.detach().to("cpu", torch.float32, copy=True).numpy() for g in post]
@@ -171,7 +210,7 @@ class GradientRecorder(TrainerCallback):
             "grad_norm": pre_norm,
             "grad_norm_clipped": post_norm,
             "clip_coef": coef,
-            "b_grad_norm": math.sqrt(sum(float(g.double().pow(2).sum()) for g in pre)),
+            "b_grad_norm": b_norm,
             "epoch": state.epoch,
         }
         self._last_b_norm = meta["b_grad_norm"]
@@ -214,7 +253,7 @@ class GradientRecorder(TrainerCallback):
         import json
 
         bytes_per_step = sum(s.size for s in self.specs) * torch.empty((), dtype=DTYPES[self.dtype][0]).element_size()
-        steps_per_shard = self.steps_per_shard or max(1, min(MAX_STEPS_PER_SHARD, (64 * 2**20) // bytes_per_step))
+        steps_per_shard = self.steps_per_shard or max(1, min(MAX_STEPS_PER_SHARD, SHARD_BYTES // bytes_per_step))
         config = {"recorder": {"modules": repr(self.module_filter), "every_n_steps": self.every_n_steps,
                                "dtype": self.dtype, "save_raw": self.save_raw},
                   "trainer_class": type(self.trainer).__name__ if self.trainer is not None else None,
@@ -259,21 +298,24 @@ class GradientRecorder(TrainerCallback):
         return out
 
     def _clip_coefficient(self, args, model: torch.nn.Module, post: list[torch.Tensor], pre: list[torch.Tensor]
-                          ) -> tuple[float, float, float]:
-        """(clip coefficient, pre-clip global norm, post-clip global norm) of this step."""
+                          ) -> tuple[float, float, float, float]:
+        """(clip coefficient, pre-clip global norm, post-clip global norm, pre-clip B norm) of this step.
+
+        Each sum is reduced on the device in float64 and read with one host sync, not one per module.
+        """
         with torch.no_grad():
-            post_sq = sum(float(p.grad.detach().double().pow(2).sum()) for p in model.parameters()
-                          if p.grad is not None)
-            post_norm = math.sqrt(post_sq)
-            dot = sum(float((a.double() * b.double()).sum()) for a, b in zip(post, pre, strict=True))
-            pre_sq = sum(float(b.double().pow(2).sum()) for b in pre)
+            post_sq = _device_sum(p.grad.detach().double().pow(2).sum() for p in model.parameters()
+                                  if p.grad is not None)
+            dot = _device_sum((a.double() * b.double()).sum() for a, b in zip(post, pre, strict=True))
+            pre_sq = _device_sum(b.double().pow(2).sum() for b in pre)
+        post_norm, b_norm = math.sqrt(post_sq), math.sqrt(pre_sq)
         if args.max_grad_norm is None or args.max_grad_norm <= 0 or pre_sq == 0:
-            return 1.0, post_norm, post_norm
+            return 1.0, post_norm, post_norm, b_norm
         coef = dot / pre_sq
         pre_norm = post_norm / coef if coef > 0 else math.nan
         if pre_norm + 1e-6 <= args.max_grad_norm:  # the Trainer did not clip: undo rounding noise of the estimate
-            return 1.0, post_norm, post_norm
-        return coef, pre_norm, post_norm
+            return 1.0, post_norm, post_norm, b_norm
+        return coef, pre_norm, post_norm, b_norm
 
     def _step_loss(self, recorded: bool = True) -> float | None:
         """This step's training loss, from the Trainer's running sum (which it resets at each log).

@@ -68,6 +68,10 @@ def build_trl_config(regime: str, output_dir: str, overrides: Mapping[str, Any] 
 
     if not torch.cuda.is_available():  # pinned memory only helps host-to-GPU copies
         kwargs["dataloader_pin_memory"] = False
+    for old, new in (("gradient_checkpointing", "activation_checkpointing"),
+                     ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
+        if old in overrides and new not in overrides:  # transformers reads the old name only if the new one is unset
+            kwargs.pop(new, None)
     kwargs.update(overrides)
     try:
         return config_class(regime)(output_dir=output_dir, **kwargs)
@@ -90,8 +94,12 @@ def build_sft_trainer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
 
     _require_trainable_lora(model)
     args = build_trl_config("sft", output_dir, overrides)
-    return SFTTrainer(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer,
-                      callbacks=list(callbacks))
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer,
+                         callbacks=list(callbacks))
+    if len(trainer.train_dataset) == 0:  # TRL drops examples whose completion was truncated away
+        raise GradlensError(f"no SFT example has a completion token within max_length={args.max_length}; "
+                            "raise --max_length")
+    return trainer
 
 
 def build_grpo_trainer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train_dataset,

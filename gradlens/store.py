@@ -8,6 +8,7 @@ moment leaves a directory that reads back fully up to its last manifest. Nothing
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import math
@@ -34,8 +35,11 @@ ACCUMULATORS = "accumulators.safetensors"
 # The accumulators of the previous commit: the manifest may still point at them if a kill lands between the two writes.
 ACCUMULATORS_PREV = "accumulators.prev.safetensors"
 SHARD_DIR = "shards"
+SHARD_FORMAT = "gradlens-shard"
 LOCK = ".lock"
 MAX_HEADER_BYTES = 100 * 2**20
+# What a writer killed before its first manifest leaves behind; without a manifest none of it holds a step.
+_WRITER_LEFTOVERS = (LOCK, ACCUMULATORS, ACCUMULATORS_PREV, f".{ACCUMULATORS}.tmp", f".{MANIFEST}.tmp")
 
 # Storage dtype name -> (torch dtype, safetensors header dtype).
 DTYPES: dict[str, tuple[torch.dtype, str]] = {
@@ -121,12 +125,38 @@ def _fsync(path: Path) -> None:
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through ``write(tmp)`` into a temp file next to ``path``, fsync it and rename it over ``path``."""
+    """Write through ``write(tmp)`` into a temp file next to ``path``, fsync it and rename it over ``path``.
+
+    A failed write removes its temp file (on a full disk it would only hold space) and leaves ``path`` untouched.
+    """
     tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    _fsync(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        _fsync(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync(path.parent)
+
+
+def _write_failure(e: BaseException) -> str:
+    """Why a write failed, in words: a full disk is named as such whichever layer (OS or safetensors) reported it."""
+    text = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+    if getattr(e, "errno", None) == errno.ENOSPC or f"os error {errno.ENOSPC})" in text:
+        return "disk full (no space left on device)"
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def writer_leftovers_only(path: str | os.PathLike[str], also: Sequence[str] = ()) -> bool:
+    """True if ``path`` has no manifest and holds only what a writer killed before its first commit leaves behind
+    (lock, accumulators, temp files) and the names in ``also``: such a directory holds no step and may be reused."""
+    run_dir = Path(path)
+    if not run_dir.exists():
+        return True
+    if not run_dir.is_dir() or (run_dir / MANIFEST).exists():
+        return False
+    return all(p.name in (*_WRITER_LEFTOVERS, *also) for p in run_dir.iterdir())
 
 
 def _json_dump(obj: Any, path: Path) -> None:
@@ -525,18 +555,28 @@ class RunWriter:
         steps = [rec["step"] for rec in records]
         shards = list(self._manifest["shards"])
         generation = self._manifest["accumulators"]["generation"] + 1
+        target = ""
         try:
             if self.save_raw:
-                name = f"{SHARD_DIR}/shard-{len(shards):06d}.safetensors"
-                shards.append({"file": name, "steps": steps, "bytes": self._write_shard(self.path / name)})
+                target = f"{SHARD_DIR}/shard-{len(shards):06d}.safetensors"
+                shards.append({"file": target, "steps": steps, "bytes": self._write_shard(self.path / target)})
                 for offset, rec in enumerate(records):
-                    rec.update(shard=name, offset=offset)
+                    rec.update(shard=target, offset=offset)
+            target = ACCUMULATORS
             self._write_accumulators(generation)
             manifest = {**self._manifest, "shards": shards, "steps": self._manifest["steps"] + records,
                         "nonfinite_steps": self._manifest["nonfinite_steps"] + [r["step"] for r in records
                                                                                 if r["nonfinite"]],
                         "accumulators": {"file": ACCUMULATORS, "generation": generation}}
+            target = MANIFEST
             _json_dump(manifest, self.path / MANIFEST)
+        except (OSError, safetensors.SafetensorError) as e:
+            self._broken = True
+            committed = self._manifest["steps"]
+            kept = f"through step {committed[-1]['step']}" if committed else "none yet"
+            raise GradlensError(f"{self.path / target}: cannot write it: {_write_failure(e)}; recording stopped at "
+                                f"step {steps[0]}, the run keeps its {len(committed)} committed step(s) ({kept}); "
+                                "free space and continue with --resume") from e
         except BaseException:
             self._broken = True
             raise
@@ -546,7 +586,7 @@ class RunWriter:
     def _write_shard(self, path: Path) -> int:
         path.parent.mkdir(exist_ok=True)
         tensors = {f"m{i}": torch.stack([stored[i] for _, stored in self._pending]) for i in range(len(self.specs))}
-        meta = {"format": "gradlens-shard", "steps": json.dumps([rec["step"] for rec, _ in self._pending])}
+        meta = {"format": SHARD_FORMAT, "steps": json.dumps([rec["step"] for rec, _ in self._pending])}
         _atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=meta))
         return path.stat().st_size
 
@@ -690,8 +730,11 @@ def _check_shard(run_dir: Path, shard: dict[str, Any], specs: list[ModuleSpec], 
         info = header.get(f"m{i}")
         if info is None or info["shape"] != [n, *spec.shape] or info["dtype"] != st_dtype:
             raise GradlensError(f"{path}: tensor m{i} ({spec.name}) is missing or not {st_dtype} {[n, *spec.shape]}")
+    meta = header.get("__metadata__", {})
+    if meta.get("format") != SHARD_FORMAT:
+        raise GradlensError(f"{path}: not a gradlens shard (metadata format is {meta.get('format')!r})")
     try:
-        steps = json.loads(header.get("__metadata__", {}).get("steps", "null"))
+        steps = json.loads(meta.get("steps", "null"))
     except (TypeError, ValueError):
         steps = None
     if steps != shard["steps"]:

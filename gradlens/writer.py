@@ -41,9 +41,9 @@ class AsyncRunWriter:
                     self._error = e
 
     def _raise_if_failed(self) -> None:
-        if self._error is not None:
-            msg = f"{self.run_writer.path}: background gradient writer failed: {self._error}"
-            raise GradlensError(msg) from self._error
+        if self._error is not None:  # a GradlensError already names its file (the run's, or one inside it)
+            where = "" if isinstance(self._error, GradlensError) else f"{self.run_writer.path}: "
+            raise GradlensError(f"{where}background gradient writer failed: {self._error}") from self._error
 
     def submit(self, step: int, grads: list[np.ndarray], meta: dict[str, Any]) -> None:
         """Queue one step for :meth:`RunWriter.add_step`."""

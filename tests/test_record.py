@@ -116,44 +116,83 @@ def test_record_task_file(tmp_path: Path) -> None:
         record(RecordConfig(regime="sft", out=str(tmp_path / "bad"), task=str(bad), max_steps=1))
 
 
+KILL_STEPS = 40
+KILL_ARGS = ["record", "--regime", "sft", "--max_steps", str(KILL_STEPS), "--steps_per_shard", "2", "--seed", "1",
+             "--logging_steps", "100", "--disable_tqdm", "true", "--n_train", "256"]
+
+
+def committed_steps(out: Path) -> int:
+    """Steps the manifest of ``out`` lists right now (0 before the first one; it is replaced atomically)."""
+    try:
+        return len(json.loads((out / "manifest.json").read_text())["steps"])
+    except FileNotFoundError:
+        return 0
+
+
+def kill_when(argv: list[str], out: Path, target: int | None, delay: float, log: Path) -> None:
+    """Run ``gradlens *argv`` and SIGKILL it ``delay`` s after ``out`` exists (``target`` None) or lists ``target``
+    committed steps."""
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "gradlens.cli.main", *argv], stdout=subprocess.DEVNULL,
+                                stderr=err)
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            if out.exists() and (target is None or committed_steps(out) >= target):
+                break
+            time.sleep(0.01)
+        time.sleep(delay)
+        assert proc.poll() is None, f"gradlens exited ({proc.returncode}) before the kill: {log.read_text()[-2000:]}"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
 @pytest.mark.slow
-def test_kill_and_resume_equals_uninterrupted(tmp_path: Path) -> None:
-    """SIGKILL mid-run leaves a readable run up to its last full shard; --resume completes it exactly."""
-    args = ["record", "--regime", "sft", "--max_steps", "24", "--steps_per_shard", "4", "--seed", "1",
-            "--logging_steps", "100", "--disable_tqdm", "true", "--n_train", "256"]
-    ref = tmp_path / "ref"
-    assert gradlens(*args, "--out", str(ref)).returncode == 0
+def test_kill_at_random_points_and_resume_equals_uninterrupted(tmp_path: Path) -> None:
+    """kill -9 at 10 seeded random points: the first before any commit, then a few steps past the last commit (in
+    the middle of a shard or of a commit), or during start-up and replay once the run nears its end. After each kill
+    every committed step reads back whole and equal to an uninterrupted run, and the next --resume (itself killed, 9
+    times) continues it; the last one finishes the run with the uninterrupted run's gradients and accumulators."""
+    from gradlens.config import RecordConfig
+    from gradlens.record import record
 
+    reference = open_run(record(RecordConfig(regime="sft", out=str(tmp_path / "ref"), max_steps=KILL_STEPS,
+                                             steps_per_shard=2, seed=1, n_train=256,
+                                             trl={"logging_steps": 100, "disable_tqdm": True}), progress=False).path)
+    ref = {m: reference.gradients(m) for m in reference.modules}
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "gradlens.cli.main", *args, "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        manifest = out / "manifest.json"
-        if manifest.is_file() and len(json.loads(manifest.read_text())["steps"]) >= 8:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
+    argv = [*KILL_ARGS, "--out", str(out)]
+    rng = np.random.default_rng(9)
+    committed = 0
+    for kill in range(10):
+        target = None if kill == 0 else committed + int(rng.integers(1, 3))
+        delay = float(rng.uniform(0, 0.05 if kill == 0 else 0.1))
+        if target is not None and target > KILL_STEPS - 12:  # keep the run from finishing before its kill
+            target, delay = None, float(rng.uniform(0.5, 3.0))
+        kill_when(argv + (["--resume"] if kill else []), out, target, delay, tmp_path / f"kill{kill}.log")
+        if not (out / "manifest.json").exists():
+            assert committed == 0  # killed before its first commit: there was nothing to lose
+            continue
+        run = open_run(out)
+        n = len(run.steps)
+        assert run.steps == list(range(1, n + 1)) and committed <= n < KILL_STEPS, (kill, run.steps)
+        assert run.meta["complete"] is False
+        acc = run.accumulators()
+        for module in run.modules:  # every committed step reads whole, and equals the uninterrupted run's
+            np.testing.assert_allclose(run.gradients(module), ref[module][:n], rtol=1e-5, atol=1e-8)
+            assert acc[module].count == n
+            np.testing.assert_allclose(acc[module].sum, ref[module][:n].sum(0, dtype=np.float64), rtol=1e-4,
+                                       atol=1e-7)
+        committed = n
 
-    partial = open_run(out)
-    n = len(partial.steps)
-    assert 8 <= n < 24 and n % 4 == 0 and partial.steps == list(range(1, n + 1))
-    assert partial.meta["complete"] is False
-    partial.gradients(partial.modules[0])  # every listed shard reads
-
-    resumed = gradlens(*args, "--out", str(out), "--resume")
+    resumed = gradlens(*argv, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    run, reference = open_run(out), open_run(ref)
-    assert run.steps == reference.steps == list(range(1, 25))
-    assert run.meta["complete"] is True
-    for module in run.modules:
-        np.testing.assert_allclose(run.gradients(module), reference.gradients(module), rtol=1e-5, atol=1e-8)
+    run = open_run(out)
+    assert run.steps == reference.steps == list(range(1, KILL_STEPS + 1)) and run.meta["complete"] is True
     acc, acc_ref = run.accumulators(), reference.accumulators()
     for module in run.modules:
+        np.testing.assert_allclose(run.gradients(module), ref[module], rtol=1e-5, atol=1e-8)
         np.testing.assert_allclose(acc[module].sum, acc_ref[module].sum, rtol=1e-5, atol=1e-8)
-        assert acc[module].count == acc_ref[module].count == 24
+        assert acc[module].count == acc_ref[module].count == KILL_STEPS
 
 
 def test_info_and_damaged_runs_name_the_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -246,7 +246,7 @@ def test_kill_between_accumulators_and_manifest(tmp_path, monkeypatch):
 
     monkeypatch.setattr(store, "_json_dump", dump_then_die)
     w = RunWriter(path, SPECS, steps_per_shard=2)
-    with pytest.raises(OSError, match="simulated kill"):
+    with pytest.raises(GradlensError, match="manifest.json: cannot write it: simulated kill"):
         for s in range(4):
             w.add_step(s, make_grads(s), meta(s))
     with pytest.raises(GradlensError, match="broken"):
@@ -263,7 +263,7 @@ def test_kill_between_accumulators_and_manifest(tmp_path, monkeypatch):
 
     w = RunWriter(path, SPECS, steps_per_shard=2, resume=True)  # a second failure, now after the accumulators rotated
     monkeypatch.setattr(store.safetensors.numpy, "save_file", fail_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(GradlensError, match="accumulators.safetensors: cannot write it: disk full"):
         for s in (2, 3):
             w.add_step(s, make_grads(s), meta(s))
     w.close()

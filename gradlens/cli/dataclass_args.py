@@ -111,11 +111,46 @@ def load_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", Path: "a path"}
+
+
+def _scalar_of(name: str, tp: Any, value: Any, where: str) -> Any:
+    """One YAML scalar checked against the field's element type; a number in a text field becomes its text."""
+    if tp in (str, Path) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    ok = {bool: lambda v: isinstance(v, bool),
+          int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          str: lambda v: isinstance(v, str), Path: lambda v: isinstance(v, str)}.get(tp, lambda v: True)
+    if not ok(value):
+        raise GradlensError(f"{where}: {name} must be {_TYPE_NAMES.get(tp, tp)}, got {value!r}")
+    return float(value) if tp is float else value
+
+
+def _typed(name: str, hint: Any, value: Any, where: str) -> Any:
+    """A YAML value checked against the field's annotation, so a wrong type fails here, naming the setting, instead
+    of deep inside a run (YAML has no schema: ``lags: 1.5`` or ``modules: v_proj`` would otherwise get through)."""
+    if value is None and type(None) in typing.get_args(hint):
+        return None
+    if hint is dict or typing.get_origin(hint) is dict:
+        if not isinstance(value, dict):
+            raise GradlensError(f"{where}: {name} must be a mapping, got {value!r}")
+        return value
+    tp, is_list = _scalar_type(hint)
+    if is_list:
+        if not isinstance(value, list):
+            raise GradlensError(f"{where}: {name} must be a list of {_TYPE_NAMES.get(tp, tp)}s, got {value!r}")
+        return [_scalar_of(name, tp, v, where) for v in value]
+    return _scalar_of(name, tp, value, where)
+
+
 def config_from_args(cls: type, args: argparse.Namespace, extra: dict[str, Any] | None = None,
                      *, extra_field: str | None = None) -> Any:
     """Build ``cls`` from YAML (``args.config``) and explicit flags; unknown keys go to ``extra_field`` or fail."""
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     values: dict[str, Any] = load_yaml(args.config) if getattr(args, "config", None) else {}
+    hints = typing.get_type_hints(cls)
+    values = {k: _typed(k, hints[k], v, f"config file {args.config}") if k in names else v for k, v in values.items()}
     leftovers = {k: values.pop(k) for k in list(values) if k not in names}
     values.update({k: v for k, v in vars(args).items() if k in names})
     leftovers.update(extra or {})

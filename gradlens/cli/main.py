@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from gradlens.errors import GradlensError
 
@@ -27,10 +29,34 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# Characters that would break the one-line error or drive the terminal (line breaks, ESC, other C0/C1 controls).
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+class UsageError(Exception):
+    """A command line argparse rejects; carries the subcommand's prog name (``gradlens record``) and the reason."""
+
+    def __init__(self, prog: str, message: str) -> None:
+        super().__init__(message)
+        self.prog = prog
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors become :class:`UsageError` (one line, exit 2) instead of usage text + exit."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(self.prog, message)
+
+
+def one_line(message: str) -> str:
+    """``message`` escaped onto one line, so a path or value read from input cannot add lines or terminal codes."""
+    return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode(), message)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from gradlens import __version__
 
-    parser = argparse.ArgumentParser(prog="gradlens", description="Record, analyze and act on LoRA-B gradients.")
+    parser = _Parser(prog="gradlens", description="Record, analyze and act on LoRA-B gradients.")
     parser.add_argument("--version", action="version", version=f"gradlens {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in SUBCOMMANDS.items():
@@ -41,16 +67,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand; bad input of any kind ends as one line on stderr and exit code 2, never a traceback."""
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    module = importlib.import_module(args._module)
-    if extra and not getattr(module, "FORWARDS_UNKNOWN_FLAGS", False):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        args, extra = parser.parse_known_args(argv)
+        module = importlib.import_module(args._module)
+        if extra and not getattr(module, "FORWARDS_UNKNOWN_FLAGS", False):
+            raise UsageError(f"gradlens {args.command}", f"unrecognized arguments: {' '.join(extra)}")
+    except UsageError as e:
+        print(one_line(f"{e.prog}: error: {e} (see {e.prog} --help)"), file=sys.stderr)
+        return 2
     args.extra = extra
     try:
         return int(module.run(args) or 0)
     except GradlensError as e:
-        print(f"gradlens {args.command}: error: {e}", file=sys.stderr)
+        print(one_line(f"gradlens {args.command}: error: {e}"), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"gradlens {args.command}: interrupted", file=sys.stderr)

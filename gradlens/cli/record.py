@@ -29,10 +29,13 @@ def _human_bytes(n: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gradlens.record import RecordConfig, record
+    from gradlens.record import EVAL_FILE, RecordConfig, record
 
     config = config_from_args(RecordConfig, args, parse_extra_flags(args.extra), extra_field="trl")
     result = record(config)
     print(f"gradlens record: {result.path}: {result.steps} steps, {_human_bytes(result.bytes)} "
           f"({config.regime}, model {config.model})")
+    if result.eval is not None:
+        print(f"gradlens record: greedy accuracy {result.eval['accuracy']:.3f} on {result.eval['n']} "
+              f"{config.eval_split} examples ({result.path / EVAL_FILE})")
     return 0

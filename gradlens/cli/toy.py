@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 
+from gradlens.errors import GradlensError
+
 ACTIONS = ("base",)
 
 
@@ -49,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
     if args.toy_action != "base":  # argparse enforces the choice; kept for callers building args by hand
         raise ValueError(f"unknown toy action {args.toy_action!r}")
     get_preset(args.preset)  # fail before importing torch
+    if not 0 <= args.seed < 2**32:
+        raise GradlensError(f"--seed must be in 0..2**32-1, got {args.seed}")
     from gradlens.toy.report import evaluate_base_model
 
     report = evaluate_base_model(args.preset, args.seed, n=args.n, k=args.k, rebuild=args.rebuild, progress=True)

@@ -1,0 +1,331 @@
+"""The real-model path offline: models saved by the test (Llama and Qwen2 layouts, a tokenizer with a chat template)
+go through ``gradlens record`` (SFT and GRPO on a GSM8K-format file) and ``gradlens analyze`` via ``--model PATH``;
+default LoRA targets per architecture; one-line errors for data and models that lack what is expected."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from gradlens import open_run
+from gradlens.cli.main import main
+from gradlens.config import ALL_PROJECTIONS
+
+PROJ_LABELS = ["down", "gate", "k", "o", "q", "up", "v"]
+SIZES = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "max_position_embeddings": 256}
+# Short GSM8K-format rows over the toy tokenizer's characters.
+ROWS = [{"question": f"Tom has {a} apples and buys {b} more. How many apples does he have?",
+         "answer": f"Tom has {a}+{b} = <<{a}+{b}={a + b}>>{a + b} apples.\n#### {a + b}"}
+        for a, b in [(3, 4), (12, 30), (7, 8), (25, 25), (9, 1), (40, 2), (6, 6), (11, 22)]]
+QUIET = ["--logging_steps", "100", "--disable_tqdm", "true"]
+
+
+def _config(arch: str, tokenizer, **extra):
+    import transformers
+
+    cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
+           "mistral": transformers.MistralConfig, "gemma": transformers.GemmaConfig}[arch]
+    kwargs = {**SIZES, "head_dim": 8} if arch in ("qwen3", "gemma") else dict(SIZES)
+    return cls(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+               bos_token_id=None, **kwargs, **extra)
+
+
+def _teach_answer_format(model, tokenizer, chat: bool) -> None:
+    """A few full-batch steps on ``prompt -> "#### <answer>"``, so that sampled GRPO completions sometimes earn the
+    reward (a random model never does, and GRPO without reward variance has all-zero gradients)."""
+    import torch
+
+    from gradlens.math_task import MathTask, gold_answer
+
+    task = MathTask(chat=chat)
+    prompts = task.prompt_texts([task.prompt(r["question"]) for r in ROWS], tokenizer)
+    seqs, starts = [], []
+    for prompt, row in zip(prompts, ROWS, strict=True):
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        target = tokenizer(f"#### {gold_answer(row['answer'])}", add_special_tokens=False)["input_ids"]
+        seqs.append(ids + target + [tokenizer.eos_token_id])
+        starts.append(len(ids))
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), tokenizer.pad_token_id)
+    labels = torch.full((len(seqs), width), -100)
+    for i, (seq, start) in enumerate(zip(seqs, starts, strict=True)):
+        ids[i, : len(seq)] = torch.tensor(seq)
+        labels[i, start : len(seq)] = torch.tensor(seq[start:])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(40):
+        model(input_ids=ids, attention_mask=(labels != -100) | (ids != tokenizer.pad_token_id),
+              labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _save(model, tokenizer, path: Path) -> Path:
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A Llama-layout 'instruct' model, a Qwen2-layout base model, a GPT-2 model and a GSM8K JSONL file, on disk."""
+    import torch
+    import transformers
+
+    from gradlens.toy.tokenizer import build_char_tokenizer
+
+    root = tmp_path_factory.mktemp("real")
+    tok = build_char_tokenizer()
+    assert tok.chat_template  # the chat path needs one
+    torch.manual_seed(0)
+    llama = transformers.LlamaForCausalLM(_config("llama", tok))
+    qwen2 = transformers.Qwen2ForCausalLM(_config("qwen2", tok))
+    _teach_answer_format(llama, tok, chat=True)
+    _teach_answer_format(qwen2, tok, chat=False)
+    out = {
+        "llama": _save(llama, tok, root / "tiny-llama-instruct"),
+        "qwen2": _save(qwen2, tok, root / "tiny-qwen2"),
+        "gpt2": _save(transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=256)), tok, root / "tiny-gpt2"),
+    }
+    data = root / "gsm"
+    data.mkdir()
+    for split, rows in (("train", ROWS), ("test", ROWS[:2])):
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out["data"] = data
+    return out
+
+
+def run_cli(capsys: pytest.CaptureFixture, *args: str) -> subprocess.CompletedProcess:
+    capsys.readouterr()
+    rc = main(list(args))
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, rc, out, err)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("gradlens ")]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("arch", "prompt_format"), [("llama", "chat"), ("qwen2", "plain")])
+def test_record_sft_and_grpo_then_analyze(world, tmp_path: Path, capsys, arch: str, prompt_format: str) -> None:
+    model, task = str(world[arch]), f"gsm8k:{world['data']}"
+    runs = {}
+    for regime, extra in (("sft", ["--per_device_train_batch_size", "2", "--max_length", "256"]),
+                          ("grpo", ["--per_device_train_batch_size", "8", "--num_generations", "4",
+                                    "--max_completion_length", "10", "--format_reward", "--n_eval", "2",
+                                    "--eval_max_new_tokens", "10"])):
+        runs[regime] = tmp_path / regime
+        proc = run_cli(capsys, "record", "--regime", regime, "--model", model, "--task", task, "--out",
+                       str(runs[regime]), "--max_steps", "2", "--lora_r", "4", "--learning_rate", "1e-2", *QUIET,
+                       *extra)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"gradlens record: {runs[regime]}: 2 steps" in proc.stdout
+        run = open_run(runs[regime])
+        assert run.steps == [1, 2] and len(run.modules) == 7 * 2
+        assert sorted({s.proj for s in run.specs}) == PROJ_LABELS and {s.layer for s in run.specs} == {0, 1}
+        config = run.meta["config"]
+        assert config["prompt_format"] == prompt_format and config["device"] == "cpu"
+        assert config["model_dtype"] == "float32" and config["record"]["model"] == model
+        for step in run.meta["steps"]:
+            assert math.isfinite(step["loss"]) and step["b_grad_norm"] >= 0
+        assert all(step["b_grad_norm"] > 0 for step in run.meta["steps"])  # GRPO: rewards vary in groups
+    grpo = open_run(runs["grpo"]).meta
+    assert all(0.0 <= s["reward_mean"] <= 2.0 for s in grpo["steps"])  # correctness + format
+    evaluation = json.loads((runs["grpo"] / "eval.json").read_text())
+    assert evaluation["n"] == 2 and evaluation["split"] == "test" and 0.0 <= evaluation["accuracy"] <= 1.0
+    assert "greedy accuracy" in proc.stdout
+
+    out = tmp_path / "analysis"
+    proc = run_cli(capsys, "analyze", str(runs["sft"]), str(runs["grpo"]), "--out", str(out), "--no-figures",
+                   "--no-progress", "--lags", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proj = pd.read_csv(out / "proj.csv")
+    assert sorted(proj["proj"].unique()) == PROJ_LABELS and len(proj) == 2 * 7
+    modules = pd.read_csv(out / "modules.csv")
+    assert set(modules.loc[modules["proj"] == "gate", "module"]) >= {"model.layers.0.mlp.gate_proj"}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral", "gemma"])
+def test_default_lora_targets_and_labels_per_architecture(char_tokenizer, arch: str) -> None:
+    import transformers
+
+    from gradlens.adapters import attach_lora, default_lora_targets, lora_b_parameters
+    from gradlens.store import ModuleSpec
+
+    model = transformers.AutoModelForCausalLM.from_config(_config(arch, char_tokenizer))
+    assert default_lora_targets(model) == list(ALL_PROJECTIONS)
+    peft_model = attach_lora(model, r=2)
+    assert default_lora_targets(peft_model) == list(ALL_PROJECTIONS)  # e.g. for a second (GRPO reference) adapter
+    specs = [ModuleSpec.from_name(n, p.shape) for n, p in lora_b_parameters(peft_model)]
+    assert len(specs) == 7 * 2 and {s.layer for s in specs} == {0, 1}
+    assert sorted({s.proj for s in specs}) == PROJ_LABELS
+    for s in specs:  # each label sits on the module it names, with that module's output width
+        assert s.name.endswith(f".{s.proj}_proj")
+    assert not any("lm_head" in s.name for s in specs)
+
+
+def test_default_targets_follow_other_layouts(world) -> None:
+    from gradlens.adapters import attach_lora, default_lora_targets, lora_b_parameters
+    from gradlens.record import load_model
+
+    model, _ = load_model(str(world["gpt2"]), 0)
+    assert default_lora_targets(model) == ["c_attn", "c_proj", "c_fc"]  # GPT-2's Conv1D projections
+    assert len(list(lora_b_parameters(attach_lora(model, r=2)))) == 4 * 2
+
+
+def test_dtype_and_device_defaults_and_overrides(world) -> None:
+    import torch
+
+    from gradlens.models import resolve_device, resolve_dtype, trainer_overrides, uses_chat_template
+    from gradlens.record import load_model
+
+    device = resolve_device("auto")
+    assert device == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_dtype("auto", "cpu", "Qwen/Qwen2.5-1.5B") == "float32"
+    assert resolve_dtype("auto", "cuda", "toy:tiny") == "float32"
+    assert resolve_dtype("bfloat16", "cpu", "x") == "bfloat16"
+    assert trainer_overrides("cpu", "float32") == {"use_cpu": True}
+    assert trainer_overrides("cuda", "bfloat16") == {"bf16": True}
+    model, tok = load_model(str(world["qwen2"]), 0, "bfloat16")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert uses_chat_template("auto", str(world["llama"]), tok)  # "-instruct" in the name
+    assert not uses_chat_template("auto", str(world["qwen2"]), tok)  # base: plain even with a template
+    assert not uses_chat_template("auto", "Qwen/Qwen2.5-1.5B", tok)
+    assert uses_chat_template("auto", "google/gemma-2-2b-it", tok)
+    assert uses_chat_template("chat", "Qwen/Qwen2.5-1.5B", tok)
+
+
+def test_missing_columns_and_projections_are_one_line_errors(world, tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"problem": "1+1?", "solution": "#### 2"}) + "\n")
+    common = ["record", "--regime", "sft", "--max_steps", "1", *QUIET]
+    line = assert_one_line_error(
+        run_cli(capsys, *common, "--model", str(world["qwen2"]), "--task", f"gsm8k:{bad}", "--out",
+                str(tmp_path / "a")), str(bad), "question", "answer", "problem, solution", "--question_column")
+    assert "lacks column(s) question, answer" in line
+    assert_one_line_error(
+        run_cli(capsys, *common, "--model", str(world["gpt2"]), "--task", f"gsm8k:{world['data']}",
+                "--lora_target_modules", "q_proj", "v_proj", "--out", str(tmp_path / "b")),
+        "GPT2LMHeadModel", "q_proj, v_proj", "c_attn")
+    assert_one_line_error(
+        run_cli(capsys, *common, "--model", str(world["qwen2"]), "--task", f"gsm8k:{world['data']}",
+                "--eval_split", "validation", "--n_eval", "1", "--out", str(tmp_path / "c")),
+        "no split 'validation'", "test", "train")
+
+
+def _begin(tmp_path: Path, model, args) -> None:
+    """``on_train_begin`` of a fresh recorder, as the Trainer calls it."""
+    from transformers import TrainerControl, TrainerState
+
+    from gradlens.recorder import GradientRecorder
+
+    recorder = GradientRecorder(tmp_path / "run")
+    try:
+        recorder.on_train_begin(args, TrainerState(), TrainerControl(), model=model)
+    finally:
+        recorder.close()
+
+
+def test_recorder_refuses_fsdp_and_deepspeed_at_train_begin(make_tiny_model, tmp_path: Path, monkeypatch) -> None:
+    from transformers import TrainingArguments
+
+    from gradlens.adapters import attach_lora
+    from gradlens.errors import GradlensError
+
+    model = attach_lora(make_tiny_model(), r=2)
+    plain = TrainingArguments(output_dir=str(tmp_path / "t"), use_cpu=True, report_to="none")
+    _begin(tmp_path / "ok", model, plain)  # the control: a single process records
+    assert (tmp_path / "ok" / "run" / "manifest.json").is_file()
+
+    fsdp = TrainingArguments(output_dir=str(tmp_path / "t"), use_cpu=True, report_to="none", fsdp=True,
+                             fsdp_config={"fsdp_version": 2})
+    with pytest.raises(GradlensError, match=r"^FSDP shards gradients.*supports one process .*DDP") as e:
+        _begin(tmp_path / "fsdp", model, fsdp)
+    assert "\n" not in str(e.value)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what `accelerate launch` sets for a DeepSpeed config
+    with pytest.raises(GradlensError, match="^DeepSpeed shards gradients"):
+        _begin(tmp_path / "ds", model, plain)
+    assert not (tmp_path / "fsdp" / "run").exists() and not (tmp_path / "ds" / "run").exists()  # nothing recorded
+
+
+def test_recorder_refuses_a_fully_sharded_model(make_tiny_model, tmp_path: Path, monkeypatch) -> None:
+    """FSDP2 (``fully_shard``) on one gloo process: lora_B becomes a DTensor whatever the arguments say."""
+    import socket
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from transformers import TrainingArguments
+
+    from gradlens.adapters import attach_lora
+    from gradlens.errors import GradlensError
+
+    model = attach_lora(make_tiny_model(), r=2)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+        plain = TrainingArguments(output_dir=str(tmp_path / "t"), use_cpu=True, report_to="none")
+        with pytest.raises(GradlensError, match="^FSDP shards gradients"):
+            _begin(tmp_path, model, plain)
+    finally:
+        dist.destroy_process_group()
+
+
+RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+def test_recipes_hold_the_paper_setting(recipe: Path) -> None:
+    import argparse
+
+    from gradlens.cli.dataclass_args import config_from_args
+    from gradlens.config import ProbeConfig, RecordConfig
+    from gradlens.regimes import check_overrides
+
+    cls = ProbeConfig if "probe" in recipe.stem else RecordConfig
+    config = config_from_args(cls, argparse.Namespace(config=recipe), extra_field="trl")
+    check_overrides(config.regime, config.trl_overrides())  # every TRL key is a field of the regime's config
+    assert config.model == "Qwen/Qwen2.5-1.5B" and config.task == "gsm8k" and config.regime in recipe.stem
+    assert config.lora_r == 16 and config.lora_target_modules is None  # every projection of the architecture
+    if cls is ProbeConfig:
+        assert config.budgets == ["1%", "0.1%"] and not config.save_raw
+    if config.regime == "grpo":
+        trl = config.trl
+        assert trl["generation_batch_size"] == trl["per_device_train_batch_size"] * trl["gradient_accumulation_steps"]
+        assert "use_vllm" in trl
+
+
+@pytest.mark.slow
+def test_grpo_recipe_runs_scaled_down(world, tmp_path: Path, capsys) -> None:
+    """The GRPO recipe as written (gradient checkpointing, generation batch, accumulation), on the tiny model."""
+    out = tmp_path / "run"
+    proc = run_cli(capsys, "record", "--config", str(Path(__file__).parent.parent / "recipes" /
+                                                      "qwen2.5-1.5b-gsm8k-grpo.yaml"),
+                   "--model", str(world["qwen2"]), "--task", f"gsm8k:{world['data']}", "--out", str(out),
+                   "--max_steps", "1", "--n_eval", "0", "--lora_r", "2", "--per_device_train_batch_size", "4",
+                   "--gradient_accumulation_steps", "2", "--generation_batch_size", "8", "--num_generations", "4",
+                   "--max_completion_length", "10", "--dtype", "float32", *QUIET)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = open_run(out)
+    args = run.meta["config"]["training_args"]
+    assert args["activation_checkpointing"] is True and args["gradient_accumulation_steps"] == 2
+    assert run.meta["steps"][0]["b_grad_norm"] > 0  # gradients reach lora_B through checkpointed layers
