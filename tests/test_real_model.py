@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from gradlens import open_run
-from gradlens.cli.main import main
 from gradlens.config import ALL_PROJECTIONS
+from tests.test_record import assert_one_line_error, gradlens_inproc
 
 PROJ_LABELS = ["down", "gate", "k", "o", "q", "up", "v"]
 SIZES = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -103,22 +102,6 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return out
 
 
-def run_cli(capsys: pytest.CaptureFixture, *args: str) -> subprocess.CompletedProcess:
-    capsys.readouterr()
-    rc = main(list(args))
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(args, rc, out, err)
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("gradlens ")]
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(("arch", "prompt_format"), [("llama", "chat"), ("qwen2", "plain")])
 def test_record_sft_and_grpo_then_analyze(world, tmp_path: Path, capsys, arch: str, prompt_format: str) -> None:
@@ -129,7 +112,7 @@ def test_record_sft_and_grpo_then_analyze(world, tmp_path: Path, capsys, arch: s
                                     "--max_completion_length", "10", "--format_reward", "--n_eval", "2",
                                     "--eval_max_new_tokens", "10"])):
         runs[regime] = tmp_path / regime
-        proc = run_cli(capsys, "record", "--regime", regime, "--model", model, "--task", task, "--out",
+        proc = gradlens_inproc(capsys, "record", "--regime", regime, "--model", model, "--task", task, "--out",
                        str(runs[regime]), "--max_steps", "2", "--lora_r", "4", "--learning_rate", "1e-2", *QUIET,
                        *extra)
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -150,7 +133,7 @@ def test_record_sft_and_grpo_then_analyze(world, tmp_path: Path, capsys, arch: s
     assert "greedy accuracy" in proc.stdout
 
     out = tmp_path / "analysis"
-    proc = run_cli(capsys, "analyze", str(runs["sft"]), str(runs["grpo"]), "--out", str(out), "--no-figures",
+    proc = gradlens_inproc(capsys, "analyze", str(runs["sft"]), str(runs["grpo"]), "--out", str(out), "--no-figures",
                    "--no-progress", "--lags", "1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     proj = pd.read_csv(out / "proj.csv")
@@ -214,15 +197,15 @@ def test_missing_columns_and_projections_are_one_line_errors(world, tmp_path: Pa
     bad.write_text(json.dumps({"problem": "1+1?", "solution": "#### 2"}) + "\n")
     common = ["record", "--regime", "sft", "--max_steps", "1", *QUIET]
     line = assert_one_line_error(
-        run_cli(capsys, *common, "--model", str(world["qwen2"]), "--task", f"gsm8k:{bad}", "--out",
+        gradlens_inproc(capsys, *common, "--model", str(world["qwen2"]), "--task", f"gsm8k:{bad}", "--out",
                 str(tmp_path / "a")), str(bad), "question", "answer", "problem, solution", "--question_column")
     assert "lacks column(s) question, answer" in line
     assert_one_line_error(
-        run_cli(capsys, *common, "--model", str(world["gpt2"]), "--task", f"gsm8k:{world['data']}",
+        gradlens_inproc(capsys, *common, "--model", str(world["gpt2"]), "--task", f"gsm8k:{world['data']}",
                 "--lora_target_modules", "q_proj", "v_proj", "--out", str(tmp_path / "b")),
         "GPT2LMHeadModel", "q_proj, v_proj", "c_attn")
     assert_one_line_error(
-        run_cli(capsys, *common, "--model", str(world["qwen2"]), "--task", f"gsm8k:{world['data']}",
+        gradlens_inproc(capsys, *common, "--model", str(world["qwen2"]), "--task", f"gsm8k:{world['data']}",
                 "--eval_split", "validation", "--n_eval", "1", "--out", str(tmp_path / "c")),
         "no split 'validation'", "test", "train")
 
@@ -318,7 +301,7 @@ def test_recipes_hold_the_paper_setting(recipe: Path) -> None:
 def test_grpo_recipe_runs_scaled_down(world, tmp_path: Path, capsys) -> None:
     """The GRPO recipe as written (gradient checkpointing, generation batch, accumulation), on the tiny model."""
     out = tmp_path / "run"
-    proc = run_cli(capsys, "record", "--config", str(Path(__file__).parent.parent / "recipes" /
+    proc = gradlens_inproc(capsys, "record", "--config", str(Path(__file__).parent.parent / "recipes" /
                                                       "qwen2.5-1.5b-gsm8k-grpo.yaml"),
                    "--model", str(world["qwen2"]), "--task", f"gsm8k:{world['data']}", "--out", str(out),
                    "--max_steps", "1", "--n_eval", "0", "--lora_r", "2", "--per_device_train_batch_size", "4",

@@ -34,12 +34,14 @@ def gradlens_inproc(capsys: pytest.CaptureFixture, *args: str) -> subprocess.Com
     return subprocess.CompletedProcess(args, rc, out, err)
 
 
-def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
-    assert proc.returncode == 2, proc.stderr
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    """Exit code 2 and exactly one ``gradlens ...`` line on stderr holding every needle; returns that line."""
+    assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("gradlens ")]
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     for needle in needles:
         assert needle in lines[0], lines[0]
+    return lines[0]
 
 
 def test_record_sft_cli_writes_run_with_provenance(tmp_path: Path) -> None:
