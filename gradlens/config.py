@@ -181,6 +181,18 @@ INFORMED_METHODS: tuple[str, ...] = ("magnitude", "fisher", "sign", "sign_magnit
 BUDGET_SCOPES: tuple[str, ...] = ("global", "per_module")
 
 
+def _budgets_field(default: list[str]) -> Any:
+    """The ``budgets`` flag shared by probe, select and compare."""
+    return field(default_factory=lambda: list(default), metadata=_meta(
+        "budgets: a share of all B entries ('1%', '0.001') or a count ('5000')"))
+
+
+def _scope_field() -> Any:
+    """The ``scope`` flag shared by probe, select and compare."""
+    return field(default="global", metadata=_meta(
+        "'global': top-k over the whole adapter; 'per_module': the same share in every matrix", choices=BUDGET_SCOPES))
+
+
 def _check_methods(methods: list[str], allowed: tuple[str, ...]) -> None:
     unknown = [m for m in methods if m not in allowed]
     if unknown or not methods:
@@ -212,10 +224,8 @@ class ProbeConfig(RecordConfig):
         "also write raw gradient shards (the selectors need only the streaming statistics)"))
     methods: list[str] = field(default_factory=lambda: list(INFORMED_METHODS), metadata=_meta(
         "informed selectors to build masks with", choices=INFORMED_METHODS))
-    budgets: list[str] = field(default_factory=lambda: ["1%"], metadata=_meta(
-        "budgets: a share of all B entries ('1%', '0.001') or a count ('5000')"))
-    scope: str = field(default="global", metadata=_meta(
-        "'global': top-k over the whole adapter; 'per_module': the same share in every matrix", choices=BUDGET_SCOPES))
+    budgets: list[str] = _budgets_field(["1%"])
+    scope: str = _scope_field()
     train_steps: int | None = field(default=None, metadata=_meta(
         "optimizer steps of the training run the probe is for, to report the probe's cost as a fraction of it"))
 
@@ -246,10 +256,8 @@ class SelectConfig:
     out: str = field(default="", metadata=_meta("output directory: masks go to OUT/masks (required)"))
     methods: list[str] = field(default_factory=lambda: list(INFORMED_METHODS), metadata=_meta(
         "selectors to build masks with", choices=SELECT_METHODS))
-    budgets: list[str] = field(default_factory=lambda: ["1%"], metadata=_meta(
-        "budgets: a share of all B entries ('1%', '0.001') or a count ('5000')"))
-    scope: str = field(default="global", metadata=_meta(
-        "'global': top-k over the whole adapter; 'per_module': the same share in every matrix", choices=BUDGET_SCOPES))
+    budgets: list[str] = _budgets_field(["1%"])
+    scope: str = _scope_field()
     seed: int = field(default=0, metadata=_meta("seed of the random selectors (informed ones are deterministic)"))
 
     def __post_init__(self) -> None:
@@ -269,10 +277,8 @@ class CompareConfig:
     methods: list[str] = field(default_factory=lambda: ["random", "random_matched", "fisher", "sign"],
                                metadata=_meta("placement methods; random_matched copies the per-module counts of "
                                               "the first informed method's mask", choices=PLACEMENT_METHODS))
-    budgets: list[str] = field(default_factory=lambda: ["1%", "10%"], metadata=_meta(
-        "budgets: a share of all B entries ('1%', '0.001') or a count ('500')"))
-    scope: str = field(default="global", metadata=_meta(
-        "'global': top-k over the whole adapter; 'per_module': the same share in every matrix", choices=BUDGET_SCOPES))
+    budgets: list[str] = _budgets_field(["1%", "10%"])
+    scope: str = _scope_field()
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata=_meta(
         "seeds: each gives its own probe, masks, LoRA init and data order"))
     model: str = field(default="toy:small", metadata=_meta("model: 'toy:PRESET', a local path or a hub id"))
