@@ -160,7 +160,8 @@ def make_figures(result: AnalysisResult, out_dir: Path) -> list[Path]:
 
 def placement_plot(summary: Any, path: Path, provenance: dict[str, Any]) -> Path:
     """Held-out accuracy per method and budget (mean and 95% interval over seeds), one panel per regime, with the
-    base model and full-B LoRA as horizontal references."""
+    base model and full-B LoRA as horizontal references. Intervals are drawn clipped to [0, 1], the range of an
+    accuracy (a 3-seed t-interval can leave it); ``summary.csv`` keeps them unclipped."""
     regimes = list(dict.fromkeys(summary["regime"]))
     fig, axes = _figure(1, len(regimes), width=5.2, height=3.6)
     for ax, regime in zip(axes[0], regimes, strict=True):
@@ -174,7 +175,8 @@ def placement_plot(summary: Any, path: Path, provenance: dict[str, Any]) -> Path
             rows = sparse[sparse["method"] == method].set_index("budget").reindex(budgets)
             x = np.arange(len(budgets)) + (i - (len(methods) - 1) / 2) * width
             mean = rows["accuracy_mean"].to_numpy(float)
-            err = np.vstack([mean - rows["ci95_lo"].to_numpy(float), rows["ci95_hi"].to_numpy(float) - mean])
+            lo, hi = (np.clip(rows[c].to_numpy(float), 0.0, 1.0) for c in ("ci95_lo", "ci95_hi"))
+            err = np.vstack([mean - lo, hi - mean])
             ax.errorbar(x, mean, yerr=np.nan_to_num(err), fmt="o", capsize=3, label=method, color=f"C{i}")
         if len(base):
             ax.axhline(base["accuracy_mean"].iloc[0], color="0.4", ls="--", lw=1, label="base")
@@ -182,7 +184,7 @@ def placement_plot(summary: Any, path: Path, provenance: dict[str, Any]) -> Path
             f = full.iloc[0]
             ax.axhline(f["accuracy_mean"], color="k", lw=1, label="full-B LoRA")
             if np.isfinite(f["ci95_lo"]):
-                ax.axhspan(f["ci95_lo"], f["ci95_hi"], color="k", alpha=0.08)
+                ax.axhspan(max(f["ci95_lo"], 0.0), min(f["ci95_hi"], 1.0), color="k", alpha=0.08)
         ax.set_xticks(np.arange(len(budgets)), budgets)
         ax.set_xlabel("budget (share of B entries trained)")
         ax.set_ylabel("held-out greedy accuracy")
