@@ -140,7 +140,8 @@ def record(config: RecordConfig, *, progress: bool = True) -> RecordResult:
         trainer.train(resume_from_checkpoint=_resume_checkpoint(trainer_dir, last_recorded))
     finally:
         recorder.close()
-    trainer.model.save_pretrained(out / "adapter")  # the trained LoRA adapter, loadable with PEFT
+    if trainer.is_world_process_zero():  # one writer under DDP, like the recorder
+        trainer.model.save_pretrained(out / "adapter")  # the trained LoRA adapter, loadable with PEFT
     evaluation = None
     if eval_data is not None and trainer.is_world_process_zero():
         evaluation = greedy_accuracy(trainer.model, tokenizer, math, eval_data,
