@@ -40,16 +40,22 @@ def load_model_and_tokenizer(name_or_path: str | os.PathLike[str], *, dtype: str
     return model, tokenizer
 
 
-def _linear_names(model: torch.nn.Module) -> set[str]:
-    """Last name component of every linear layer, including those already wrapped by a LoRA layer."""
-    from peft.tuners.lora import LoraLayer
+def _linear_layers(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]]:
+    """Every linear layer (``nn.Linear``/``Conv1D``, or one PEFT already adapted) by full name, in model order,
+    skipping the adapters' own parts (``base_layer``, ``lora_A.default``, ...)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
     from transformers.pytorch_utils import Conv1D
 
-    names = set()
+    inside_adapters = {f"{name}.{sub}" for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)
+                       for sub, _ in m.named_modules() if sub}
     for name, m in model.named_modules():
-        if isinstance(m, LoraLayer) or (isinstance(m, torch.nn.Linear | Conv1D) and not name.endswith("base_layer")):
-            names.add(name.rsplit(".", 1)[-1])
-    return names
+        if isinstance(m, BaseTunerLayer | torch.nn.Linear | Conv1D) and name not in inside_adapters:
+            yield name, m
+
+
+def _linear_names(model: torch.nn.Module) -> set[str]:
+    """Last name component of every linear layer, including those already wrapped by a LoRA layer."""
+    return {name.rsplit(".", 1)[-1] for name, _ in _linear_layers(model)}
 
 
 def default_lora_targets(model: torch.nn.Module) -> list[str]:
@@ -59,20 +65,12 @@ def default_lora_targets(model: torch.nn.Module) -> list[str]:
     in model order: ``q_proj ... down_proj`` on Llama, Qwen2/3, Mistral and Gemma, ``c_attn c_proj c_fc`` on GPT-2.
     Names, not full paths, so the targets read like a recipe and ``--modules`` can select among them.
     """
-    from peft.tuners.tuners_utils import BaseTunerLayer
-    from transformers.pytorch_utils import Conv1D
-
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None  # PeftModel forwards it
-    inside_adapters = {f"{name}.{sub}" for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)
-                       for sub, _ in m.named_modules() if sub}  # base_layer, lora_A.default, ... of adapted layers
-    names: dict[str, None] = {}
-    for name, m in model.named_modules():
-        if isinstance(m, BaseTunerLayer | torch.nn.Linear | Conv1D) and m is not head and name not in inside_adapters:
-            names.setdefault(name.rsplit(".", 1)[-1])
+    names = list(dict.fromkeys(name.rsplit(".", 1)[-1] for name, m in _linear_layers(model) if m is not head))
     if not names:
         raise GradlensError(f"{type(model).__name__} has no linear projection to adapt besides its output head "
                             f"(expected nn.Linear/Conv1D layers such as {', '.join(ALL_PROJECTIONS)})")
-    return list(names)
+    return names
 
 
 def lora_config(model: torch.nn.Module, *, r: int = 8, alpha: int | None = None,

@@ -110,8 +110,7 @@ class RecordConfig:
             raise GradlensError(f"lora_r must be >= 1, got {self.lora_r}")
         if self.lora_alpha is not None and self.lora_alpha < 1:
             raise GradlensError(f"lora_alpha must be >= 1, got {self.lora_alpha}")
-        if not 0 <= self.seed < 2**32:  # what numpy's and torch's seeding accept
-            raise GradlensError(f"seed must be in 0..2**32-1, got {self.seed}")
+        check_seed("seed", self.seed)
         if self.learning_rate is not None and not 0 < self.learning_rate < float("inf"):
             raise GradlensError(f"learning_rate must be > 0 and finite, got {self.learning_rate}")
         if not self.model:
@@ -179,6 +178,12 @@ PLACEMENT_METHODS: tuple[str, ...] = ("random", "random_matched", "magnitude", "
                                       "modules")
 INFORMED_METHODS: tuple[str, ...] = ("magnitude", "fisher", "sign", "sign_magnitude")
 BUDGET_SCOPES: tuple[str, ...] = ("global", "per_module")
+
+
+def check_seed(name: str, seed: int) -> None:
+    """Seeds in 0..2**32-1, what numpy's and torch's seeding accept (a larger one fails deep inside a run)."""
+    if not 0 <= seed < 2**32:
+        raise GradlensError(f"{name} must be in 0..2**32-1, got {seed}")
 
 
 def _budgets_field(default: list[str]) -> Any:
@@ -261,6 +266,8 @@ class SelectConfig:
     seed: int = field(default=0, metadata=_meta("seed of the random selectors (informed ones are deterministic)"))
 
     def __post_init__(self) -> None:
+        if not self.out:
+            raise GradlensError("an output directory is required (--out OUT_DIR)")
         _check_methods(self.methods, SELECT_METHODS)
         _check_budgets(self.budgets, self.scope)
         if self.seed < 0:
@@ -313,8 +320,9 @@ class CompareConfig:
         _check_budgets(self.budgets, self.scope)
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise GradlensError(f"seeds must be distinct and at least one, got {self.seeds}")
-        if not all(0 <= seed < 2**32 for seed in [*self.seeds, self.sweep_seed]):
-            raise GradlensError(f"seeds must be in 0..2**32-1, got {self.seeds} and sweep_seed {self.sweep_seed}")
+        for seed in self.seeds:
+            check_seed("seeds", seed)
+        check_seed("sweep_seed", self.sweep_seed)
         if self.sweep_seed in self.seeds:
             raise GradlensError(f"sweep_seed {self.sweep_seed} must differ from the evaluation seeds {self.seeds}")
         for name in ("max_steps", "probe_steps", "lora_r", "n_val", "n_eval"):

@@ -31,13 +31,13 @@ class RecordResult:
 
 def load_task_dataset(task: str, n: int | None):
     """(train dataset, reward function) for the toy task or a local file."""
+    from gradlens.math_task import DATA_FILE_TYPES
     from gradlens.toy.task import AdditionTask, exact_match_reward
 
     if task == "addition":  # one fixed train/held-out split for every seed: the seed only orders the data
         return AdditionTask().dataset("train", n), exact_match_reward
     path = Path(task)
-    loaders = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-    if path.suffix not in loaders:
+    if path.suffix not in DATA_FILE_TYPES:
         raise GradlensError(f"unknown task {task!r}: use 'addition', a .json/.jsonl/.csv/.parquet file, 'gsm8k' or "
                             "'gsm8k:SOURCE'")
     if not path.is_file():
@@ -45,7 +45,7 @@ def load_task_dataset(task: str, n: int | None):
     from datasets import load_dataset
 
     try:
-        data = load_dataset(loaders[path.suffix], data_files=str(path), split="train")
+        data = load_dataset(DATA_FILE_TYPES[path.suffix], data_files=str(path), split="train")
     except Exception as e:  # datasets raises many types; the message names the cause
         raise GradlensError(f"cannot read task file {task}: {str(e).splitlines()[0]}") from e
     missing = {"prompt", "answer"} - set(data.column_names)
@@ -140,13 +140,13 @@ def record(config: RecordConfig, *, progress: bool = True) -> RecordResult:
         trainer.train(resume_from_checkpoint=_resume_checkpoint(trainer_dir, last_recorded))
     finally:
         recorder.close()
+    evaluation = None
     if trainer.is_world_process_zero():  # one writer under DDP, like the recorder
         trainer.model.save_pretrained(out / "adapter")  # the trained LoRA adapter, loadable with PEFT
-    evaluation = None
-    if eval_data is not None and trainer.is_world_process_zero():
-        evaluation = greedy_accuracy(trainer.model, tokenizer, math, eval_data,
-                                     max_new_tokens=config.eval_max_new_tokens)
-        _json_dump({"split": config.eval_split, **evaluation}, out / EVAL_FILE)
+        if eval_data is not None:
+            evaluation = greedy_accuracy(trainer.model, tokenizer, math, eval_data,
+                                         max_new_tokens=config.eval_max_new_tokens)
+            _json_dump({"split": config.eval_split, **evaluation}, out / EVAL_FILE)
     run = open_run(out)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file() and trainer_dir not in f.parents)
     return RecordResult(path=out, steps=len(run.steps), bytes=size, trainer=trainer, eval=evaluation)

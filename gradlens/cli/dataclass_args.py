@@ -112,17 +112,17 @@ def load_yaml(path: Path) -> dict[str, Any]:
 
 
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", Path: "a path"}
+_IS_TYPE: dict[Any, Any] = {bool: lambda v: isinstance(v, bool),
+                            int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+                            float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+                            str: lambda v: isinstance(v, str), Path: lambda v: isinstance(v, str)}
 
 
 def _scalar_of(name: str, tp: Any, value: Any, where: str) -> Any:
     """One YAML scalar checked against the field's element type; a number in a text field becomes its text."""
     if tp in (str, Path) and isinstance(value, (int, float)) and not isinstance(value, bool):
         value = str(value)
-    ok = {bool: lambda v: isinstance(v, bool),
-          int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-          str: lambda v: isinstance(v, str), Path: lambda v: isinstance(v, str)}.get(tp, lambda v: True)
-    if not ok(value):
+    if not _IS_TYPE.get(tp, lambda v: True)(value):
         raise GradlensError(f"{where}: {name} must be {_TYPE_NAMES.get(tp, tp)}, got {value!r}")
     return float(value) if tp is float else value
 

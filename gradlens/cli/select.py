@@ -7,7 +7,6 @@ import argparse
 from pathlib import Path
 
 from gradlens.cli.dataclass_args import add_dataclass_arguments, config_from_args
-from gradlens.errors import GradlensError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,8 +21,6 @@ def run(args: argparse.Namespace) -> int:
     from gradlens.config import SelectConfig
 
     config = config_from_args(SelectConfig, args)
-    if not config.out:
-        raise GradlensError("an output directory is required (--out OUT_DIR)")
     from gradlens.placement.probe import select_masks
 
     masks, _ = select_masks(args.run, config)

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import argparse
 
-from gradlens.errors import GradlensError
-
 ACTIONS = ("base",)
 
 
@@ -46,13 +44,13 @@ def format_report(report) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from gradlens.config import check_seed
     from gradlens.toy.presets import get_preset
 
     if args.toy_action != "base":  # argparse enforces the choice; kept for callers building args by hand
         raise ValueError(f"unknown toy action {args.toy_action!r}")
     get_preset(args.preset)  # fail before importing torch
-    if not 0 <= args.seed < 2**32:
-        raise GradlensError(f"--seed must be in 0..2**32-1, got {args.seed}")
+    check_seed("--seed", args.seed)
     from gradlens.toy.report import evaluate_base_model
 
     report = evaluate_base_model(args.preset, args.seed, n=args.n, k=args.k, rebuild=args.rebuild, progress=True)
