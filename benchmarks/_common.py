@@ -125,24 +125,19 @@ def toy_train(regime: str, steps: int, preset: str, recorder_dir: Path | None) -
 
     from transformers import set_seed
 
-    from gradlens.adapters import attach_lora
-    from gradlens.config import TOY_TRL_DEFAULTS
-    from gradlens.recorder import GradientRecorder
-    from gradlens.regimes import build_grpo_trainer, build_sft_trainer
-    from gradlens.toy.model import load_base_model
-    from gradlens.toy.task import AdditionTask, exact_match_reward
+    from gradlens.models import attach_lora, load_model
+    from gradlens.record.recorder import GradientRecorder
+    from gradlens.tasks.addition import AdditionTask
+    from gradlens.trainers import build_trainer
 
     set_seed(0)
-    model, tokenizer = load_base_model(preset)
+    model, tokenizer = load_model(f"toy:{preset}")
     model = attach_lora(model)
-    data = AdditionTask().dataset("train", 2048)
-    overrides = {**TOY_TRL_DEFAULTS[regime], "max_steps": steps, "logging_steps": 10, "disable_tqdm": True}
+    task = AdditionTask()
+    settings = {**task.trl_defaults(regime), "max_steps": steps, "logging_steps": 10, "disable_tqdm": True}
     with tempfile.TemporaryDirectory() as trainer_dir:
-        if regime == "sft":
-            trainer = build_sft_trainer(model, tokenizer, data, output_dir=trainer_dir, overrides=overrides)
-        else:
-            trainer = build_grpo_trainer(model, tokenizer, data, exact_match_reward, output_dir=trainer_dir,
-                                         overrides=overrides)
+        trainer = build_trainer(regime, model, tokenizer, task.dataset("train", 2048), task, output_dir=trainer_dir,
+                                settings=settings)
         if recorder_dir is not None:
             GradientRecorder.attach(trainer, recorder_dir, steps_per_shard=16)
         return seconds(trainer.train)

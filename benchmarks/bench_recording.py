@@ -70,7 +70,7 @@ class StandIn(torch.nn.Module):
 def lora_model(shapes: dict[str, tuple[int, int]], rank: int) -> torch.nn.Module:
     from peft import LoraConfig, inject_adapter_in_model
 
-    from gradlens.adapters import freeze_lora_a
+    from gradlens.models import freeze_lora_a
 
     torch.manual_seed(0)
     model = inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "k_proj",
@@ -126,7 +126,7 @@ def raw_disk_seconds(folder: Path, step_bytes: int, steps: int, per_file: int) -
 
 def bench_dtype(dtype: str, shapes: dict[str, tuple[int, int]], rank: int, steps: int, disk_repeats: int,
                 root: Path) -> dict[str, Any]:
-    from gradlens.recorder import GradientRecorder
+    from gradlens.record.recorder import GradientRecorder
 
     rng = torch.Generator().manual_seed(0)
     upstream = [[torch.randn(WIDTH, d, generator=rng) for d, _ in shapes.values()] for _ in range(POOL)]

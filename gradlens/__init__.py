@@ -16,8 +16,9 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "open_run": "gradlens.store", "Run": "gradlens.store", "RunWriter": "gradlens.store",
-    "ModuleSpec": "gradlens.store", "GradientRecorder": "gradlens.recorder", "attach_lora": "gradlens.adapters",
-    "load_model_and_tokenizer": "gradlens.adapters", "RecordConfig": "gradlens.config",
+    "ModuleSpec": "gradlens.modules", "GradientRecorder": "gradlens.record.recorder",
+    "attach_lora": "gradlens.models", "load_model_and_tokenizer": "gradlens.models", "Task": "gradlens.tasks.base",
+    "RecordConfig": "gradlens.config",
     "analyze_runs": "gradlens.analyze", "AnalyzeConfig": "gradlens.config", "probe": "gradlens.placement.probe",
     "ProbeConfig": "gradlens.config", "CompareConfig": "gradlens.config",
 }

@@ -5,13 +5,12 @@ Each field's ``metadata["help"]`` is its command-line help; ``__post_init__`` ch
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from gradlens.errors import GradlensError
+from gradlens.placement.budget import SCOPES, Budget
 
-# The seven projections of a Llama/Qwen2-style decoder layer.
-ALL_PROJECTIONS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 REGIMES: tuple[str, ...] = ("sft", "grpo")
 STORAGE_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 MODEL_DTYPES: tuple[str, ...] = ("auto", *STORAGE_DTYPES)
@@ -21,32 +20,22 @@ MATH_PREFIX = "gsm8k"  # --task gsm8k (the hub's openai/gsm8k) or gsm8k:SOURCE (
 
 TOY_PREFIX = "toy:"
 
-# TRL settings for the toy addition task, used where the user sets nothing. Tuned on the tiny preset so that both
-# regimes improve held-out accuracy within ~100 steps on a CPU.
-TOY_TRL_DEFAULTS: dict[str, dict[str, Any]] = {
-    "sft": {"per_device_train_batch_size": 16, "learning_rate": 2e-3, "max_length": 32},
-    "grpo": {"per_device_train_batch_size": 32, "num_generations": 8, "max_completion_length": 5,
-             "learning_rate": 1e-3, "temperature": 1.0},
-}
-
-
 def _meta(help_text: str, **extra: Any) -> dict[str, Any]:
     return {"help": help_text, **extra}
 
 
 @dataclass
-class RecordConfig:
-    """Everything ``gradlens record`` needs; any other TRL config field goes in ``trl``."""
+class ModelTaskConfig:
+    """The model, its LoRA-FA adapter and the task: shared by every command that trains (record, probe, train,
+    compare), so each takes the same ``--model``/``--task`` flags."""
 
-    regime: str = field(default="sft", metadata=_meta("training regime", choices=REGIMES))
-    out: str = field(default="", metadata=_meta("run directory to write (required)"))
     model: str = field(default="toy:tiny", metadata=_meta(
         "model: 'toy:PRESET' for the embedded toy base model, or a local path or hub id for from_pretrained"))
     task: str = field(default="addition", metadata=_meta(
         "'addition' (embedded toy task); a local .json/.jsonl/.csv/.parquet file with 'prompt' and 'answer' "
-        "columns (SFT also uses 'completion', defaulting to the answer); or a GSM8K-style math task: 'gsm8k' "
-        "(openai/gsm8k from the hub) or 'gsm8k:SOURCE' with SOURCE a hub id, a local .jsonl/.json/.parquet/.csv "
-        "file or a directory (data files, or saved by datasets' save_to_disk)"))
+        "columns (SFT also uses 'completion', defaulting to the answer; the last tenth of the rows is held out); or "
+        "a GSM8K-style math task: 'gsm8k' (openai/gsm8k from the hub) or 'gsm8k:SOURCE' with SOURCE a hub id, a "
+        "local .jsonl/.json/.parquet/.csv file or a directory (data files, or saved by datasets' save_to_disk)"))
     model_dtype: str = field(default="auto", metadata=_meta(
         "dtype the model is loaded in (default auto: bfloat16 on a GPU that supports it, else float32; the toy "
         "models always float32)", choices=MODEL_DTYPES))
@@ -62,57 +51,18 @@ class RecordConfig:
     dataset_config: str | None = field(default=None, metadata=_meta(
         "math task: the hub dataset's config name (default: 'main' for --task gsm8k, else none)"))
     train_split: str = field(default="train", metadata=_meta("math task: split to train on"))
-    eval_split: str = field(default="test", metadata=_meta("math task: held-out split for --n_eval"))
-    n_eval: int = field(default=0, metadata=_meta(
-        "math task: after training, greedy accuracy on the first N held-out examples, written to RUN_DIR/eval.json "
-        "(default 0: off)"))
+    eval_split: str = field(default="test", metadata=_meta("math task: held-out split for evaluation"))
     eval_max_new_tokens: int = field(default=256, metadata=_meta("math task: token budget of each evaluation answer"))
     format_reward: bool = field(default=False, metadata=_meta(
         "math task, GRPO: add a format reward (1 when the completion states a final answer after '####' or in "
         "\\boxed{})"))
-    max_steps: int = field(default=40, metadata=_meta("optimizer steps to train and record"))
-    seed: int = field(default=0, metadata=_meta("seed of training, LoRA init and data order"))
-    learning_rate: float | None = field(default=None, metadata=_meta("learning rate (default: per regime)"))
-    n_train: int | None = field(default=None, metadata=_meta("use only the first N training examples"))
     lora_r: int = field(default=8, metadata=_meta("LoRA rank"))
     lora_alpha: int | None = field(default=None, metadata=_meta("LoRA alpha (default: 2 * rank)"))
     lora_target_modules: list[str] | None = field(default=None, metadata=_meta(
         "modules that get a LoRA adapter (default: every linear projection of the architecture, as PEFT's "
         "'all-linear' finds them)"))
-    modules: list[str] | None = field(default=None, metadata=_meta(
-        "record only these LoRA modules: names or projection types such as v_proj down_proj (default: all)"))
-    every_n_steps: int = field(default=1, metadata=_meta("record every N-th optimizer step"))
-    dtype: str = field(default="float32", metadata=_meta("storage dtype of the raw shards", choices=STORAGE_DTYPES))
-    steps_per_shard: int | None = field(default=None, metadata=_meta(
-        "steps per raw shard; a hard kill loses at most the unfinished shard (default: up to 64 steps or 256 MiB)"))
-    save_raw: bool = field(default=True, metadata=_meta("write raw gradient shards (off: streaming statistics only)"))
-    resume: bool = field(default=False, metadata=_meta(
-        "continue the run in --out: training restarts from its newest Trainer checkpoint at or before the last "
-        "recorded step (or from the start, deterministically), and already recorded steps are skipped"))
-    trl: dict[str, Any] = field(default_factory=dict, metadata=_meta("extra TRL config fields", cli=False))
 
     def __post_init__(self) -> None:
-        if self.regime not in REGIMES:
-            raise GradlensError(f"unknown regime {self.regime!r}; choose one of: {', '.join(REGIMES)}")
-        if not self.out:
-            raise GradlensError("an output run directory is required (--out RUN_DIR)")
-        if self.max_steps < 1:
-            raise GradlensError(f"max_steps must be >= 1, got {self.max_steps}")
-        if self.every_n_steps < 1:
-            raise GradlensError(f"every_n_steps must be >= 1, got {self.every_n_steps}")
-        if self.dtype not in STORAGE_DTYPES:
-            raise GradlensError(f"dtype {self.dtype!r} is not one of {', '.join(STORAGE_DTYPES)}")
-        if self.steps_per_shard is not None and self.steps_per_shard < 1:
-            raise GradlensError(f"steps_per_shard must be >= 1, got {self.steps_per_shard}")
-        if self.n_train is not None and self.n_train < 1:
-            raise GradlensError(f"n_train must be >= 1, got {self.n_train}")
-        if self.lora_r < 1:
-            raise GradlensError(f"lora_r must be >= 1, got {self.lora_r}")
-        if self.lora_alpha is not None and self.lora_alpha < 1:
-            raise GradlensError(f"lora_alpha must be >= 1, got {self.lora_alpha}")
-        check_seed("seed", self.seed)
-        if self.learning_rate is not None and not 0 < self.learning_rate < float("inf"):
-            raise GradlensError(f"learning_rate must be > 0 and finite, got {self.learning_rate}")
         if not self.model:
             raise GradlensError("--model is empty; give 'toy:PRESET', a local path or a hub id")
         if self.model.startswith(TOY_PREFIX):
@@ -124,20 +74,67 @@ class RecordConfig:
         for name, allowed in (("model_dtype", MODEL_DTYPES), ("device", DEVICES), ("prompt_format", PROMPT_FORMATS)):
             if getattr(self, name) not in allowed:
                 raise GradlensError(f"{name} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
-        if self.n_eval < 0 or self.eval_max_new_tokens < 1:
-            raise GradlensError("n_eval must be >= 0 and eval_max_new_tokens >= 1")
+        if self.eval_max_new_tokens < 1:
+            raise GradlensError(f"eval_max_new_tokens must be >= 1, got {self.eval_max_new_tokens}")
+        if self.lora_r < 1:
+            raise GradlensError(f"lora_r must be >= 1, got {self.lora_r}")
+        if self.lora_alpha is not None and self.lora_alpha < 1:
+            raise GradlensError(f"lora_alpha must be >= 1, got {self.lora_alpha}")
+
+    def model_task_fields(self) -> dict[str, Any]:
+        """This config's model and task settings, to build another config that trains the same model on the same
+        task (compare's runs, a probe's recording)."""
+        return {f.name: getattr(self, f.name) for f in fields(ModelTaskConfig)}
+
+
+@dataclass
+class RecordConfig(ModelTaskConfig):
+    """Everything ``gradlens record`` needs; any other TRL config field goes in ``trl``."""
+
+    regime: str = field(default="sft", metadata=_meta("training regime", choices=REGIMES))
+    out: str = field(default="", metadata=_meta("run directory to write (required)"))
+    n_eval: int = field(default=0, metadata=_meta(
+        "after training, greedy accuracy on the first N held-out examples, written to RUN_DIR/eval.json "
+        "(default 0: off)"))
+    max_steps: int = field(default=40, metadata=_meta("optimizer steps to train and record"))
+    seed: int = field(default=0, metadata=_meta("seed of training, LoRA init and data order"))
+    learning_rate: float | None = field(default=None, metadata=_meta(
+        "learning rate (default: the task's, 2e-3 SFT and 1e-3 GRPO for addition; else TRL's, 2e-5 SFT and 1e-6 "
+        "GRPO)"))
+    n_train: int | None = field(default=None, metadata=_meta("use only the first N training examples"))
+    modules: list[str] | None = field(default=None, metadata=_meta(
+        "record only these LoRA modules: names, projection types or labels such as v_proj down_proj, v o "
+        "(default: all)"))
+    every_n_steps: int = field(default=1, metadata=_meta("record every N-th optimizer step"))
+    dtype: str = field(default="float32", metadata=_meta("storage dtype of the raw shards", choices=STORAGE_DTYPES))
+    steps_per_shard: int | None = field(default=None, metadata=_meta(
+        "steps per raw shard; a hard kill loses at most the unfinished shard (default: up to 64 steps or 256 MiB)"))
+    save_raw: bool = field(default=True, metadata=_meta("write raw gradient shards (off: streaming statistics only)"))
+    resume: bool = field(default=False, metadata=_meta(
+        "continue the run in --out: training restarts from its newest Trainer checkpoint at or before the last "
+        "recorded step (or from the start, deterministically), and already recorded steps are skipped"))
+    trl: dict[str, Any] = field(default_factory=dict, metadata=_meta("extra TRL config fields", cli=False))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.regime not in REGIMES:
+            raise GradlensError(f"unknown regime {self.regime!r}; choose one of: {', '.join(REGIMES)}")
+        if not self.out:
+            raise GradlensError("an output run directory is required (--out RUN_DIR)")
+        if self.dtype not in STORAGE_DTYPES:
+            raise GradlensError(f"dtype {self.dtype!r} is not one of {', '.join(STORAGE_DTYPES)}")
+        for name in ("max_steps", "every_n_steps", "steps_per_shard", "n_train"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise GradlensError(f"{name} must be >= 1, got {value}")
+        if self.n_eval < 0:
+            raise GradlensError(f"n_eval must be >= 0, got {self.n_eval}")
+        check_seed("seed", self.seed)
+        if self.learning_rate is not None and not 0 < self.learning_rate < float("inf"):
+            raise GradlensError(f"learning_rate must be > 0 and finite, got {self.learning_rate}")
         reserved = {"max_steps", "seed", "learning_rate", "output_dir"} & set(self.trl)
         if reserved:
             raise GradlensError(f"set {', '.join(sorted(reserved))} as gradlens settings, not TRL extras")
-
-    def trl_overrides(self) -> dict[str, Any]:
-        """The TRL config fields of this run: toy defaults (toy task only), then the user's settings."""
-        out = dict(TOY_TRL_DEFAULTS[self.regime]) if self.task == "addition" else {}
-        out.update(self.trl)
-        out.update(max_steps=self.max_steps, seed=self.seed, data_seed=self.seed)
-        if self.learning_rate is not None:
-            out["learning_rate"] = self.learning_rate
-        return out
 
 
 @dataclass
@@ -177,7 +174,6 @@ class AnalyzeConfig:
 PLACEMENT_METHODS: tuple[str, ...] = ("random", "random_matched", "magnitude", "fisher", "sign", "sign_magnitude",
                                       "modules")
 INFORMED_METHODS: tuple[str, ...] = ("magnitude", "fisher", "sign", "sign_magnitude")
-BUDGET_SCOPES: tuple[str, ...] = ("global", "per_module")
 
 
 def check_seed(name: str, seed: int) -> None:
@@ -195,7 +191,7 @@ def _budgets_field(default: list[str]) -> Any:
 def _scope_field() -> Any:
     """The ``scope`` flag shared by probe, select and compare."""
     return field(default="global", metadata=_meta(
-        "'global': top-k over the whole adapter; 'per_module': the same share in every matrix", choices=BUDGET_SCOPES))
+        "'global': top-k over the whole adapter; 'per_module': the same share in every matrix", choices=SCOPES))
 
 
 def _check_methods(methods: list[str], allowed: tuple[str, ...]) -> None:
@@ -208,10 +204,8 @@ def _check_methods(methods: list[str], allowed: tuple[str, ...]) -> None:
 def _check_budgets(budgets: list[str], scope: str) -> None:
     if not budgets:
         raise GradlensError("no budgets given (e.g. --budgets 1% 0.1%)")
-    if scope not in BUDGET_SCOPES:
-        raise GradlensError(f"unknown budget scope {scope!r}; choose one of: {', '.join(BUDGET_SCOPES)}")
-    from gradlens.placement.masks import Budget
-
+    if scope not in SCOPES:
+        raise GradlensError(f"unknown budget scope {scope!r}; choose one of: {', '.join(SCOPES)}")
     for b in budgets:
         Budget.parse(str(b), scope)
 
@@ -243,8 +237,6 @@ class ProbeConfig(RecordConfig):
 
     def record_config(self, out: str) -> RecordConfig:
         """The recording part of the probe, as a plain :class:`RecordConfig` writing to ``out``."""
-        from dataclasses import fields
-
         names = {f.name for f in fields(RecordConfig)}
         return RecordConfig(**{**{k: v for k, v in vars(self).items() if k in names}, "out": out})
 
@@ -270,12 +262,11 @@ class SelectConfig:
             raise GradlensError("an output directory is required (--out OUT_DIR)")
         _check_methods(self.methods, SELECT_METHODS)
         _check_budgets(self.budgets, self.scope)
-        if self.seed < 0:
-            raise GradlensError(f"seed must be >= 0, got {self.seed}")
+        check_seed("seed", self.seed)
 
 
 @dataclass
-class CompareConfig:
+class CompareConfig(ModelTaskConfig):
     """``gradlens compare``: base, full-B LoRA and sparse-B placements (random and informed) under SFT and GRPO."""
 
     out: str = field(default="", metadata=_meta("output directory (required)"))
@@ -288,10 +279,10 @@ class CompareConfig:
     scope: str = _scope_field()
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata=_meta(
         "seeds: each gives its own probe, masks, LoRA init and data order"))
-    model: str = field(default="toy:small", metadata=_meta("model: 'toy:PRESET', a local path or a hub id"))
+    model: str = field(default="toy:small", metadata=_meta(
+        "model: 'toy:PRESET' for the embedded toy base model, or a local path or hub id for from_pretrained"))
     max_steps: int = field(default=60, metadata=_meta("optimizer steps of every training run"))
     probe_steps: int = field(default=16, metadata=_meta("optimizer steps of each probe (informed masks)"))
-    lora_r: int = field(default=8, metadata=_meta("LoRA rank"))
     full_lrs: list[float] | None = field(default_factory=lambda: [1e-3, 3e-3, 1e-2], metadata=_meta(
         "learning rates swept for full-B LoRA (none: the regime's toy default, no sweep)"))
     sparse_lrs: list[float] = field(default_factory=lambda: [1e-2, 3e-2, 1e-1, 3e-1], metadata=_meta(
@@ -309,6 +300,7 @@ class CompareConfig:
     trl: dict[str, Any] = field(default_factory=dict, metadata=_meta("extra TRL config fields", cli=False))
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.out:
             raise GradlensError("an output directory is required (--out OUT_DIR)")
         if not self.regimes or any(r not in REGIMES for r in self.regimes):
@@ -325,20 +317,13 @@ class CompareConfig:
         check_seed("sweep_seed", self.sweep_seed)
         if self.sweep_seed in self.seeds:
             raise GradlensError(f"sweep_seed {self.sweep_seed} must differ from the evaluation seeds {self.seeds}")
-        for name in ("max_steps", "probe_steps", "lora_r", "n_val", "n_eval"):
+        for name in ("max_steps", "probe_steps", "n_val", "n_eval"):
             if getattr(self, name) < 1:
                 raise GradlensError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.eval_samples < 0 or self.curve_every < 0:
             raise GradlensError("eval_samples and curve_every must be >= 0")
         if any(not 0 < lr < float("inf") for lr in [*(self.full_lrs or []), *self.sparse_lrs]) or not self.sparse_lrs:
             raise GradlensError("learning rates must be > 0 and finite (and --sparse_lrs non-empty)")
-        if self.model.startswith(TOY_PREFIX):
-            from gradlens.toy.presets import get_preset
-
-            get_preset(self.model[len(TOY_PREFIX) :])
-        else:
-            raise GradlensError("gradlens compare runs on the embedded toy world only (--model toy:PRESET): "
-                                "its evaluation needs the toy task's held-out split")
 
 
 @dataclass

@@ -12,15 +12,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from gradlens.modules import sort_projections
+
 if TYPE_CHECKING:
     from gradlens.analyze import AnalysisResult
 
-PROJ_ORDER = ("q", "k", "v", "o", "gate", "up", "down")
 HEATMAP_METRICS = ("sign_stability_mean", "cos_lag1_mean")
 FIGURES = ("lag_cosine.png", "cosine_series.png", "erank_traj.png", "sign_hist.png", "heatmap.png")
 
 
-def _figure(n_rows: int, n_cols: int, width: float = 4.6, height: float = 3.4) -> tuple[Any, np.ndarray]:
+def new_figure(n_rows: int, n_cols: int, width: float = 4.6, height: float = 3.4) -> tuple[Any, np.ndarray]:
+    """A constrained-layout figure of ``n_rows x n_cols`` panels (object API: no pyplot backend is touched)."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(width * n_cols, height * n_rows), layout="constrained")
@@ -41,20 +43,16 @@ def _title(label: str, regime: str, steps: int) -> str:
     return f"{label} ({regime.upper()}, T={steps})"
 
 
-def _projs(names: list[str]) -> list[str]:
-    return sorted(names, key=lambda p: (PROJ_ORDER.index(p) if p in PROJ_ORDER else len(PROJ_ORDER), p))
-
-
 def make_figures(result: AnalysisResult, out_dir: Path) -> list[Path]:
     """Draw the five figures of :data:`FIGURES` into ``out_dir``; returns their paths."""
     runs = result.summary[["run", "regime", "steps"]].to_dict("records")
     files = []
     series, proj, hist, modules = result.series, result.proj, result.hist, result.modules
-    colors = {p: f"C{i}" for i, p in enumerate(_projs(list(proj["proj"].unique())))}
+    colors = {p: f"C{i}" for i, p in enumerate(sort_projections(list(proj["proj"].unique())))}
     lags = result.runs[0].lags
 
     # 1. Mean lag-L cosine against L.
-    fig, axes = _figure(1, len(runs))
+    fig, axes = new_figure(1, len(runs))
     for ax, run in zip(axes[0], runs, strict=True):
         x = np.arange(1, lags + 1)
         sub = proj[proj["run"] == run["run"]]
@@ -70,10 +68,10 @@ def make_figures(result: AnalysisResult, out_dir: Path) -> list[Path]:
     files.append(_save(fig, out_dir / FIGURES[0], result))
 
     # 2. Cosine series: lag-1 and to the mean gradient, whole adapter and per projection.
-    fig, axes = _figure(1, len(runs), width=5.2)
+    fig, axes = new_figure(1, len(runs), width=5.2)
     for ax, run in zip(axes[0], runs, strict=True):
         sub = series[series["run"] == run["run"]]
-        for p in _projs([n for n in sub.loc[sub["scope"] == "proj", "name"].unique()]):
+        for p in sort_projections([n for n in sub.loc[sub["scope"] == "proj", "name"].unique()]):
             s = sub[(sub["scope"] == "proj") & (sub["name"] == p) & (sub["series"] == "cos_lag1")]
             ax.plot(s["step_to"], s["value"], lw=0.8, alpha=0.6, color=colors.get(p, "grey"), label=f"{p} lag 1")
         s = sub[(sub["scope"] == "adapter") & (sub["series"] == "cos_lag1")]
@@ -87,10 +85,10 @@ def make_figures(result: AnalysisResult, out_dir: Path) -> list[Path]:
     files.append(_save(fig, out_dir / FIGURES[1], result))
 
     # 3. Trajectory erank per projection type (raw and unit rows), against T.
-    fig, axes = _figure(1, len(runs))
+    fig, axes = new_figure(1, len(runs))
     for ax, run in zip(axes[0], runs, strict=True):
         sub = proj[proj["run"] == run["run"]].set_index("proj")
-        names = _projs(list(sub.index))
+        names = sort_projections(list(sub.index))
         a = result.summary[result.summary["run"] == run["run"]].iloc[0]
         x = np.arange(len(names) + 1)
         raw = [sub.loc[p, "erank_traj"] for p in names] + [a["erank_traj"]]
@@ -105,7 +103,7 @@ def make_figures(result: AnalysisResult, out_dir: Path) -> list[Path]:
     files.append(_save(fig, out_dir / FIGURES[2], result))
 
     # 4. Sign-stability histogram of all entries against the random-sign null.
-    fig, axes = _figure(1, len(runs))
+    fig, axes = new_figure(1, len(runs))
     for ax, run in zip(axes[0], runs, strict=True):
         h = hist[(hist["run"] == run["run"]) & (hist["scope"] == "adapter")]
         width = float((h["bin_hi"] - h["bin_lo"]).iloc[0])
@@ -122,7 +120,7 @@ def make_figures(result: AnalysisResult, out_dir: Path) -> list[Path]:
     files.append(_save(fig, out_dir / FIGURES[3], result))
 
     # 5. Projection-by-layer heat maps of sign stability and lag-1 cosine (one row per metric, shared colour scale).
-    fig, axes = _figure(len(HEATMAP_METRICS), len(runs), width=4.2, height=3.2)
+    fig, axes = new_figure(len(HEATMAP_METRICS), len(runs), width=4.2, height=3.2)
     mods = modules[modules["layer"].notna()]
     for row_axes, metric in zip(axes, HEATMAP_METRICS, strict=True):
         values = mods[metric].to_numpy(np.float64)
@@ -135,7 +133,7 @@ def make_figures(result: AnalysisResult, out_dir: Path) -> list[Path]:
             cmap = "viridis"
         for ax, run in zip(row_axes, runs, strict=True):
             sub = mods[mods["run"] == run["run"]]
-            names = _projs(list(sub["proj"].unique()))
+            names = sort_projections(list(sub["proj"].unique()))
             layers = sorted(int(x) for x in sub["layer"].unique())
             if not layers:
                 ax.set_axis_off()
@@ -156,41 +154,3 @@ def make_figures(result: AnalysisResult, out_dir: Path) -> list[Path]:
             fig.colorbar(im, ax=ax, shrink=0.8)
     files.append(_save(fig, out_dir / FIGURES[4], result))
     return files
-
-
-def placement_plot(summary: Any, path: Path, provenance: dict[str, Any]) -> Path:
-    """Held-out accuracy per method and budget (mean and 95% interval over seeds), one panel per regime, with the
-    base model and full-B LoRA as horizontal references. Intervals are drawn clipped to [0, 1], the range of an
-    accuracy (a 3-seed t-interval can leave it); ``summary.csv`` keeps them unclipped."""
-    regimes = list(dict.fromkeys(summary["regime"]))
-    fig, axes = _figure(1, len(regimes), width=5.2, height=3.6)
-    for ax, regime in zip(axes[0], regimes, strict=True):
-        g = summary[summary["regime"] == regime]
-        base, full = g[g["method"] == "base"], g[g["method"] == "full"]
-        sparse = g[~g["method"].isin(["base", "full"])]
-        budgets = list(dict.fromkeys(sparse["budget"]))
-        methods = list(dict.fromkeys(sparse["method"]))
-        width = 0.8 / max(len(methods), 1)
-        for i, method in enumerate(methods):
-            rows = sparse[sparse["method"] == method].set_index("budget").reindex(budgets)
-            x = np.arange(len(budgets)) + (i - (len(methods) - 1) / 2) * width
-            mean = rows["accuracy_mean"].to_numpy(float)
-            lo, hi = (np.clip(rows[c].to_numpy(float), 0.0, 1.0) for c in ("ci95_lo", "ci95_hi"))
-            err = np.vstack([mean - lo, hi - mean])
-            ax.errorbar(x, mean, yerr=np.nan_to_num(err), fmt="o", capsize=3, label=method, color=f"C{i}")
-        if len(base):
-            ax.axhline(base["accuracy_mean"].iloc[0], color="0.4", ls="--", lw=1, label="base")
-        if len(full):
-            f = full.iloc[0]
-            ax.axhline(f["accuracy_mean"], color="k", lw=1, label="full-B LoRA")
-            if np.isfinite(f["ci95_lo"]):
-                ax.axhspan(max(f["ci95_lo"], 0.0), min(f["ci95_hi"], 1.0), color="k", alpha=0.08)
-        ax.set_xticks(np.arange(len(budgets)), budgets)
-        ax.set_xlabel("budget (share of B entries trained)")
-        ax.set_ylabel("held-out greedy accuracy")
-        ax.set_title(f"{regime.upper()}: placement")
-    axes[0][-1].legend(fontsize=7, loc="best")
-    meta = {"Software": f"gradlens {provenance.get('versions', {}).get('gradlens', '')}".strip(),
-            "Description": json.dumps(provenance.get("config", {}), default=str)}
-    fig.savefig(path, dpi=110, metadata=meta)
-    return path

@@ -28,12 +28,14 @@ from typing import Any
 import pandas as pd
 
 from gradlens.analyze import PROVENANCE, analyze_runs
-from gradlens.compare import PLACEMENT, _ci, _pct
+from gradlens.compare.tables import PLACEMENT, format_ci, format_pct
 from gradlens.config import AnalyzeConfig, ReportConfig
 from gradlens.errors import GradlensError
-from gradlens.figures import FIGURES, _projs
+from gradlens.figures import FIGURES
+from gradlens.fsio import atomic_write
+from gradlens.modules import sort_projections
 from gradlens.provenance import package_versions
-from gradlens.store import MANIFEST, _atomic_write
+from gradlens.store import MANIFEST
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Whole-adapter and per-projection statistics shown, with their column headers.
@@ -266,7 +268,8 @@ def _stat_table(df: pd.DataFrame, lead: Sequence[str], suffix: str = "") -> str:
 def _runs_table(a: Analysis) -> str:
     """What was run: one row per run, from the analysis provenance and the whole-adapter table."""
     summary = a.summary.set_index("run") if len(a.summary) else a.summary
-    projs = {run: ", ".join(_projs(list(g["proj"]))) for run, g in a.proj.groupby("run")} if len(a.proj) else {}
+    projs = ({run: ", ".join(sort_projections(list(g["proj"]))) for run, g in a.proj.groupby("run")}
+             if len(a.proj) else {})
     rows = []
     for r in a.provenance.get("runs", []):
         label = str(r.get("label"))
@@ -313,7 +316,7 @@ def _where_table(where: pd.DataFrame) -> str:
     proj = where[where["group"] == "proj"]
     if proj.empty:
         return "<p>(no informed masks)</p>\n"
-    keys = _projs(list(dict.fromkeys(proj["key"])))
+    keys = sort_projections(list(dict.fromkeys(proj["key"])))
     mean = proj.groupby(["regime", "method", "budget", "key"], sort=False)["enrichment"].mean()
     rows = []
     for (regime, method, budget), g in mean.groupby(level=[0, 1, 2], sort=False):
@@ -325,7 +328,7 @@ def _where_table(where: pd.DataFrame) -> str:
 def _comparison_section(c: Comparison) -> str:
     s = c.summary
     rows = [[str(r["regime"]), str(r["method"]), r["budget"], r["n_seeds"],
-             _ci(r), r["sampled_accuracy_mean"], _pct(r["gain_recovered"]),
+             format_ci(r), r["sampled_accuracy_mean"], format_pct(r["gain_recovered"]),
              None if pd.isna(r["k"]) else int(r["k"]), f"{r['lr']:g}", r["steps"]]
             for _, r in s.iterrows()]
     config = c.provenance.get("config")
@@ -378,7 +381,7 @@ def write_report(paths: Sequence[str | os.PathLike[str]], config: ReportConfig) 
     out = Path(config.out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out, lambda tmp: tmp.write_text(page, encoding="utf-8"))
+        atomic_write(out, lambda tmp: tmp.write_text(page, encoding="utf-8"))
     except OSError as e:
         raise GradlensError(f"{out}: cannot write the report ({e.strerror})") from None
     return out

@@ -1,8 +1,15 @@
-"""Shared fixtures: the toy character tokenizer and a factory of tiny random Qwen2 models."""
+"""Shared fixtures: the toy character tokenizer, a factory of tiny random Qwen2 models, and the addition task with
+a test's own reward."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import pytest
+
+from gradlens.tasks.addition import AdditionTask
+from gradlens.tasks.base import exact_match_reward
 
 
 @pytest.fixture(scope="session")
@@ -28,3 +35,13 @@ def make_tiny_model(char_tokenizer):
         return model
 
     return make
+
+
+@dataclass(frozen=True)
+class RewardTask(AdditionTask):
+    """The addition task with a test's own GRPO reward function."""
+
+    reward: Callable[..., list[float]] = exact_match_reward
+
+    def reward_functions(self) -> list[Callable[..., list[float]]]:
+        return [self.reward]

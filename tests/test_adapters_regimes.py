@@ -6,11 +6,12 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from gradlens.adapters import ALL_PROJECTIONS, attach_lora, freeze_lora_a, load_model_and_tokenizer, lora_b_parameters
-from gradlens.adapters import lora_config as make_lora_config
 from gradlens.errors import GradlensError
-from gradlens.regimes import build_grpo_trainer, build_sft_trainer, build_trl_config
-from gradlens.toy.task import AdditionTask
+from gradlens.models import ALL_PROJECTIONS, attach_lora, freeze_lora_a, load_model_and_tokenizer, lora_b_parameters
+from gradlens.models import lora_config as make_lora_config
+from gradlens.tasks.addition import AdditionTask
+from gradlens.trainers import build_trainer, build_trl_config
+from tests.conftest import RewardTask
 
 N_LAYERS = 2
 EXPECTED_MODULES = {f"model.layers.{i}.{'self_attn' if p in ALL_PROJECTIONS[:4] else 'mlp'}.{p}"
@@ -125,16 +126,16 @@ def test_trl_config_overrides_and_unknown_fields(tmp_path):
 def test_builders_refuse_a_model_without_lora(make_tiny_model, char_tokenizer, tmp_path):
     data = AdditionTask().dataset("train", n=8)
     with pytest.raises(GradlensError, match="LoRA"):
-        build_sft_trainer(make_tiny_model(), char_tokenizer, data, output_dir=str(tmp_path))
+        build_trainer("sft", make_tiny_model(), char_tokenizer, data, AdditionTask(), output_dir=str(tmp_path))
     with pytest.raises(GradlensError, match="LoRA"):
-        build_grpo_trainer(make_tiny_model(), char_tokenizer, data, lambda completions, **kw: [0.0] * len(completions),
-                           output_dir=str(tmp_path))
+        build_trainer("grpo", make_tiny_model(), char_tokenizer, data,
+                      RewardTask(reward=lambda completions, **kw: [0.0] * len(completions)), output_dir=str(tmp_path))
 
 
 def test_builders_reject_unknown_overrides(lora_model, char_tokenizer, tmp_path):
     with pytest.raises(GradlensError, match="bogus_field"):
-        build_sft_trainer(lora_model, char_tokenizer, AdditionTask().dataset("train", n=8), output_dir=str(tmp_path),
-                          overrides={"bogus_field": 1})
+        build_trainer("sft", lora_model, char_tokenizer, AdditionTask().dataset("train", n=8), AdditionTask(),
+                      output_dir=str(tmp_path), settings={"bogus_field": 1})
 
 
 def assert_one_lora_fa_step(trainer, capture: GradCapture) -> None:
@@ -152,9 +153,9 @@ def assert_one_lora_fa_step(trainer, capture: GradCapture) -> None:
 
 def test_one_sft_step_trains_only_lora_b(lora_model, char_tokenizer, tmp_path):
     capture = GradCapture()
-    trainer = build_sft_trainer(lora_model, char_tokenizer, AdditionTask().dataset("train", n=16),
-                                output_dir=str(tmp_path), callbacks=[capture],
-                                overrides={"max_steps": 1, "per_device_train_batch_size": 8, "learning_rate": 1e-2})
+    trainer = build_trainer("sft", lora_model, char_tokenizer, AdditionTask().dataset("train", n=16), AdditionTask(),
+                            output_dir=str(tmp_path), callbacks=[capture],
+                            settings={"max_steps": 1, "per_device_train_batch_size": 8, "learning_rate": 1e-2})
     assert_one_lora_fa_step(trainer, capture)
 
 
@@ -163,8 +164,8 @@ def test_one_grpo_step_trains_only_lora_b(lora_model, char_tokenizer, tmp_path):
         return [float(len(c) % 3) for c in completions]
 
     capture = GradCapture()
-    trainer = build_grpo_trainer(lora_model, char_tokenizer, AdditionTask().dataset("train", n=16), reward,
-                                 output_dir=str(tmp_path), callbacks=[capture],
-                                 overrides={"max_steps": 1, "num_generations": 4, "per_device_train_batch_size": 8,
+    trainer = build_trainer("grpo", lora_model, char_tokenizer, AdditionTask().dataset("train", n=16),
+                            RewardTask(reward=reward), output_dir=str(tmp_path), callbacks=[capture],
+                            settings={"max_steps": 1, "num_generations": 4, "per_device_train_batch_size": 8,
                                             "max_completion_length": 5, "learning_rate": 1e-2})
     assert_one_lora_fa_step(trainer, capture)

@@ -22,12 +22,13 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-import gradlens.store as store
+import gradlens.store.writer as store_writer
 from gradlens import GradientRecorder, open_run
 from gradlens.analyze import analyze_runs
 from gradlens.config import AnalyzeConfig, RecordConfig
 from gradlens.errors import GradlensError
-from gradlens.placement.masks import Budget, load_mask, shapes_of
+from gradlens.placement.budget import Budget
+from gradlens.placement.masks import load_mask, shapes_of
 from gradlens.placement.selectors import INFORMED, SELECTORS, scores, select
 from gradlens.record import record
 from gradlens.store import ModuleSpec, RunWriter
@@ -174,7 +175,7 @@ def test_analyze_skip_bad_leaves_out_a_run_that_cannot_be_opened(run_dir: Path, 
 
 def _enospc_on_shard(monkeypatch: pytest.MonkeyPatch, fail_at: int) -> None:
     """The ``fail_at``-th shard write (from 0) leaves half its bytes on disk and raises ENOSPC, as a full disk does."""
-    real = store.safetensors.torch.save_file
+    real = store_writer.safetensors.torch.save_file
     calls = {"n": 0}
 
     def save_file(tensors, filename, metadata=None):
@@ -185,7 +186,7 @@ def _enospc_on_shard(monkeypatch: pytest.MonkeyPatch, fail_at: int) -> None:
             Path(filename).write_bytes(data[: len(data) // 2])
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(filename))
 
-    monkeypatch.setattr(store.safetensors.torch, "save_file", save_file)
+    monkeypatch.setattr(store_writer.safetensors.torch, "save_file", save_file)
 
 
 def test_full_disk_stops_recording_with_a_clear_message_and_keeps_the_committed_steps(

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from gradlens.errors import GradlensError
-from gradlens.math_task import (
+from gradlens.tasks.gsm8k import (
     MathTask,
     correctness_reward,
     extract_answer,

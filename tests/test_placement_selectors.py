@@ -290,7 +290,7 @@ def test_random_matched_copies_the_reference_counts():
 
 
 def test_modules_selector_picks_only_the_chosen_projections():
-    mask = select("modules", Budget(k=100), SHAPES, seed=0)
+    mask = mask_default = select("modules", Budget(k=100), SHAPES, seed=0)
     for name, m in mask.items():
         assert (m.sum() > 0) == name.endswith(("v_proj", "o_proj", "down_proj")), name
     mask = select("modules", Budget(k=60, scope="per_module"), SHAPES, seed=0, projections=("q_proj",))
@@ -298,8 +298,11 @@ def test_modules_selector_picks_only_the_chosen_projections():
         "model.layers.0.self_attn.q_proj": 30, "model.layers.1.self_attn.q_proj": 30}
     with pytest.raises(GradlensError, match="budget k=97 is 97 entries, more than the 96 entries of the q_proj"):
         select("modules", Budget(k=97), SHAPES, projections=("q_proj",))
-    with pytest.raises(GradlensError, match="no module of projection type up_proj"):
+    with pytest.raises(GradlensError, match="'up_proj' matches none of the 8 LoRA modules; their roles are: q, v"):
         select("modules", Budget(k=5), SHAPES, projections=("up_proj",))
+    # The selector takes the names --modules takes: labels ("v") and projection names ("v_proj") alike.
+    by_label = select("modules", Budget(k=100), SHAPES, seed=0, projections=("v", "o", "down"))
+    assert all(np.array_equal(by_label[n], mask_default[n]) for n in SHAPES)
 
 
 def test_select_validates_its_inputs():

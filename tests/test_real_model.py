@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from gradlens import open_run
-from gradlens.config import ALL_PROJECTIONS
+from gradlens.modules import ALL_PROJECTIONS
 from tests.test_record import assert_one_line_error, gradlens_inproc
 
 PROJ_LABELS = ["down", "gate", "k", "o", "q", "up", "v"]
@@ -40,7 +40,7 @@ def _teach_answer_format(model, tokenizer, chat: bool) -> None:
     reward (a random model never does, and GRPO without reward variance has all-zero gradients)."""
     import torch
 
-    from gradlens.math_task import MathTask, gold_answer
+    from gradlens.tasks.gsm8k import MathTask, gold_answer
 
     task = MathTask(chat=chat)
     prompts = task.prompt_texts([task.prompt(r["question"]) for r in ROWS], tokenizer)
@@ -146,7 +146,7 @@ def test_record_sft_and_grpo_then_analyze(world, tmp_path: Path, capsys, arch: s
 def test_default_lora_targets_and_labels_per_architecture(char_tokenizer, arch: str) -> None:
     import transformers
 
-    from gradlens.adapters import attach_lora, default_lora_targets, lora_b_parameters
+    from gradlens.models import attach_lora, default_lora_targets, lora_b_parameters
     from gradlens.store import ModuleSpec
 
     model = transformers.AutoModelForCausalLM.from_config(_config(arch, char_tokenizer))
@@ -162,10 +162,9 @@ def test_default_lora_targets_and_labels_per_architecture(char_tokenizer, arch: 
 
 
 def test_default_targets_follow_other_layouts(world) -> None:
-    from gradlens.adapters import attach_lora, default_lora_targets, lora_b_parameters
-    from gradlens.record import load_model
+    from gradlens.models import attach_lora, default_lora_targets, load_model, lora_b_parameters
 
-    model, _ = load_model(str(world["gpt2"]), 0)
+    model, _ = load_model(str(world["gpt2"]))
     assert default_lora_targets(model) == ["c_attn", "c_proj", "c_fc"]  # GPT-2's Conv1D projections
     assert len(list(lora_b_parameters(attach_lora(model, r=2)))) == 4 * 2
 
@@ -173,8 +172,7 @@ def test_default_targets_follow_other_layouts(world) -> None:
 def test_dtype_and_device_defaults_and_overrides(world) -> None:
     import torch
 
-    from gradlens.models import resolve_device, resolve_dtype, trainer_overrides, uses_chat_template
-    from gradlens.record import load_model
+    from gradlens.models import load_model, resolve_device, resolve_dtype, trainer_overrides, uses_chat_template
 
     device = resolve_device("auto")
     assert device == ("cuda" if torch.cuda.is_available() else "cpu")
@@ -183,7 +181,7 @@ def test_dtype_and_device_defaults_and_overrides(world) -> None:
     assert resolve_dtype("bfloat16", "cpu", "x") == "bfloat16"
     assert trainer_overrides("cpu", "float32") == {"use_cpu": True}
     assert trainer_overrides("cuda", "bfloat16") == {"bf16": True}
-    model, tok = load_model(str(world["qwen2"]), 0, "bfloat16")
+    model, tok = load_model(str(world["qwen2"]), "bfloat16")
     assert next(model.parameters()).dtype == torch.bfloat16
     assert uses_chat_template("auto", str(world["llama"]), tok)  # "-instruct" in the name
     assert not uses_chat_template("auto", str(world["qwen2"]), tok)  # base: plain even with a template
@@ -214,7 +212,7 @@ def _begin(tmp_path: Path, model, args) -> None:
     """``on_train_begin`` of a fresh recorder, as the Trainer calls it."""
     from transformers import TrainerControl, TrainerState
 
-    from gradlens.recorder import GradientRecorder
+    from gradlens.record.recorder import GradientRecorder
 
     recorder = GradientRecorder(tmp_path / "run")
     try:
@@ -226,8 +224,8 @@ def _begin(tmp_path: Path, model, args) -> None:
 def test_recorder_refuses_fsdp_and_deepspeed_at_train_begin(make_tiny_model, tmp_path: Path, monkeypatch) -> None:
     from transformers import TrainingArguments
 
-    from gradlens.adapters import attach_lora
     from gradlens.errors import GradlensError
+    from gradlens.models import attach_lora
 
     model = attach_lora(make_tiny_model(), r=2)
     plain = TrainingArguments(output_dir=str(tmp_path / "t"), use_cpu=True, report_to="none")
@@ -254,8 +252,8 @@ def test_recorder_refuses_a_fully_sharded_model(make_tiny_model, tmp_path: Path,
     from torch.distributed.fsdp import fully_shard
     from transformers import TrainingArguments
 
-    from gradlens.adapters import attach_lora
     from gradlens.errors import GradlensError
+    from gradlens.models import attach_lora
 
     model = attach_lora(make_tiny_model(), r=2)
     with socket.socket() as s:
@@ -282,11 +280,11 @@ def test_recipes_hold_the_paper_setting(recipe: Path) -> None:
 
     from gradlens.cli.dataclass_args import config_from_args
     from gradlens.config import ProbeConfig, RecordConfig
-    from gradlens.regimes import check_overrides
+    from gradlens.trainers import check_overrides
 
     cls = ProbeConfig if "probe" in recipe.stem else RecordConfig
     config = config_from_args(cls, argparse.Namespace(config=recipe), extra_field="trl")
-    check_overrides(config.regime, config.trl_overrides())  # every TRL key is a field of the regime's config
+    check_overrides(config.regime, config.trl)  # every TRL key is a field of the regime's config
     assert config.model == "Qwen/Qwen2.5-1.5B" and config.task == "gsm8k" and config.regime in recipe.stem
     assert config.lora_r == 16 and config.lora_target_modules is None  # every projection of the architecture
     if cls is ProbeConfig:

@@ -22,12 +22,14 @@ from transformers import TrainerCallback
 from trl import GRPOTrainer, SFTTrainer
 
 from gradlens import open_run
-from gradlens.adapters import attach_lora, lora_b_parameters, lora_config
 from gradlens.errors import GradlensError
-from gradlens.recorder import LOG_PREFIX, GradientRecorder, select_modules
-from gradlens.regimes import build_sft_trainer, build_trl_config
-from gradlens.toy.model import load_base_model
-from gradlens.toy.task import AdditionTask, completion_text
+from gradlens.models import attach_lora, load_model, lora_b_parameters, lora_config
+from gradlens.modules import match_modules
+from gradlens.record.recorder import LOG_PREFIX, GradientRecorder
+from gradlens.tasks.addition import AdditionTask
+from gradlens.tasks.base import completion_text
+from gradlens.trainers import build_trainer, build_trl_config
+from tests.conftest import RewardTask
 
 N_TRAIN = 64
 # Float32 forward/backward through different code paths (TRL's fused, chunked LM head vs. plain logits): observed
@@ -67,14 +69,14 @@ class ObservingGRPOTrainer(GRPOTrainer):
 
 
 def lora_model():
-    model, tokenizer = load_base_model("tiny")
+    model, tokenizer = load_model("toy:tiny")
     return attach_lora(model), tokenizer
 
 
 def sft_trainer(tmp_path: Path, model_and_tokenizer=None, **overrides) -> SFTTrainer:
     model, tokenizer = model_and_tokenizer or lora_model()
-    return build_sft_trainer(model, tokenizer, AdditionTask().dataset("train", N_TRAIN),
-                             output_dir=str(tmp_path / "trainer"), overrides={**SFT_SETTINGS, **overrides})
+    return build_trainer("sft", model, tokenizer, AdditionTask().dataset("train", N_TRAIN), AdditionTask(),
+                         output_dir=str(tmp_path / "trainer"), settings={**SFT_SETTINGS, **overrides})
 
 
 def record_sft(out: Path, *, recorder: dict | None = None, snapshot: bool = False, **overrides):
@@ -302,13 +304,13 @@ def test_grpo_every_n_steps_keeps_each_steps_own_rewards_and_loss(tmp_path: Path
     settings = {"max_steps": 4, "per_device_train_batch_size": 8, "num_generations": 4, "max_completion_length": 5,
                 "steps_per_generation": 2, "beta": 0.0, "temperature": 1.2, "learning_rate": 1e-2,
                 "logging_steps": 1, "disable_tqdm": True, "seed": 0}
-    from gradlens.regimes import build_grpo_trainer
 
     runs = {}
     for every in (1, 2):
         model, tokenizer = lora_model()
-        trainer = build_grpo_trainer(model, tokenizer, AdditionTask().dataset("train", N_TRAIN), digit_match_reward,
-                                     output_dir=str(tmp_path / f"trainer{every}"), overrides=settings)
+        trainer = build_trainer("grpo", model, tokenizer, AdditionTask().dataset("train", N_TRAIN),
+                                RewardTask(reward=digit_match_reward), output_dir=str(tmp_path / f"trainer{every}"),
+                                settings=settings)
         GradientRecorder.attach(trainer, tmp_path / f"run{every}", every_n_steps=every)
         trainer.train()
         runs[every] = {r["step"]: r for r in open_run(tmp_path / f"run{every}").step_records}
@@ -420,7 +422,7 @@ def test_module_filter_records_only_the_chosen_modules(tmp_path: Path, full_run,
     if expected is None:
         expected = [n for n in full_run.modules if n.startswith("model.layers.1.")]
         assert len(expected) == 7
-    assert select_modules(full_run.modules, modules) == expected
+    assert match_modules(full_run.modules, modules) == expected
     out = tmp_path / "run"
     record_sft(out, max_steps=4, recorder={"modules": modules})
     run = open_run(out)
@@ -525,7 +527,7 @@ def test_frozen_second_adapter_is_not_recorded(tmp_path: Path, full_run) -> None
 
 
 def test_model_without_lora_fails_at_train_begin(tmp_path: Path) -> None:
-    model, tokenizer = load_base_model("tiny")
+    model, tokenizer = load_model("toy:tiny")
     args = build_trl_config("sft", str(tmp_path / "trainer"), {**SFT_SETTINGS, "max_steps": 1})
     trainer = SFTTrainer(model=model, args=args, train_dataset=AdditionTask().dataset("train", 8),
                          processing_class=tokenizer)

@@ -31,7 +31,7 @@ from test_recorder import (  # the sibling test module: the shared reference hel
 )
 
 from gradlens import open_run
-from gradlens.recorder import GradientRecorder
+from gradlens.record.recorder import GradientRecorder
 from gradlens.store import ModuleSpec, RunWriter
 
 pytestmark = pytest.mark.slow

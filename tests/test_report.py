@@ -2,14 +2,13 @@
 
 The runs are written by ``RunWriter`` with synthetic gradients (one labelled SFT, one GRPO, through the manifest's
 recording config), one module named like a script tag; the comparison directory is written by compare's own
-``_finish`` from hand-made placement rows, so its files are the real format.
+``write_results`` from hand-made placement rows, so its files are the real format.
 """
 
 from __future__ import annotations
 
 import base64
 import shutil
-import time
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -19,7 +18,8 @@ import pytest
 
 from gradlens.analyze import analyze_runs
 from gradlens.cli.main import main
-from gradlens.compare import _finish, _where
+from gradlens.compare.runner import write_results
+from gradlens.compare.tables import where_rows
 from gradlens.config import AnalyzeConfig, CompareConfig, ReportConfig
 from gradlens.errors import GradlensError
 from gradlens.report import PNG_SIGNATURE, input_kind, write_report
@@ -106,9 +106,9 @@ def write_compare(out: Path) -> Path:
                              "sampled_accuracy": acc - 0.05})
     mask = {s.name: np.zeros(s.shape, bool) for s in SPECS}
     mask[SPECS[2].name][0, :3] = True
-    where = [_where(mask, regime, "sign", "1%", seed) for regime in ("sft", "grpo") for seed in range(3)]
-    _finish(CompareConfig(out=str(out), progress=False), out, pd.DataFrame(rows), pd.DataFrame(), where, [], [],
-            time.time())
+    where = [where_rows(mask, regime, "sign", "1%", seed) for regime in ("sft", "grpo") for seed in range(3)]
+    write_results(CompareConfig(out=str(out), progress=False), out, pd.DataFrame(rows), pd.DataFrame(), where, [], [],
+                  0.0)
     return out
 
 
@@ -167,7 +167,7 @@ def test_report_is_self_contained_escaped_and_matches_the_statistics(inputs, tmp
                                                                            "share above 0.8, null")):
             assert row[head.index(header)] == f"{ref[column]:.3f}", (label, column)
     proj = next(t for t in doc.tables if t[0][:2] == ["run", "proj"])
-    assert {r[1] for r in proj[1:]} == {"v", "down", EVIL}
+    assert {r[1] for r in proj[1:]} == {"v", "down", f"self_attn.{EVIL}"}
     assert any(t[0][:3] == ["run", "regime", "lag-1 cosine"] and len(t) == 3 for t in doc.tables)  # first 4 steps
 
     # What was run, the placement table and where table, and both findings as paragraphs.
@@ -176,7 +176,7 @@ def test_report_is_self_contained_escaped_and_matches_the_statistics(inputs, tmp
                                                                                      str(T), "1"]]
     placement = next(t for t in doc.tables if "accuracy [95% CI]" in t[0])
     assert {(r[0], r[1]) for r in placement[1:]} >= {("sft", "base"), ("grpo", "sign")}
-    where = next(t for t in doc.tables if t[0][:3] == ["regime", "method", "budget"] and EVIL in t[0])
+    where = next(t for t in doc.tables if t[0][:3] == ["regime", "method", "budget"] and f"self_attn.{EVIL}" in t[0])
     assert where[1][:3] == ["sft", "sign", "1%"]
     assert "Finding: GRPO lag-1 cosine" in text and "SFT: base 0.300" in text
     assert "best informed (sign) - random" in text

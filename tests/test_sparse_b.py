@@ -17,14 +17,13 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from gradlens import open_run
-from gradlens.adapters import attach_lora, lora_b_parameters
 from gradlens.errors import GradlensError
+from gradlens.models import attach_lora, load_model, lora_b_parameters
 from gradlens.placement.masks import load_mask
 from gradlens.placement.sparse import MASK_FILE, SparseBCallback, apply_mask, export_adapter, shira_mask_fn
-from gradlens.recorder import GradientRecorder
-from gradlens.regimes import build_grpo_trainer, build_sft_trainer
-from gradlens.toy.model import load_base_model
-from gradlens.toy.task import AdditionTask, exact_match_reward
+from gradlens.record.recorder import GradientRecorder
+from gradlens.tasks.addition import AdditionTask
+from gradlens.trainers import build_trainer
 
 SHARE = 0.05
 # AdamW with weight decay: decay alone would move a masked entry that ever became non-zero, so "exactly 0" is earned.
@@ -37,7 +36,7 @@ PROVENANCE = {"selector": "random", "budget": "5%", "scope": "per_module", "seed
 
 
 def toy_lora(r: int = 8):
-    model, tokenizer = load_base_model("tiny")
+    model, tokenizer = load_model("toy:tiny")
     return attach_lora(model, r=r), tokenizer
 
 
@@ -53,11 +52,11 @@ def lora_b(model) -> dict[str, torch.Tensor]:
 def train(regime: str, model, tokenizer, tmp_path, mask, **overrides):
     data = AdditionTask().dataset("train", 64)
     if regime == "sft":
-        trainer = build_sft_trainer(model, tokenizer, data, output_dir=str(tmp_path / "trainer"),
-                                    overrides={**SFT, **overrides})
+        trainer = build_trainer("sft", model, tokenizer, data, AdditionTask(), output_dir=str(tmp_path / "trainer"),
+                                settings={**SFT, **overrides})
     else:
-        trainer = build_grpo_trainer(model, tokenizer, data, exact_match_reward, output_dir=str(tmp_path / "trainer"),
-                                     overrides={**GRPO, **overrides})
+        trainer = build_trainer("grpo", model, tokenizer, data, AdditionTask(), output_dir=str(tmp_path / "trainer"),
+                                settings={**GRPO, **overrides})
     callback = SparseBCallback.attach(trainer, mask)
     trainer.train()
     return trainer, callback
@@ -172,9 +171,11 @@ def test_sparse_training_resumed_from_a_dense_checkpoint_keeps_masked_entries_at
     mask = random_mask(model)
     data = AdditionTask().dataset("train", 64)
     settings = {**SFT, "max_steps": 2, "save_strategy": "steps", "save_steps": 1}
-    dense = build_sft_trainer(model, tokenizer, data, output_dir=str(tmp_path / "t"), overrides=settings)
+    dense = build_trainer("sft", model, tokenizer, data, AdditionTask(), output_dir=str(tmp_path / "t"),
+                          settings=settings)
     dense.train()
-    trainer = build_sft_trainer(toy_lora()[0], tokenizer, data, output_dir=str(tmp_path / "t"), overrides=settings)
+    trainer = build_trainer("sft", toy_lora()[0], tokenizer, data, AdditionTask(), output_dir=str(tmp_path / "t"),
+                            settings=settings)
     callback = SparseBCallback.attach(trainer, mask)
     trainer.train(resume_from_checkpoint=str(tmp_path / "t" / "checkpoint-1"))
     assert trainer.state.global_step == 2
@@ -211,9 +212,10 @@ class RawGradients(TrainerCallback):
 def test_trainer_clips_the_masked_gradient_and_the_recorder_sees_it(tmp_path):
     model, tokenizer = toy_lora()
     mask = random_mask(model)
-    trainer = build_sft_trainer(model, tokenizer, AdditionTask().dataset("train", 64), output_dir=str(tmp_path / "t"),
-                                overrides={**SFT, "max_steps": 2, "per_device_train_batch_size": 4,
-                                           "gradient_accumulation_steps": 2, "max_grad_norm": 1e-3})
+    trainer = build_trainer("sft", model, tokenizer, AdditionTask().dataset("train", 64), AdditionTask(),
+                            output_dir=str(tmp_path / "t"),
+                            settings={**SFT, "max_steps": 2, "per_device_train_batch_size": 4,
+                                      "gradient_accumulation_steps": 2, "max_grad_norm": 1e-3})
     GradientRecorder.attach(trainer, tmp_path / "run")
     SparseBCallback.attach(trainer, mask)
     raw = RawGradients(mask)
@@ -260,11 +262,11 @@ def test_export_round_trips_through_plain_peft(tmp_path):
     model.eval()
     with torch.no_grad():
         expected = model(**ids).logits
-        loaded = PeftModel.from_pretrained(load_base_model("tiny")[0], out).eval()
+        loaded = PeftModel.from_pretrained(load_model("toy:tiny")[0], out).eval()
         torch.testing.assert_close(loaded(**ids).logits, expected, rtol=0, atol=1e-5)
         merged = loaded.merge_and_unload().eval()
         torch.testing.assert_close(merged(**ids).logits, expected, rtol=0, atol=1e-5)
-        base_logits = load_base_model("tiny")[0].eval()(**ids).logits
+        base_logits = load_model("toy:tiny")[0].eval()(**ids).logits
     assert (base_logits - expected).abs().max() > 1e-3  # the adapter did change the model
 
 
@@ -356,4 +358,4 @@ def test_shira_mask_fn_builds_a_peft_shira_model_with_the_sparse_b_support():
     uncovered = ShiraConfig(r=1, target_modules=["lm_head"])
     uncovered.mask_fn = fn
     with pytest.raises(GradlensError, match="not the base layer of a module the mask covers"):
-        get_peft_model(load_base_model("tiny")[0], uncovered)
+        get_peft_model(load_model("toy:tiny")[0], uncovered)

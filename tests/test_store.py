@@ -15,10 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-import gradlens.store as store
+import gradlens.store.writer as store_writer
 from gradlens.errors import GradlensError
-from gradlens.store import ModuleSpec, RunWriter, open_run
-from gradlens.writer import AsyncRunWriter
+from gradlens.store import AsyncRunWriter, ModuleSpec, RunWriter, open_run
 
 REPO = Path(__file__).resolve().parents[1]
 NAMES_SHAPES = [("model.layers.0.self_attn.q_proj", (8, 4)), ("model.layers.0.mlp.down_proj", (6, 4)),
@@ -86,7 +85,9 @@ def assert_same_accumulators(a, b) -> None:
 @pytest.mark.parametrize(("name", "proj", "layer"), [
     ("model.layers.12.self_attn.q_proj", "q", 12),
     ("model.layers.3.mlp.gate_proj", "gate", 3),
-    ("transformer.h.7.attn.c_attn", "c_attn", 7),
+    ("transformer.h.7.attn.c_attn", "attn.c_attn", 7),
+    ("transformer.h.7.attn.c_proj", "attn.c_proj", 7),  # GPT-2: two c_proj roles, two labels
+    ("transformer.h.7.mlp.c_proj", "mlp.c_proj", 7),
     ("encoder.blocks.0.mlp.up_proj", "up", 0),
     ("lm_head", "lm_head", None),
 ])
@@ -235,7 +236,7 @@ def test_killed_writer_leaves_readable_run_and_resume_matches_uninterrupted(tmp_
 def test_kill_between_accumulators_and_manifest(tmp_path, monkeypatch):
     """The accumulators are already newer than the manifest: readers and resume fall back to the committed ones."""
     path = tmp_path / "run"
-    real_dump = store._json_dump
+    real_dump = store_writer.json_dump
     calls = {"n": 0}
 
     def dump_then_die(obj, target):
@@ -244,7 +245,7 @@ def test_kill_between_accumulators_and_manifest(tmp_path, monkeypatch):
             raise OSError("simulated kill")
         real_dump(obj, target)
 
-    monkeypatch.setattr(store, "_json_dump", dump_then_die)
+    monkeypatch.setattr(store_writer, "json_dump", dump_then_die)
     w = RunWriter(path, SPECS, steps_per_shard=2)
     with pytest.raises(GradlensError, match="manifest.json: cannot write it: simulated kill"):
         for s in range(4):
@@ -262,7 +263,7 @@ def test_kill_between_accumulators_and_manifest(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     w = RunWriter(path, SPECS, steps_per_shard=2, resume=True)  # a second failure, now after the accumulators rotated
-    monkeypatch.setattr(store.safetensors.numpy, "save_file", fail_save)
+    monkeypatch.setattr(store_writer.safetensors.numpy, "save_file", fail_save)
     with pytest.raises(GradlensError, match="accumulators.safetensors: cannot write it: disk full"):
         for s in (2, 3):
             w.add_step(s, make_grads(s), meta(s))

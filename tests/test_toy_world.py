@@ -13,9 +13,9 @@ import gradlens.toy.model as toy_model
 import gradlens.toy.presets as toy_presets
 from gradlens.errors import GradlensError
 from gradlens.evaluate import accuracy
+from gradlens.tasks.addition import AdditionTask, carryless_sum, exact_match_reward
 from gradlens.toy.model import build_base_model, ensure_base_model, get_preset, shipped_model_path
 from gradlens.toy.report import base_model_source
-from gradlens.toy.task import AdditionTask, carryless_sum, exact_match_reward
 from gradlens.toy.tokenizer import EOS, PAD
 
 QUICK = "tiny5"  # the tiny preset with a 5-step recipe: builds in about a second
@@ -88,11 +88,11 @@ def test_task_dataset_and_bad_arguments():
     assert len(ds) == 5 and ds[0] == {"prompt": f"{a}+{b}=", "completion": str(a + b), "answer": str(a + b)}
     assert len(AdditionTask().dataset("train")) == 90 * 90 - 400
     assert carryless_sum(57, 68) == 15 and carryless_sum(12, 34) == 46 and carryless_sum(95, 5) == 90
-    with pytest.raises(ValueError, match="split"):
+    with pytest.raises(GradlensError, match="split"):  # a one-line CLI error, not a traceback
         AdditionTask().dataset("test")
-    with pytest.raises(ValueError, match="digits"):
+    with pytest.raises(GradlensError, match="digits"):
         AdditionTask(digits=0)
-    with pytest.raises(ValueError, match="n_heldout"):
+    with pytest.raises(GradlensError, match="n_heldout"):
         AdditionTask(digits=1, n_heldout=50)
 
 
@@ -112,8 +112,8 @@ def test_exact_match_reward_on_strings_and_conversations():
 
 def assert_partly_competent(model, tokenizer):
     """Greedy right on a minority of held-out prompts, sampling right much more often: room for SFT and GRPO."""
-    data = AdditionTask(digits=get_preset("tiny").digits).dataset("heldout")
-    acc = accuracy(model, tokenizer, data["prompt"], data["answer"], k=8)
+    task = AdditionTask(digits=get_preset("tiny").digits)
+    acc = accuracy(model, tokenizer, task, task.dataset("heldout"), k=8)
     assert 0.15 <= acc.greedy <= 0.50, acc
     assert acc.pass_at_k > acc.greedy + 0.2, acc
     return acc

@@ -8,142 +8,27 @@ A :data:`Mask` maps each LoRA module name (as in ``Run.modules``, e.g. ``model.l
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import safetensors
 import safetensors.numpy
 
-from gradlens.config import BUDGET_SCOPES
 from gradlens.errors import GradlensError
-from gradlens.figures import _projs
-
-if TYPE_CHECKING:
-    from gradlens.store import ModuleSpec
+from gradlens.fsio import atomic_write, safetensors_header
+from gradlens.modules import ModuleSpec, sort_projections
+from gradlens.placement.budget import Shapes
 
 Mask = dict[str, np.ndarray]
-Shapes = Mapping[str, tuple[int, int]]
-SCOPES = BUDGET_SCOPES
 MASK_FORMAT = "1"
 # Provenance every mask file carries; save_mask adds the format and the selected count itself.
 REQUIRED_METADATA = ("selector", "budget", "scope", "seed", "source_run", "scoring_seconds")
-_SET_BY_SAVE = ("gradlens_mask_format", "k")
+SET_BY_SAVE = ("gradlens_mask_format", "k")
 WHERE_COLUMNS = ["group", "key", "selected", "selected_share", "entries", "entry_share", "enrichment"]
-
-
-def _sizes(shapes: Shapes) -> dict[str, int]:
-    """Entry count of each module, refusing an empty adapter or a non-positive dimension."""
-    if not shapes:
-        raise GradlensError("placement: the adapter has no modules")
-    sizes = {}
-    for name, shape in shapes.items():
-        if len(shape) != 2 or min(int(d) for d in shape) < 1:
-            raise GradlensError(f"placement: module {name} has shape {tuple(shape)}, not a positive (d_out, r)")
-        sizes[name] = int(shape[0]) * int(shape[1])
-    return sizes
-
-
-def _round(x: float) -> int:
-    """Round half up, so a budget resolves the same way whatever the parity of the count (unlike ``round``)."""
-    return math.floor(x + 0.5)
-
-
-def _largest_remainder(k: int, sizes: dict[str, int]) -> dict[str, int]:
-    """Split ``k`` in proportion to ``sizes`` so the parts sum to exactly ``k`` (ties: earlier module first).
-
-    Integer arithmetic throughout, so the floors and remainders are exact whatever the adapter size.
-    """
-    total = sum(sizes.values())
-    counts = {name: k * size // total for name, size in sizes.items()}
-    names = list(sizes)
-    by_remainder = sorted(range(len(names)), key=lambda i: -(k * sizes[names[i]] % total))
-    for i in by_remainder[: k - sum(counts.values())]:
-        counts[names[i]] += 1
-    return counts
-
-
-def _budget_problem(k: Any, fraction: Any, scope: Any) -> str | None:
-    if (k is None) == (fraction is None):
-        return f"give exactly one of k and fraction (got k={k!r}, fraction={fraction!r})"
-    if k is not None and (isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1):
-        return f"k must be an integer >= 1, got {k!r}"
-    if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, (int, float))
-                                 or not 0 < fraction <= 1):
-        return f"fraction must be in (0, 1], got {fraction!r}"
-    if scope not in SCOPES:
-        return f"scope {scope!r} is not one of {', '.join(SCOPES)}"
-    return None
-
-
-@dataclass(frozen=True)
-class Budget:
-    """How many B entries may train: a count ``k`` or a ``fraction`` of the entries.
-
-    ``scope="global"`` ranks the whole adapter at once (the selector decides where the entries go);
-    ``"per_module"`` gives every matrix the same share, so only the positions inside each matrix are chosen.
-    """
-
-    k: int | None = None
-    fraction: float | None = None
-    scope: str = "global"
-
-    def __post_init__(self) -> None:
-        problem = _budget_problem(self.k, self.fraction, self.scope)
-        if problem:
-            raise GradlensError(f"budget: {problem}")
-        if self.k is not None:
-            object.__setattr__(self, "k", int(self.k))
-        else:
-            object.__setattr__(self, "fraction", float(self.fraction))
-
-    @classmethod
-    def parse(cls, text: str, scope: str = "global") -> Budget:
-        """Read a ``--budget`` value: ``"1%"``, ``"0.5%"`` (percentages), ``"0.01"`` (a decimal below 1 is a
-        fraction) or ``"500"``/``"k=500"`` (a count, the form ``str`` writes)."""
-        s = text.strip()
-        count = s.removeprefix("k=")
-        try:
-            if s.endswith("%"):
-                kw: dict[str, Any] = {"fraction": float(s[:-1]) / 100}
-            elif count.isdigit():
-                kw = {"k": int(count)}
-            elif 0 < float(s) < 1:
-                kw = {"fraction": float(s)}
-            else:
-                raise ValueError
-        except ValueError:
-            raise GradlensError(f"budget {text!r}: not a count ('500'), a fraction below 1 ('0.01') "
-                                "or a percentage ('1%')") from None
-        problem = _budget_problem(kw.get("k"), kw.get("fraction"), scope)
-        if problem:
-            raise GradlensError(f"budget {text!r}: {problem}")
-        return cls(**kw, scope=scope)
-
-    def __str__(self) -> str:
-        """The label used in tables and mask files: ``"1%"``, ``"0.5%"`` or ``"k=500"`` (``parse`` reads it back)."""
-        return f"k={self.k}" if self.k is not None else f"{self.fraction * 100:g}%"
-
-    def counts(self, shapes: Shapes) -> int | dict[str, int]:
-        """Resolve against an adapter: the total count (global) or each module's count (per_module).
-
-        A fraction rounds half up and never resolves to 0 (globally, or in any module); a count under per_module
-        is split in proportion to module size with largest-remainder rounding, so the parts sum to exactly ``k``.
-        """
-        sizes = _sizes(shapes)
-        total = sum(sizes.values())
-        if self.k is not None and self.k > total:
-            raise GradlensError(f"budget k={self.k} exceeds the adapter's {total} B entries")
-        if self.scope == "global":
-            return self.k if self.k is not None else max(1, _round(self.fraction * total))
-        if self.fraction is not None:
-            return {name: max(1, _round(self.fraction * size)) for name, size in sizes.items()}
-        return _largest_remainder(self.k, sizes)
 
 
 def shapes_of(specs: Iterable[ModuleSpec]) -> dict[str, tuple[int, int]]:
@@ -153,8 +38,6 @@ def shapes_of(specs: Iterable[ModuleSpec]) -> dict[str, tuple[int, int]]:
 
 def specs_for(mask: Mapping[str, np.ndarray]) -> list[ModuleSpec]:
     """Module specs (projection type, layer) derived from a mask's names, for when no run is at hand."""
-    from gradlens.store import ModuleSpec
-
     return [ModuleSpec.from_name(name, np.shape(m)) for name, m in mask.items()]
 
 
@@ -179,13 +62,11 @@ def save_mask(path: str | os.PathLike[str], mask: Mapping[str, np.ndarray], meta
     String values are stored as they are, other values JSON-encoded; ``k`` (the selected count) and the format
     version are added here so they always describe the tensors actually written.
     """
-    from gradlens.store import _atomic_write
-
     path = Path(path)
     missing = [key for key in REQUIRED_METADATA if key not in metadata]
     if missing:
         raise GradlensError(f"{path}: mask metadata lacks {', '.join(missing)}")
-    reserved = [key for key in _SET_BY_SAVE if key in metadata]
+    reserved = [key for key in SET_BY_SAVE if key in metadata]
     if reserved:
         raise GradlensError(f"{path}: mask metadata may not set {', '.join(reserved)} (save_mask writes it)")
     if not mask:
@@ -202,7 +83,7 @@ def save_mask(path: str | os.PathLike[str], mask: Mapping[str, np.ndarray], meta
         raise GradlensError(f"{path}: mask metadata is not JSON-serialisable ({e})") from None
     meta.update(gradlens_mask_format=MASK_FORMAT, k=str(sum(int(t.sum()) for t in tensors.values())))
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda tmp: safetensors.numpy.save_file(tensors, tmp, metadata=meta))
+    atomic_write(path, lambda tmp: safetensors.numpy.save_file(tensors, tmp, metadata=meta))
     return path
 
 
@@ -212,10 +93,8 @@ def load_mask(path: str | os.PathLike[str]) -> tuple[Mask, dict[str, str]]:
     The framing is validated before any tensor is read, so a truncated file or a foreign one (a pickle) is refused
     without deserialising it.
     """
-    from gradlens.store import _safetensors_header
-
     path = Path(path)
-    header = _safetensors_header(path, "mask")
+    header = safetensors_header(path, "mask")
     meta = header.get("__metadata__", {})
     if meta.get("gradlens_mask_format") != MASK_FORMAT:
         raise GradlensError(f"{path}: not a gradlens mask (gradlens_mask_format is "
@@ -254,7 +133,7 @@ def where_table(mask: Mapping[str, np.ndarray], specs: Iterable[ModuleSpec] | No
     check_mask_fits(mask, shapes_of(specs))
     key_of = {"proj": lambda s: s.proj, "layer": lambda s: "none" if s.layer is None else str(s.layer)}
     layers = sorted({s.layer for s in specs if s.layer is not None})
-    keys = {"proj": _projs(list(dict.fromkeys(s.proj for s in specs))),
+    keys = {"proj": sort_projections(list(dict.fromkeys(s.proj for s in specs))),
             "layer": [str(layer) for layer in layers] + (["none"] if any(s.layer is None for s in specs) else [])}
     selected = {s.name: int(np.count_nonzero(mask[s.name])) for s in specs}
     rows = []

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 from gradlens.config import ProbeConfig, SelectConfig
 from gradlens.errors import GradlensError
+from gradlens.fsio import json_dump
 from gradlens.provenance import package_versions
-from gradlens.store import _json_dump
 
 if TYPE_CHECKING:
     from gradlens.store import Run
@@ -75,7 +75,7 @@ def probe(config: ProbeConfig, *, train_seconds: float | None = None, progress: 
     info = {"tool": "gradlens probe", "config": asdict(config), "run": str(run_dir), "steps": len(run.steps),
             "train_seconds": seconds, "wall_seconds": wall, "scoring_seconds": scoring, "cost": cost,
             "masks": {f"{m}/{b}": str(p) for (m, b), p in masks.items()}, "versions": run.meta.get("versions")}
-    _json_dump(info, out / PROBE_FILE)
+    json_dump(info, out / PROBE_FILE)
     return ProbeResult(path=out, run=run_dir, steps=len(run.steps), train_seconds=seconds, wall_seconds=wall,
                        scoring_seconds=scoring, masks=masks, cost=cost)
 
@@ -87,7 +87,8 @@ def write_masks(run: Run, out: Path, methods: Sequence[str], budgets: Sequence[s
     Returns the mask files by ``(method, budget)`` and the scoring seconds by ``method/budget``; each mask's metadata
     names the selector, budget, scope, seed, source run and scoring time (plus ``metadata``).
     """
-    from gradlens.placement.masks import Budget, save_mask
+    from gradlens.placement.budget import Budget
+    from gradlens.placement.masks import save_mask
     from gradlens.placement.selectors import select
 
     acc = run.accumulators()
@@ -116,7 +117,7 @@ def select_masks(run_dir: str | Path, config: SelectConfig) -> tuple[dict[tuple[
     out = Path(config.out)
     masks, scoring = write_masks(run, out, config.methods, config.budgets, config.scope, config.seed,
                                  {"source_steps": len(run.steps)})
-    _json_dump({"tool": "gradlens select", "config": asdict(config), "run": str(run.path), "steps": len(run.steps),
+    json_dump({"tool": "gradlens select", "config": asdict(config), "run": str(run.path), "steps": len(run.steps),
                 "run_seed": run.meta.get("seed"), "scoring_seconds": scoring,
                 "masks": {f"{m}/{b}": str(p) for (m, b), p in masks.items()}, "versions": package_versions()},
                out / SELECT_FILE)

@@ -21,7 +21,9 @@ import numpy as np
 
 from gradlens.config import INFORMED_METHODS, PLACEMENT_METHODS
 from gradlens.errors import GradlensError
-from gradlens.placement.masks import Budget, Mask, Shapes, _sizes, check_mask_fits
+from gradlens.modules import match_modules
+from gradlens.placement.budget import Budget, Shapes, entry_counts
+from gradlens.placement.masks import Mask, check_mask_fits
 
 if TYPE_CHECKING:
     from gradlens.store import Accumulators
@@ -89,7 +91,7 @@ def _split(flat: np.ndarray, shapes: Shapes) -> Mask:
 
 
 def _random_global(k: int, shapes: Shapes, rng: np.random.Generator) -> Mask:
-    flat = np.zeros(sum(_sizes(shapes).values()), bool)
+    flat = np.zeros(sum(entry_counts(shapes).values()), bool)
     flat[rng.choice(flat.size, size=k, replace=False)] = True
     return _split(flat, shapes)
 
@@ -132,7 +134,7 @@ def select(method: str, budget: Budget, shapes: Shapes, *, accumulators: Accumul
     the whole adapter (global) or within each module (per_module), ties at the threshold going to the lower index
     (modules in ``shapes`` order, entries row-major). The baselines draw from ``np.random.default_rng(seed)``:
     ``random_matched`` copies each module's count from ``reference`` (whose total must equal the budget's),
-    ``modules`` spreads the budget over the modules whose last name part is in ``projections`` (per_module: in
+    ``modules`` spreads the budget over the modules that ``projections`` names (as ``--modules`` does) (per_module: in
     proportion to their sizes).
     """
     if method not in SELECTORS:
@@ -155,11 +157,11 @@ def select(method: str, budget: Budget, shapes: Shapes, *, accumulators: Accumul
             raise GradlensError(f"selector 'random_matched': the reference mask selects {sum(matched.values())} "
                                 f"entries but budget {budget} ({budget.scope}) resolves to {_total(counts)}")
         return _random_per_module(matched, shapes, rng)
-    chosen = {name: shape for name, shape in shapes.items() if name.rsplit(".", 1)[-1] in projections}
-    if not chosen:
-        raise GradlensError(f"selector 'modules': no module of projection type {', '.join(projections)} "
-                            "in the adapter")
-    room = sum(_sizes(chosen).values())
+    try:
+        chosen = {name: shapes[name] for name in match_modules(list(shapes), list(projections))}
+    except GradlensError as e:
+        raise GradlensError(f"selector 'modules': {e}") from None
+    room = sum(entry_counts(chosen).values())
     if _total(counts) > room:
         raise GradlensError(f"selector 'modules': budget {budget} is {_total(counts)} entries, more than the {room} "
                             f"entries of the {', '.join(projections)} modules")

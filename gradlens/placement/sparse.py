@@ -23,10 +23,9 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
-from gradlens.adapters import lora_b_parameters
 from gradlens.errors import GradlensError
-from gradlens.placement.masks import _SET_BY_SAVE, REQUIRED_METADATA, check_mask_fits, save_mask
-from gradlens.recorder import _unwrap
+from gradlens.models import lora_b_parameters, unwrap
+from gradlens.placement.masks import REQUIRED_METADATA, SET_BY_SAVE, check_mask_fits, save_mask
 
 MASK_FILE = "gradlens_mask.safetensors"
 
@@ -86,12 +85,12 @@ class SparseB:
 def apply_mask(model: torch.nn.Module, mask: Mapping[str, np.ndarray]) -> SparseB:
     """Train only the selected entries of the active adapter's ``lora_B`` weights from now on.
 
-    ``mask`` maps every LoRA module name (as :func:`gradlens.adapters.lora_b_parameters` yields them) to a bool
+    ``mask`` maps every LoRA module name (as :func:`gradlens.models.lora_b_parameters` yields them) to a bool
     ``(d_out, r)`` array; a missing or extra module, a wrong shape or dtype is an error. The masked-out entries are
     set to 0: on a fresh LoRA-FA adapter B is all zeros, so this changes nothing, and on a trained one it makes the
     model the sparse adapter the mask describes. Other adapters (e.g. GRPO's frozen ``ref``) are left alone.
     """
-    fitted = _fit(_unwrap(model), mask, "apply_mask")
+    fitted = _fit(unwrap(model), mask, "apply_mask")
     frozen = [name for name, p, _ in fitted if not p.requires_grad]
     if frozen:
         raise GradlensError(f"apply_mask: lora_B of {frozen[0]} does not require grad; attach the adapter with "
@@ -103,7 +102,7 @@ class SparseBCallback(TrainerCallback):
     """Sparse-B training in any (TRL) Trainer: applies ``mask`` at train begin, keeps masked entries 0, cleans up.
 
     The hooks mask each micro-batch's gradient inside ``backward``, so where this callback sits among the others does
-    not change what the Trainer clips or what a :class:`~gradlens.recorder.GradientRecorder` records (it reads
+    not change what the Trainer clips or what a :class:`~gradlens.record.recorder.GradientRecorder` records (it reads
     ``.grad`` at ``on_pre_optimizer_step``, after every backward). If ``train`` raises, the hooks stay on the model
     (they still only mask); call ``sparse.remove()`` to lift them.
     """
@@ -145,7 +144,7 @@ def export_adapter(model: torch.nn.Module, out_dir: str | os.PathLike[str], mask
     from peft import PeftModel
 
     out = Path(out_dir)
-    model = _unwrap(model)
+    model = unwrap(model)
     if not isinstance(model, PeftModel):
         raise GradlensError(f"{out}: cannot export a {type(model).__name__}; export_adapter needs a PEFT PeftModel")
     for name, p, keep in _fit(model, mask, str(out)):
@@ -157,7 +156,7 @@ def export_adapter(model: torch.nn.Module, out_dir: str | os.PathLike[str], mask
     model.save_pretrained(out, selected_adapters=[adapter])
     adapter_dir = out if adapter == "default" else out / adapter
     provenance = {key: None for key in REQUIRED_METADATA}
-    provenance.update({k: v for k, v in (metadata or {}).items() if k not in _SET_BY_SAVE})
+    provenance.update({k: v for k, v in (metadata or {}).items() if k not in SET_BY_SAVE})
     save_mask(adapter_dir / MASK_FILE, mask, provenance)
     return adapter_dir
 
@@ -179,7 +178,7 @@ def shira_mask_fn(mask: Mapping[str, np.ndarray], model: torch.nn.Module) -> Cal
     """
     from peft.tuners.lora import LoraLayer
 
-    model = _unwrap(model)
+    model = unwrap(model)
     owner = {id(layer.lora_B[a].weight): (layer, a) for layer in model.modules() if isinstance(layer, LoraLayer)
              for a in layer.lora_B}
     # Keyed by the base layer itself (nn.Module hashes by identity), which also keeps it alive, so no id is reused.

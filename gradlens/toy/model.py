@@ -25,10 +25,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
+from gradlens.tasks.addition import AdditionTask, carryless_sum
 from gradlens.toy.presets import ToyPreset, get_preset
-from gradlens.toy.task import AdditionTask, carryless_sum
 from gradlens.toy.tokenizer import build_char_tokenizer
 
 # Bump when the recipe changes, so stale cached models are not reused.
@@ -172,11 +172,3 @@ def ensure_base_model(preset: str = "tiny", seed: int = 0, *, rebuild: bool = Fa
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
-
-
-def load_base_model(preset: str = "tiny", seed: int = 0, *, progress: bool = False
-                    ) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
-    """The cached toy base model and its tokenizer, loaded through the standard ``from_pretrained`` path."""
-    from gradlens.adapters import load_model_and_tokenizer
-
-    return load_model_and_tokenizer(ensure_base_model(preset, seed, progress=progress))

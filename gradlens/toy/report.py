@@ -7,8 +7,8 @@ from pathlib import Path
 
 from gradlens.errors import GradlensError
 from gradlens.evaluate import Accuracy, accuracy
+from gradlens.tasks.addition import AdditionTask
 from gradlens.toy.model import RECIPE_FILE, base_model_path, ensure_base_model, get_preset, shipped_model_path
-from gradlens.toy.task import AdditionTask
 
 SOURCES = ("shipped", "cached", "built")
 
@@ -43,7 +43,7 @@ def evaluate_base_model(preset: str = "tiny", seed: int = 0, *, n: int = 400, k:
     Accuracy is measured on the first ``n`` prompts of the held-out split of the preset's addition task: greedy,
     and with ``k`` samples per prompt (``k=0`` skips sampling).
     """
-    from gradlens.adapters import load_model_and_tokenizer
+    from gradlens.models import load_model_and_tokenizer
 
     p = get_preset(preset)
     task = AdditionTask(digits=p.digits)
@@ -55,6 +55,6 @@ def evaluate_base_model(preset: str = "tiny", seed: int = 0, *, n: int = 400, k:
     path = ensure_base_model(preset, seed, rebuild=rebuild, progress=progress)
     model, tokenizer = load_model_and_tokenizer(path)
     data = task.dataset("heldout", n=n)
-    acc = accuracy(model, tokenizer, data["prompt"], data["answer"], k=k)
+    acc = accuracy(model, tokenizer, task, data, k=k)
     return BaseModelReport(preset=preset, seed=seed, path=Path(path), source=source,
                            n_parameters=sum(t.numel() for t in model.parameters()), accuracy=acc)

@@ -19,11 +19,10 @@ import torch
 from transformers import TrainerCallback
 from trl import SFTTrainer
 
-from gradlens.adapters import attach_lora, lora_b_parameters
-from gradlens.recorder import GradientRecorder
-from gradlens.regimes import build_trl_config
-from gradlens.toy.model import load_base_model
-from gradlens.toy.task import AdditionTask
+from gradlens.models import attach_lora, load_model, lora_b_parameters
+from gradlens.record.recorder import GradientRecorder
+from gradlens.tasks.addition import AdditionTask
+from gradlens.trainers import build_trl_config
 
 
 class ObservingSFTTrainer(SFTTrainer):
@@ -60,7 +59,7 @@ def main() -> None:
     parser.add_argument("--n_train", type=int, default=64)
     args = parser.parse_args()
 
-    model, tokenizer = load_base_model("tiny")
+    model, tokenizer = load_model("toy:tiny")
     model = attach_lora(model)
     data = AdditionTask().dataset("train", args.n_train)
     config = build_trl_config("sft", str(args.out / "trainer"), {

@@ -23,41 +23,14 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from gradlens.adapters import lora_b_parameters
 from gradlens.errors import GradlensError
-from gradlens.store import DTYPES, ModuleSpec, RunWriter
-from gradlens.writer import AsyncRunWriter
+from gradlens.models import lora_b_parameters, unwrap
+from gradlens.modules import ModuleFilter, ModuleSpec, match_modules
+from gradlens.store import DTYPES, AsyncRunWriter, RunWriter
 
-ModuleFilter = Sequence[str] | Callable[[str], bool] | None
 LOG_PREFIX = "gradlens/"
-# A shard is committed with the whole float64 accumulators file (44 bytes per B entry), so shards must be large
-# against it (256 MiB: at most ~2x write amplification for a 1.5B adapter) yet bounded, since the steps of a shard
-# are buffered in host memory and a hard kill loses them: at most this many steps and this many bytes.
-MAX_STEPS_PER_SHARD = 64
-SHARD_BYTES = 256 * 2**20
 # Entries per float64 block of the clip-coefficient sums (8 MiB: reused by the allocator, no page faults).
 BLOCK_ENTRIES = 2**20
-
-
-def select_modules(names: Sequence[str], modules: ModuleFilter) -> list[str]:
-    """Names kept by a filter: ``None`` (all), a callable, or module names / projection types (``v_proj``, ``v``)."""
-    if modules is None:
-        return list(names)
-    if callable(modules):
-        return [n for n in names if modules(n)]
-    wanted = [modules] if isinstance(modules, str) else list(modules)
-
-    def keep(name: str) -> bool:
-        spec = ModuleSpec.from_name(name, (1, 1))
-        return any(w == name or name.endswith("." + w) or w == spec.proj for w in wanted)
-
-    return [n for n in names if keep(n)]
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    from accelerate.utils import extract_model_from_parallel
-
-    return extract_model_from_parallel(model)
 
 
 def _blocks(sizes: Sequence[int], limit: int) -> list[list[int]]:
@@ -166,11 +139,11 @@ class GradientRecorder(TrainerCallback):
     # Trainer events
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        model = _unwrap(model)
+        model = unwrap(model)
         found = list(lora_b_parameters(model))
         if not found:
             raise GradlensError("model has no PEFT LoRA adapter (no LoraLayer found); nothing to record")
-        kept = set(select_modules([n for n, _ in found], self.module_filter))
+        kept = set(match_modules([n for n, _ in found], self.module_filter))
         if not kept:
             raise GradlensError(f"module filter {self.module_filter!r} matches none of the {len(found)} LoRA modules "
                                 f"(e.g. {found[0][0]})")
@@ -264,14 +237,12 @@ class GradientRecorder(TrainerCallback):
             return
         import json
 
-        bytes_per_step = sum(s.size for s in self.specs) * torch.empty((), dtype=DTYPES[self.dtype][0]).element_size()
-        steps_per_shard = self.steps_per_shard or max(1, min(MAX_STEPS_PER_SHARD, SHARD_BYTES // bytes_per_step))
         config = {"recorder": {"modules": repr(self.module_filter), "every_n_steps": self.every_n_steps,
                                "dtype": self.dtype, "save_raw": self.save_raw},
                   "trainer_class": type(self.trainer).__name__ if self.trainer is not None else None,
                   "training_args": json.loads(args.to_json_string()), **self.config}
         run = RunWriter(self.output_dir, self.specs, dtype=self.dtype, save_raw=self.save_raw,
-                        steps_per_shard=steps_per_shard, config=config,
+                        steps_per_shard=self.steps_per_shard, config=config,
                         seed=self.seed if self.seed is not None else args.seed, resume=self.resume)
         self.writer = AsyncRunWriter(run, max_queue=self.max_queue)
         _close_at_exit(self)

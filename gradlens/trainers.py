@@ -1,6 +1,9 @@
-"""Builders for ready-to-train TRL trainers (SFT and GRPO) on a LoRA-FA model, with defaults that run on a CPU.
+"""The one training path: :func:`build_trainer` makes the TRL trainer (SFT or GRPO) of every gradlens run, for
+record, train, probe and compare alike, from a LoRA-FA model, a task and the run's TRL settings.
 
-Every TRL config field can be overridden by name; an unknown name is an error rather than silently ignored.
+Settings are layered (:func:`trl_settings`): CPU-safe defaults, then what the device and dtype need, then the task's
+own defaults, then the user's TRL fields, then the gradlens flags (steps, seed, learning rate). Every TRL config field
+can be overridden by name; an unknown name is an error rather than silently ignored.
 
 Note on GRPO batch sizes: in ``GRPOConfig``, ``per_device_train_batch_size`` counts *completions*, not prompts. With
 ``num_generations=G``, one micro-batch of ``B`` completions covers ``B / G`` prompts, and ``B`` times the number of
@@ -10,13 +13,15 @@ processes (times ``steps_per_generation``) must be divisible by ``G``.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
-from gradlens.config import REGIMES
+from gradlens.config import REGIMES, RecordConfig
 from gradlens.errors import GradlensError
+from gradlens.models import lora_b_parameters, trainer_overrides
+from gradlens.tasks.base import Task
 
 # Safe everywhere, needed on a CPU: no mixed precision, no activation checkpointing, no reporting or checkpoints
 # unless asked for. Everything here can be overridden.
@@ -80,38 +85,44 @@ def build_trl_config(regime: str, output_dir: str, overrides: Mapping[str, Any] 
 
 
 def _require_trainable_lora(model: PreTrainedModel) -> None:
-    from gradlens.adapters import lora_b_parameters
-
     if not any(True for _ in lora_b_parameters(model)):
         raise GradlensError("model has no PEFT LoRA adapter (no LoraLayer found); attach one with attach_lora()")
 
 
-def build_sft_trainer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train_dataset, *, output_dir: str,
-                      overrides: Mapping[str, Any] | None = None,
-                      callbacks: Sequence[TrainerCallback] = ()):
-    """An ``SFTTrainer`` for a LoRA model. Prompt-completion datasets train on the completion only (TRL default)."""
-    from trl import SFTTrainer
-
-    _require_trainable_lora(model)
-    args = build_trl_config("sft", output_dir, overrides)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer,
-                         callbacks=list(callbacks))
-    if len(trainer.train_dataset) == 0:  # TRL drops examples whose completion was truncated away
-        raise GradlensError(f"no SFT example has a completion token within max_length={args.max_length}; "
-                            "raise --max_length")
-    return trainer
+def default_learning_rate(regime: str) -> float:
+    """TRL's own default learning rate of a regime's config (what a run gets when neither task nor user sets one)."""
+    return float(config_fields(regime)["learning_rate"].default)
 
 
-def build_grpo_trainer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train_dataset,
-                       reward_funcs: Callable | Sequence[Callable], *, output_dir: str,
-                       overrides: Mapping[str, Any] | None = None, callbacks: Sequence[TrainerCallback] = ()):
-    """A ``GRPOTrainer`` for a LoRA model with plain-Python reward functions.
+def trl_settings(config: RecordConfig, task: Task, device: str = "cpu", model_dtype: str = "float32"
+                 ) -> dict[str, Any]:
+    """The TRL config fields of one run: device/dtype needs, the task's defaults, the user's TRL fields, then the
+    gradlens flags (``max_steps``, ``seed`` and ``data_seed``, ``learning_rate`` when given)."""
+    out = {**trainer_overrides(device, model_dtype), **task.trl_defaults(config.regime), **config.trl,
+           "max_steps": config.max_steps, "seed": config.seed, "data_seed": config.seed}
+    if config.learning_rate is not None:
+        out["learning_rate"] = config.learning_rate
+    return out
 
-    ``per_device_train_batch_size`` counts completions (see the module docstring).
+
+def build_trainer(regime: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train_dataset, task: Task,
+                  *, output_dir: str, settings: Mapping[str, Any] | None = None,
+                  callbacks: Sequence[TrainerCallback] = ()):
+    """The ``SFTTrainer`` or ``GRPOTrainer`` of a LoRA model: SFT on the dataset's completions (prompt-completion
+    format: the loss covers the completion only), GRPO with the task's reward functions.
+
+    ``per_device_train_batch_size`` counts completions under GRPO (see the module docstring).
     """
-    from trl import GRPOTrainer
+    from trl import GRPOTrainer, SFTTrainer
 
     _require_trainable_lora(model)
-    args = build_trl_config("grpo", output_dir, overrides)
-    return GRPOTrainer(model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset,
+    args = build_trl_config(regime, output_dir, settings)
+    if regime == "sft":
+        trainer = SFTTrainer(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer,
+                             callbacks=list(callbacks))
+        if len(trainer.train_dataset) == 0:  # TRL drops examples whose completion was truncated away
+            raise GradlensError(f"no SFT example has a completion token within max_length={args.max_length}; "
+                                "raise --max_length")
+        return trainer
+    return GRPOTrainer(model=model, reward_funcs=task.reward_functions(), args=args, train_dataset=train_dataset,
                        processing_class=tokenizer, callbacks=list(callbacks))

@@ -1,4 +1,4 @@
-"""The synthetic task: multi-digit addition with an exact-match, verifiable reward.
+"""The embedded toy task: multi-digit addition with an exact-match, verifiable reward.
 
 Prompts look like ``"37+45="`` and the answer is the decimal sum (``"82"``). The train and held-out splits are
 disjoint sets of operand pairs drawn by a seeded shuffle, so held-out accuracy measures generalisation.
@@ -12,9 +12,20 @@ from typing import Any
 
 from datasets import Dataset
 
+from gradlens.errors import GradlensError
+from gradlens.tasks.base import RewardFunction, Task, exact_match, exact_match_reward
+
+# TRL settings for the addition task, used where the user sets nothing. Tuned on the tiny preset so that both
+# regimes improve held-out accuracy within ~100 steps on a CPU.
+TRL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "sft": {"per_device_train_batch_size": 16, "learning_rate": 2e-3, "max_length": 32},
+    "grpo": {"per_device_train_batch_size": 32, "num_generations": 8, "max_completion_length": 5,
+             "learning_rate": 1e-3, "temperature": 1.0},
+}
+
 
 @dataclass(frozen=True)
-class AdditionTask:
+class AdditionTask(Task):
     """Addition of two ``digits``-digit numbers; ``n_heldout`` pairs are kept out of training."""
 
     digits: int = 2
@@ -23,9 +34,9 @@ class AdditionTask:
 
     def __post_init__(self) -> None:
         if not 1 <= self.digits <= 6:
-            raise ValueError(f"AdditionTask: digits must be in 1..6, got {self.digits}")
+            raise GradlensError(f"AdditionTask: digits must be in 1..6, got {self.digits}")
         if not 0 < self.n_heldout < self.n_pairs // 2:
-            raise ValueError(f"AdditionTask: n_heldout must be in 1..{self.n_pairs // 2 - 1}, got {self.n_heldout}")
+            raise GradlensError(f"AdditionTask: n_heldout must be in 1..{self.n_pairs // 2 - 1}, got {self.n_heldout}")
 
     @property
     def operand_range(self) -> range:
@@ -50,15 +61,20 @@ class AdditionTask:
     def answer(a: int, b: int) -> str:
         return str(a + b)
 
+    name = "addition"
+    train_split = "train"
+    eval_split = "heldout"
+    eval_max_new_tokens = 8
+    add_special_tokens = False  # the toy tokenizer has no BOS; prompts are generated as TRL tokenizes them
+
     def dataset(self, split: str = "train", n: int | None = None) -> Dataset:
         """A TRL-ready dataset with ``prompt``, ``completion`` and ``answer`` columns (prompt-completion format).
 
         SFTTrainer trains on the completion only; GRPOTrainer ignores ``completion`` and passes ``answer`` to the
         reward function.
         """
+        self.check_split(split, ("train", "heldout"))
         train, heldout = self.split()
-        if split not in ("train", "heldout"):
-            raise ValueError(f"AdditionTask.dataset: split must be 'train' or 'heldout', got {split!r}")
         pairs = (train if split == "train" else heldout)[:n]
         return Dataset.from_dict(
             {
@@ -68,6 +84,15 @@ class AdditionTask:
             }
         )
 
+    def is_correct(self, completion: str, answer: str) -> bool:
+        return exact_match(completion, answer)
+
+    def reward_functions(self) -> list[RewardFunction]:
+        return [exact_match_reward]
+
+    def trl_defaults(self, regime: str) -> dict[str, Any]:
+        return dict(TRL_DEFAULTS[regime])
+
 
 def carryless_sum(a: int, b: int) -> int:
     """The sum with every carry dropped (digit-wise addition mod 10): the toy base model's systematic error."""
@@ -76,15 +101,3 @@ def carryless_sum(a: int, b: int) -> int:
         out += ((a % 10 + b % 10) % 10) * place
         a, b, place = a // 10, b // 10, place * 10
     return out
-
-
-def completion_text(completion: Any) -> str:
-    """The text of a TRL completion: a plain string, or the last message of a conversational completion."""
-    if isinstance(completion, list):
-        return completion[-1]["content"] if completion else ""
-    return str(completion)
-
-
-def exact_match_reward(prompts: list, completions: list, answer: list[str], **kwargs: Any) -> list[float]:
-    """TRL reward function: 1.0 when the completion (whitespace stripped) is exactly the answer, else 0.0."""
-    return [float(completion_text(c).strip() == str(a).strip()) for c, a in zip(completions, answer, strict=True)]

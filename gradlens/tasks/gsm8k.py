@@ -1,4 +1,4 @@
-"""A GSM8K-style math task: loading, prompts (plain or chat), a verifiable correctness reward and greedy accuracy.
+"""A GSM8K-style math task: loading, prompts (plain or chat) and a verifiable correctness reward.
 
 Data follows GSM8K: a ``question`` column and an ``answer`` column holding the worked solution with the final answer
 after ``####`` (column names configurable). The reward compares the final answer of a completion with the gold one:
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -19,7 +19,7 @@ from typing import Any
 
 from gradlens.config import MATH_PREFIX
 from gradlens.errors import GradlensError
-from gradlens.toy.task import completion_text
+from gradlens.tasks.base import RewardFunction, Task, completion_text
 
 GSM8K_HUB_ID = "openai/gsm8k"
 ANSWER_MARK = "####"
@@ -178,14 +178,34 @@ def _load_split(source: str, split: str, dataset_config: str | None):
 
 
 @dataclass(frozen=True)
-class MathTask:
-    """A GSM8K-style task: where its data is, which columns hold question and worked answer, and the prompt format."""
+class MathTask(Task):
+    """A GSM8K-style task: where its data is, which columns hold question and worked answer, the splits, the prompt
+    format and whether GRPO adds a format reward."""
 
     source: str = GSM8K_HUB_ID
     dataset_config: str | None = None
     question_column: str = "question"
     answer_column: str = "answer"
     chat: bool = False
+    train_split: str = "train"
+    eval_split: str = "test"
+    eval_max_new_tokens: int = 256
+    with_format_reward: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{MATH_PREFIX}:{self.source}"
+
+    @property
+    def prompt_format(self) -> str:
+        return "chat" if self.chat else "plain"
+
+    def is_correct(self, completion: str, answer: str) -> bool:
+        return is_correct(completion_text(completion), answer)
+
+    def reward_functions(self) -> list[RewardFunction]:
+        """Correctness, plus the format reward if asked for."""
+        return [correctness_reward, format_reward] if self.with_format_reward else [correctness_reward]
 
     @classmethod
     def from_spec(cls, task: str, **kwargs: Any) -> MathTask:
@@ -225,33 +245,4 @@ class MathTask:
                                      "answer": gold_answer(row[a])},
                         remove_columns=data.column_names, desc="math task prompts")
 
-    def prompt_texts(self, prompts: Sequence[str | list[dict[str, str]]], tokenizer) -> list[str]:
-        """Prompts (a ``prompt`` column) as the model sees them: chat prompts rendered with the generation prompt."""
-        if not self.chat:
-            return list(prompts)
-        return [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
 
-
-def reward_functions(with_format: bool = False) -> list[Callable[..., list[float]]]:
-    """The GRPO reward functions of the math task: correctness, plus the format reward if asked for."""
-    return [correctness_reward, format_reward] if with_format else [correctness_reward]
-
-
-def greedy_accuracy(model, tokenizer, task: MathTask, data, *, max_new_tokens: int = 256,
-                    batch_size: int = 16) -> dict[str, Any]:
-    """Greedy-decoding accuracy on ``data`` (a :meth:`MathTask.dataset`): share of correct final answers."""
-    from gradlens.evaluate import generate_answers
-
-    if len(data) == 0:
-        raise GradlensError(f"math task {task.source}: the evaluation split is empty")
-    outputs = generate_answers(model, tokenizer, task.prompt_texts(data["prompt"], tokenizer),
-                               max_new_tokens=max_new_tokens, batch_size=batch_size, add_special_tokens=not task.chat)
-    correct = [is_correct(o, a) for o, a in zip(outputs, data["answer"], strict=True)]
-    return {"accuracy": sum(correct) / len(correct), "n": len(correct), "correct": sum(correct),
-            "max_new_tokens": max_new_tokens, "examples": [{"completion": o, "answer": a, "correct": c}
-                                                           for o, a, c in zip(outputs[:5], data["answer"], correct,
-                                                                              strict=False)]}
-
-
-def is_math_task(task: str) -> bool:
-    return task == MATH_PREFIX or task.startswith(f"{MATH_PREFIX}:")

@@ -1,0 +1,251 @@
+"""``compare``: the placement table. Base model, full-B LoRA, and sparse-B LoRA (A frozen, k entries of B trained)
+with random and gradient-informed placements, under SFT and GRPO, over budgets and seeds, on any model and task.
+
+The library behind ``gradlens compare`` (notebooks call :func:`compare` with a :class:`CompareConfig`). Per regime:
+
+1. the base model's held-out accuracy;
+2. a learning-rate sweep on ``sweep_seed``, scored on validation prompts held back from the task's train split (never
+   the held-out ones): full-B LoRA over ``full_lrs``, each sparse method over ``sparse_lrs`` at each budget;
+3. per seed: a probe (``probe_steps`` recorded steps, statistics only) that scores every B entry, full-B LoRA, and
+   each method at each budget with its swept learning rate; every run is evaluated on the task's eval split.
+
+Each finished run is written at once (``placement.csv``, ``sweep.csv``), so a crash loses at most the run in
+progress, and ``resume=True`` skips what is done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from gradlens.compare.tables import PLACEMENT, SWEEP, Table, findings, summarize, where_rows, with_references
+from gradlens.config import INFORMED_METHODS, CompareConfig
+from gradlens.errors import GradlensError
+from gradlens.fsio import atomic_write, json_dump
+from gradlens.provenance import package_versions
+
+Masks = dict[str, dict[str, dict[str, np.ndarray]]]  # masks[budget][method]
+
+
+@dataclass
+class CompareResult:
+    """The raw rows (``placement``: held-out, ``sweep``: validation), the summary over seeds, where the informed
+    entries sit, probe costs, accuracy curves, the printed finding and the output directory."""
+
+    placement: pd.DataFrame
+    sweep: pd.DataFrame
+    summary: pd.DataFrame
+    where: pd.DataFrame
+    probes: pd.DataFrame
+    curves: pd.DataFrame
+    findings: str
+    out: Path
+    files: list[Path] = field(default_factory=list)
+
+
+def _informed(methods: list[str]) -> list[str]:
+    return [m for m in methods if m in INFORMED_METHODS]
+
+
+def _jobs(config: CompareConfig) -> int:
+    """The number of runs ahead, for the progress bar."""
+    per_regime = 1 + len(config.seeds) * (1 + len(config.methods) * len(config.budgets))
+    if len(config.full_lrs or []) > 1:
+        per_regime += len(config.full_lrs)
+    if len(config.sparse_lrs) > 1:
+        per_regime += len(config.methods) * len(config.budgets) * len(config.sparse_lrs)
+    return len(config.regimes) * per_regime
+
+
+@contextlib.contextmanager
+def _quiet_library_bars() -> Iterator[None]:
+    """Hide the per-run dataset and weight-loading bars of datasets/transformers (compare has its own bar) and a
+    deprecation warning that transformers raises from its own code on every run."""
+    import datasets
+    from transformers.utils import logging
+
+    ds_off, tf_on = datasets.are_progress_bars_disabled(), logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():  # transformers 5.x warns about its own deprecated call on every run
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            yield
+    finally:
+        if not ds_off:
+            datasets.enable_progress_bars()
+        if tf_on:
+            logging.enable_progress_bar()
+
+
+class Comparison:
+    """One comparison in progress: the runner that trains, the two tables, and what each seed's probe produced."""
+
+    def __init__(self, config: CompareConfig, out: Path) -> None:
+        from tqdm.auto import tqdm
+
+        from gradlens.compare.training import Runner
+        from gradlens.placement.budget import Budget
+
+        self.config = config
+        self.out = out
+        self.placement = Table(out / PLACEMENT, config.resume)
+        self.sweep = Table(out / SWEEP, config.resume)
+        self.runner = Runner(config, out)
+        for b in config.budgets:  # fail before any training on a budget the adapter cannot hold
+            Budget.parse(b, config.scope).counts(self.runner.shapes)
+        self.budgets = [str(Budget.parse(b, config.scope)) for b in config.budgets]
+        self.informed = _informed(config.methods)
+        self.probe_rows: list[dict[str, Any]] = []
+        self.where: list[pd.DataFrame] = []
+        self.bar = tqdm(total=_jobs(config), desc="gradlens compare", unit="run", disable=not config.progress)
+
+    def run_one(self, table: Table, split: str, regime: str, method: str, budget: str, seed: int, lr: float,
+                mask: dict[str, np.ndarray] | None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Train (unless ``base``) and evaluate one configuration, or take its row from a resumed table."""
+        key = {"regime": regime, "method": method, "budget": budget, "seed": seed, "lr": lr}
+        done = table.find(**key)
+        if done is None:
+            done = self._train_and_evaluate(table, split, key, mask, extra or {})
+        self.bar.update(1)
+        self.bar.set_postfix_str(f"{regime} {method} {budget} seed {seed}".replace("  ", " "))
+        return done
+
+    def _train_and_evaluate(self, table: Table, split: str, key: dict[str, Any], mask: dict[str, np.ndarray] | None,
+                            extra: dict[str, Any]) -> dict[str, Any]:
+        c, runner = self.config, self.runner
+        regime, method, seed = key["regime"], key["method"], key["seed"]
+        if method == "base":
+            model, seconds = runner.base, 0.0
+        else:
+            model, seconds = runner.train(regime, seed, key["lr"], mask, key if split == "heldout" else None)
+        row = {**key, "steps": 0 if method == "base" else c.max_steps, "scope": c.scope,
+               "k": int(sum(int(m.sum()) for m in mask.values())) if mask is not None else None,
+               **runner.evaluate(model, split, seed), "train_seconds": seconds, **extra}
+        if c.export and mask is not None and split == "heldout":
+            from gradlens.placement.sparse import export_adapter
+
+            slug = key["budget"].replace("%", "pct").replace("=", "")
+            export_adapter(model, self.out / "adapters" / regime / f"{method}-{slug}-seed{seed}", mask,
+                           {"selector": method, "budget": key["budget"], "seed": seed, "lr": key["lr"],
+                            "regime": regime})
+        table.add(row)
+        return row
+
+    def best_lr(self, regime: str, method: str, budget: str, lrs: list[float],
+                mask: dict[str, np.ndarray] | None) -> float:
+        """The rate with the best validation accuracy on the sweep seed (ties: the smaller); no runs for one rate."""
+        if len(lrs) == 1:
+            return float(lrs[0])
+        seed = self.config.sweep_seed
+        scores = [(self.run_one(self.sweep, "val", regime, method, budget, seed, lr, mask)["accuracy"], -lr)
+                  for lr in lrs]
+        return float(-max(scores)[1])
+
+    def seed_masks(self, regime: str, seed: int, probe_lr: float) -> tuple[Masks, dict[str, Any]]:
+        """``masks[budget][method]`` for one seed: informed ones from this seed's probe, the rest drawn with the
+        seed (``random_matched`` copies the first informed mask's per-module counts)."""
+        from gradlens.placement.budget import Budget
+        from gradlens.placement.selectors import select
+
+        probed, info = self.runner.probe(regime, seed, probe_lr, self.informed) if self.informed else ({}, {})
+        masks: Masks = {}
+        for budget in self.budgets:
+            b = Budget.parse(budget, self.config.scope)
+            masks[budget] = {m: probed[(m, budget)] for m in self.informed}
+            for m in self.config.methods:
+                if m not in self.informed:
+                    reference = masks[budget][self.informed[0]] if m == "random_matched" else None
+                    masks[budget][m] = select(m, b, self.runner.shapes, seed=seed, reference=reference)
+        return masks, info
+
+    def regime(self, regime: str) -> None:
+        """Base, the sweeps, then every seed's full-B and sparse runs of one regime."""
+        c = self.config
+        self.run_one(self.placement, "heldout", regime, "base", "", 0, 0.0, None)
+        full_lrs = c.full_lrs or [self.runner.default_lr(regime)]
+        lr_of = {("full", ""): self.best_lr(regime, "full", "", full_lrs, None)}
+        sweep_masks: Masks = {}
+        if len(c.sparse_lrs) > 1:
+            sweep_masks, _ = self.seed_masks(regime, c.sweep_seed, lr_of[("full", "")])
+        for budget in self.budgets:  # a sparser mask wants a larger rate: one sweep per method and budget
+            for method in c.methods:
+                lr_of[(method, budget)] = self.best_lr(regime, method, budget, c.sparse_lrs,
+                                                       sweep_masks.get(budget, {}).get(method))
+        for seed in c.seeds:
+            full = self.run_one(self.placement, "heldout", regime, "full", "", seed, lr_of[("full", "")], None,
+                                {"lr_swept": len(full_lrs) > 1})
+            masks, info = self.seed_masks(regime, seed, lr_of[("full", "")])
+            self.probe_rows.append({"regime": regime, "seed": seed, **_probe_cost(info, full)})
+            for budget in self.budgets:
+                for method in c.methods:
+                    mask = masks[budget][method]
+                    self.run_one(self.placement, "heldout", regime, method, budget, seed, lr_of[(method, budget)],
+                                 mask, {"lr_swept": len(c.sparse_lrs) > 1})
+                    if method in self.informed:
+                        self.where.append(where_rows(mask, regime, method, budget, seed))
+
+
+def compare(config: CompareConfig) -> CompareResult:
+    """Run the placement comparison described by ``config`` and write its tables, plot and provenance."""
+    out = Path(config.out)
+    if (out / PLACEMENT).exists() and not config.resume:
+        raise GradlensError(f"{out} already holds a comparison; pass --resume to continue it or choose another --out")
+    with _quiet_library_bars():
+        out.mkdir(parents=True, exist_ok=True)
+        started = time.time()
+        comparison = Comparison(config, out)
+        try:
+            for regime in config.regimes:
+                comparison.regime(regime)
+        finally:
+            comparison.bar.close()
+        return write_results(config, out, comparison.placement.frame(), comparison.sweep.frame(), comparison.where,
+                             comparison.probe_rows, comparison.runner.curves, time.time() - started,
+                             comparison.runner.task.describe())
+
+
+def _probe_cost(info: dict[str, Any], full: dict[str, Any]) -> dict[str, Any]:
+    """The probe's cost against the measured full-B LoRA run of the same seed (steps and seconds)."""
+    from gradlens.placement.probe import probe_cost
+
+    if not info:
+        return {}
+    cost = probe_cost(info["steps"], info["train_seconds"], int(full["steps"]), float(full["train_seconds"]))
+    return {**cost, "scoring_seconds_max": max(info["scoring_seconds"].values(), default=0.0)}
+
+
+def write_results(config: CompareConfig, out: Path, placement: pd.DataFrame, sweep: pd.DataFrame,
+                  where: list[pd.DataFrame], probe_rows: list[dict[str, Any]], curves: list[dict[str, Any]],
+                  seconds: float, task: dict[str, Any] | None = None) -> CompareResult:
+    """Write a comparison's outputs from its rows: placement (with base and full-B references), summary, where,
+    probe and curve tables, the plot, provenance (with the task) and the finding."""
+    from gradlens.compare.plot import placement_plot
+
+    placement = with_references(placement)
+    if len(placement):
+        atomic_write(out / PLACEMENT, lambda tmp: placement.to_csv(tmp, index=False))
+    summary = summarize(placement)
+    where_df = pd.concat(where, ignore_index=True) if where else pd.DataFrame()
+    probes, curve_df = pd.DataFrame(probe_rows), pd.DataFrame(curves)
+    files = [out / PLACEMENT, out / SWEEP]
+    for name, df in (("summary", summary), ("where", where_df), ("probes", probes), ("curves", curve_df)):
+        if len(df):
+            atomic_write(out / f"{name}.csv", lambda tmp, df=df: df.to_csv(tmp, index=False))
+            files.append(out / f"{name}.csv")
+    prov = {"tool": "gradlens compare", "config": asdict(config), "task": task, "versions": package_versions()}
+    files.append(placement_plot(summary, out / "placement.png", prov))
+    text = findings(summary, probes)
+    json_dump({**prov, "seconds": seconds, "files": [f.name for f in files], "findings": text},
+              out / "provenance.json")
+    files.append(out / "provenance.json")
+    return CompareResult(placement=placement, sweep=sweep, summary=summary, where=where_df, probes=probes,
+                         curves=curve_df, findings=text, out=out, files=files)

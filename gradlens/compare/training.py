@@ -1,0 +1,164 @@
+"""The runs of a comparison: one base model kept in memory, each configuration trained on a fresh copy of it through
+the one training path (:func:`gradlens.trainers.build_trainer`), and evaluated on the task's splits."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gradlens.config import CompareConfig, ProbeConfig, RecordConfig
+from gradlens.errors import GradlensError
+from gradlens.tasks.base import Task
+
+CURVE_PROMPTS = 100
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Training rows, validation rows held back from the train split (the sweep's), and the held-out rows."""
+
+    train: Any
+    val: Any
+    heldout: Any
+
+
+def split_task(task: Task, n_val: int, n_eval: int) -> Splits:
+    """The train split minus its last ``n_val`` rows, those rows for validation, and ``n_eval`` eval-split rows."""
+    train = task.dataset(task.train_split)
+    if n_val >= len(train) // 2:
+        raise GradlensError(f"n_val={n_val} leaves too little training data ({len(train)} rows in task "
+                            f"{task.name}'s {task.train_split!r} split)")
+    heldout = task.dataset(task.eval_split)
+    if n_eval > len(heldout):
+        raise GradlensError(f"n_eval must be <= {len(heldout)} (the size of task {task.name}'s "
+                            f"{task.eval_split!r} split), got {n_eval}")
+    n = len(train) - n_val
+    return Splits(train=train.select(range(n)), val=train.select(range(n, len(train))),
+                  heldout=heldout.select(range(n_eval)))
+
+
+def _accuracy_curve(tokenizer: Any, task: Task, data: Any, every: int, sink: list[dict[str, Any]],
+                    tags: dict[str, Any]):
+    """A TrainerCallback that appends greedy accuracy on the first held-out prompts every ``every`` steps."""
+    from transformers import TrainerCallback
+
+    from gradlens.evaluate import accuracy
+
+    prompts = data.select(range(min(CURVE_PROMPTS, len(data))))
+
+    class AccuracyCurve(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step % every == 0:
+                acc = accuracy(kwargs["model"], tokenizer, task, prompts, k=0)
+                sink.append({**tags, "step": state.global_step, "accuracy": acc.greedy})
+
+    return AccuracyCurve()
+
+
+class Runner:
+    """Trains and evaluates one configuration at a time on a shared in-memory base model."""
+
+    def __init__(self, config: CompareConfig, out: Path) -> None:
+        from gradlens.models import (
+            attach_lora,
+            load_model,
+            lora_b_parameters,
+            resolve_device,
+            resolve_dtype,
+            uses_chat_template,
+        )
+        from gradlens.tasks import is_math_task, load_task
+
+        self.config = config
+        self.out = out
+        self.device = resolve_device(config.device)
+        self.model_dtype = resolve_dtype(config.model_dtype, self.device, config.model)
+        self.base, self.tokenizer = load_model(config.model, self.model_dtype, progress=config.progress)
+        self.base.to(self.device)
+        chat = is_math_task(config.task) and uses_chat_template(config.prompt_format, config.model, self.tokenizer)
+        self.task = load_task(config, chat=chat)
+        self.data = split_task(self.task, config.n_val, config.n_eval)
+        self.curves: list[dict[str, Any]] = []
+        adapter = attach_lora(copy.deepcopy(self.base), r=config.lora_r, alpha=config.lora_alpha,
+                              target_modules=config.lora_target_modules)
+        self.shapes = {name: tuple(p.shape) for name, p in lora_b_parameters(adapter)}
+
+    def record_config(self, regime: str, seed: int, lr: float | None, out: Path) -> RecordConfig:
+        """The run as ``gradlens record`` would describe it; TRL extras that the regime's config lacks are dropped
+        (``num_generations`` means nothing to SFT)."""
+        from gradlens.trainers import config_fields
+
+        c = self.config
+        trl = {k: v for k, v in c.trl.items() if k in config_fields(regime)}
+        return RecordConfig(**c.model_task_fields(), regime=regime, out=str(out), max_steps=c.max_steps, seed=seed,
+                            learning_rate=lr, n_train=len(self.data.train), trl=trl)
+
+    def settings(self, regime: str, seed: int, lr: float | None) -> dict[str, Any]:
+        from gradlens.trainers import trl_settings
+
+        return trl_settings(self.record_config(regime, seed, lr, self.out), self.task, self.device,
+                            self.model_dtype)
+
+    def default_lr(self, regime: str) -> float:
+        """The task's rate for the regime, else TRL's default."""
+        from gradlens.trainers import default_learning_rate
+
+        return float(self.settings(regime, 0, None).get("learning_rate", default_learning_rate(regime)))
+
+    def evaluate(self, model: Any, split: str, seed: int) -> dict[str, float]:
+        from gradlens.evaluate import accuracy
+
+        data = self.data.heldout if split == "heldout" else self.data.val
+        k = self.config.eval_samples if split == "heldout" else 0
+        acc = accuracy(model, self.tokenizer, self.task, data, k=k, seed=seed)
+        return {"accuracy": acc.greedy, "sampled_accuracy": acc.sampled, "pass_at_k": acc.pass_at_k,
+                "n_prompts": acc.n}
+
+    def train(self, regime: str, seed: int, lr: float, mask: dict[str, np.ndarray] | None,
+              tags: dict[str, Any] | None = None):
+        """(trained PeftModel, measured train seconds): full-B LoRA-FA, or sparse-B when ``mask`` is given."""
+        from transformers import PrinterCallback, set_seed
+
+        from gradlens.models import attach_lora
+        from gradlens.placement.probe import train_runtime
+        from gradlens.placement.sparse import SparseBCallback
+        from gradlens.trainers import build_trainer
+
+        c = self.config
+        settings = {**self.settings(regime, seed, lr), "disable_tqdm": True, "logging_steps": c.max_steps}
+        set_seed(seed)
+        model = attach_lora(copy.deepcopy(self.base), r=c.lora_r, alpha=c.lora_alpha,
+                            target_modules=c.lora_target_modules, seed=seed)
+        callbacks = [SparseBCallback(mask)] if mask is not None else []
+        if tags is not None and c.curve_every:
+            callbacks.append(_accuracy_curve(self.tokenizer, self.task, self.data.heldout, c.curve_every,
+                                             self.curves, tags))
+        with tempfile.TemporaryDirectory(prefix="gradlens-compare-") as tmp:
+            trainer = build_trainer(regime, model, self.tokenizer, self.data.train, self.task, output_dir=tmp,
+                                    settings=settings, callbacks=callbacks)
+            trainer.remove_callback(PrinterCallback)
+            trainer.train()
+        return trainer.model, train_runtime(trainer)
+
+    def probe(self, regime: str, seed: int, lr: float, methods: list[str]):
+        """Masks of the informed ``methods`` for every budget from a probe of this seed (reused on resume)."""
+        from gradlens.placement.masks import load_mask
+        from gradlens.placement.probe import PROBE_FILE, probe, read_probe
+
+        c = self.config
+        out = self.out / "probes" / f"{regime}-seed{seed}"
+        if not (out / PROBE_FILE).is_file():
+            if out.exists():  # an interrupted probe: its run is incomplete, start it again
+                shutil.rmtree(out)
+            fields = {k: v for k, v in asdict(self.record_config(regime, seed, lr, out)).items() if k != "max_steps"}
+            probe(ProbeConfig(**fields, max_steps=c.probe_steps, methods=methods, budgets=list(c.budgets),
+                              scope=c.scope, train_steps=c.max_steps), progress=False)
+        info = read_probe(out)
+        masks = {tuple(key.split("/", 1)): load_mask(path)[0] for key, path in info["masks"].items()}
+        return masks, info

@@ -1,0 +1,103 @@
+"""``record``: one TRL training run (SFT or GRPO) of a LoRA-FA model with the :class:`GradientRecorder` attached.
+
+This is the library behind ``gradlens record``; notebooks call :func:`record` with a :class:`RecordConfig`.
+The embedded default (``model="toy:tiny"``, ``task="addition"``) runs offline on a laptop CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from gradlens.config import RecordConfig
+from gradlens.errors import GradlensError
+from gradlens.store import MANIFEST
+
+EVAL_FILE = "eval.json"
+
+@dataclass(frozen=True)
+class RecordResult:
+    """Where the run is and what it holds (``bytes``: the run files and adapter, without Trainer checkpoints)."""
+
+    path: Path
+    steps: int
+    bytes: int
+    trainer: Any
+    eval: dict[str, Any] | None = None  # n_eval > 0: greedy held-out accuracy (also in eval.json)
+
+
+def _resume_checkpoint(trainer_dir: Path, last_recorded: int | None) -> str | None:
+    """The newest Trainer checkpoint at or before the last recorded step, so no step goes unrecorded."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    if last_recorded is None or not trainer_dir.is_dir():
+        return None
+    found = []
+    for d in trainer_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        step = d.name.rsplit("-", 1)[-1]
+        if step.isdigit() and int(step) <= last_recorded and (d / "trainer_state.json").is_file():
+            found.append((int(step), d))
+    return str(max(found)[1]) if found else None
+
+
+def record(config: RecordConfig, *, progress: bool = True) -> RecordResult:
+    """Train with TRL under ``config`` and record every LoRA-B gradient into ``config.out``.
+
+    ``progress=False`` drops the Trainer's progress bar and console logs (callers with their own bar, like compare).
+    """
+    from transformers import PrinterCallback, ProgressCallback, set_seed
+
+    from gradlens.evaluate import greedy_report
+    from gradlens.fsio import json_dump
+    from gradlens.models import attach_lora, load_model, resolve_device, resolve_dtype, uses_chat_template
+    from gradlens.record.recorder import GradientRecorder
+    from gradlens.store import open_run, writer_leftovers_only
+    from gradlens.tasks import is_math_task, load_task
+    from gradlens.trainers import build_trainer, check_overrides, trl_settings
+
+    check_overrides(config.regime, config.trl)
+    out = Path(config.out)
+    if (out / MANIFEST).exists() and not config.resume:
+        raise GradlensError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    if not (out / MANIFEST).exists() and not writer_leftovers_only(out, also=("trainer",)):  # a kill's are fine
+        raise GradlensError(f"{out} exists and is not a gradlens run; choose an empty or new --out")
+    previous = open_run(out).steps if config.resume and (out / MANIFEST).exists() else []
+    last_recorded = previous[-1] if previous else None
+
+    set_seed(config.seed)
+    device = resolve_device(config.device)
+    model_dtype = resolve_dtype(config.model_dtype, device, config.model)
+    model, tokenizer = load_model(config.model, model_dtype)
+    model = attach_lora(model, r=config.lora_r, alpha=config.lora_alpha, target_modules=config.lora_target_modules,
+                        seed=config.seed)
+    chat = is_math_task(config.task) and uses_chat_template(config.prompt_format, config.model, tokenizer)
+    task = load_task(config, chat=chat)
+    data = task.dataset(task.train_split, config.n_train)
+    eval_data = task.dataset(task.eval_split, config.n_eval) if config.n_eval > 0 else None  # fail early
+    trainer_dir = out / "trainer"
+    trainer = build_trainer(config.regime, model, tokenizer, data, task, output_dir=str(trainer_dir),
+                            settings=trl_settings(config, task, device, model_dtype))
+    if not progress:
+        trainer.remove_callback(ProgressCallback)
+        trainer.remove_callback(PrinterCallback)
+    provenance = {"record": asdict(config), "pid": os.getpid(), "device": device, "model_dtype": model_dtype,
+                  "task": task.describe(), "prompt_format": task.prompt_format}
+    recorder = GradientRecorder.attach(trainer, out, modules=config.modules, every_n_steps=config.every_n_steps,
+                                       dtype=config.dtype, save_raw=config.save_raw, resume=config.resume,
+                                       steps_per_shard=config.steps_per_shard,
+                                       config=provenance, seed=config.seed)
+    try:
+        trainer.train(resume_from_checkpoint=_resume_checkpoint(trainer_dir, last_recorded))
+    finally:
+        recorder.close()
+    evaluation = None
+    if trainer.is_world_process_zero():  # one writer under DDP, like the recorder
+        trainer.model.save_pretrained(out / "adapter")  # the trained LoRA adapter, loadable with PEFT
+        if eval_data is not None:
+            evaluation = greedy_report(trainer.model, tokenizer, task, eval_data)
+            json_dump({"split": task.eval_split, **evaluation}, out / EVAL_FILE)
+    run = open_run(out)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file() and trainer_dir not in f.parents)
+    return RecordResult(path=out, steps=len(run.steps), bytes=size, trainer=trainer, eval=evaluation)

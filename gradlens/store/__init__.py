@@ -1,0 +1,22 @@
+"""The on-disk store of recorded LoRA-B gradients: :mod:`.format` (the run-directory format), :mod:`.writer`
+(``RunWriter``, ``AsyncRunWriter``) and :mod:`.reader` (``open_run``, ``Run``). Names load on first use, so
+reading a run (:mod:`.reader`) never imports torch unless a bf16 shard needs it."""
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "ModuleSpec": "gradlens.modules", "Accumulators": "gradlens.stats.streaming",
+    "ModuleAccumulator": "gradlens.stats.streaming", "DTYPES": "gradlens.store.format",
+    "MANIFEST": "gradlens.store.format", "writer_leftovers_only": "gradlens.store.format",
+    "Run": "gradlens.store.reader", "open_run": "gradlens.store.reader", "AsyncRunWriter": "gradlens.store.writer",
+    "RunWriter": "gradlens.store.writer", "default_steps_per_shard": "gradlens.store.writer",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'gradlens.store' has no attribute {name!r}")

@@ -1,0 +1,45 @@
+"""Tasks behind one interface (:class:`~gradlens.tasks.base.Task`): the embedded addition task, a local
+prompt/answer file, and GSM8K-style math. :func:`load_task` turns a ``--task`` value into one."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from gradlens.config import MATH_PREFIX, TOY_PREFIX
+from gradlens.tasks.base import Task, completion_text, exact_match, exact_match_reward
+
+if TYPE_CHECKING:
+    from gradlens.config import ModelTaskConfig
+
+__all__ = ["Task", "completion_text", "exact_match", "exact_match_reward", "is_math_task", "load_task"]
+
+
+def is_math_task(task: str) -> bool:
+    return task == MATH_PREFIX or task.startswith(f"{MATH_PREFIX}:")
+
+
+def load_task(config: ModelTaskConfig, *, chat: bool = False) -> Task:
+    """The task a config names: ``addition`` (digits of the toy preset in ``--model``), a local
+    prompt/answer file, or ``gsm8k``/``gsm8k:SOURCE`` with the config's columns, splits and reward options.
+
+    ``chat``: whether math prompts go through the tokenizer's chat template (decided from the loaded tokenizer).
+    """
+    if config.task == "addition":
+        from gradlens.tasks.addition import AdditionTask
+
+        if config.model.startswith(TOY_PREFIX):
+            from gradlens.toy.presets import get_preset
+
+            return AdditionTask(digits=get_preset(config.model[len(TOY_PREFIX) :]).digits)
+        return AdditionTask()
+    if is_math_task(config.task):
+        from gradlens.tasks.gsm8k import MathTask
+
+        return MathTask.from_spec(config.task, dataset_config=config.dataset_config,
+                                  question_column=config.question_column, answer_column=config.answer_column,
+                                  chat=chat, train_split=config.train_split, eval_split=config.eval_split,
+                                  eval_max_new_tokens=config.eval_max_new_tokens,
+                                  with_format_reward=config.format_reward)
+    from gradlens.tasks.prompt_file import PromptFileTask
+
+    return PromptFileTask(config.task)
