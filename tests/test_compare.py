@@ -176,7 +176,6 @@ def test_compare_outputs_provenance_and_resume(compared, capsys: pytest.CaptureF
     ({"budgets": ["0"]}, "budget"),
     ({"budgets": ["150%"]}, "budget"),
     ({"methods": ["best"]}, "unknown or no placement method"),
-    ({"model": "/some/dir"}, "toy world only"),
     ({"sparse_lrs": [0.0]}, "learning rates must be > 0"),
 ])
 def test_compare_config_rejects_bad_input(kwargs: dict, message: str) -> None:

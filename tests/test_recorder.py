@@ -156,7 +156,7 @@ def recorded(run, step: int) -> tuple[dict[str, np.ndarray], dict]:
 @pytest.mark.parametrize("block_entries", [2**20, 300], ids=["one-block", "many-blocks"])
 def test_sft_records_exact_post_clip_gradients(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                block_entries: int) -> None:
-    monkeypatch.setattr("gradlens.recorder.BLOCK_ENTRIES", block_entries)  # the clip coefficient's float64 blocks
+    monkeypatch.setattr("gradlens.record.recorder.BLOCK_ENTRIES", block_entries)  # the clip coefficient blocks
     max_norm, lr, steps = SFT_SETTINGS["max_grad_norm"], SFT_SETTINGS["learning_rate"], SFT_SETTINGS["max_steps"]
     trainer, rec, snaps = record_sft(tmp_path / "run", snapshot=True)
     run = open_run(tmp_path / "run")

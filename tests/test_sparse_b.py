@@ -24,6 +24,7 @@ from gradlens.placement.sparse import MASK_FILE, SparseBCallback, apply_mask, ex
 from gradlens.record.recorder import GradientRecorder
 from gradlens.tasks.addition import AdditionTask
 from gradlens.trainers import build_trainer
+from tests.conftest import float32_tolerance
 
 SHARE = 0.05
 # AdamW with weight decay: decay alone would move a masked entry that ever became non-zero, so "exactly 0" is earned.
@@ -263,11 +264,12 @@ def test_export_round_trips_through_plain_peft(tmp_path):
     with torch.no_grad():
         expected = model(**ids).logits
         loaded = PeftModel.from_pretrained(load_model("toy:tiny")[0], out).eval()
-        torch.testing.assert_close(loaded(**ids).logits, expected, rtol=0, atol=1e-5)
+        tol = float32_tolerance(expected)  # a float32 merge reorders sums: tolerance from scale and epsilon
+        torch.testing.assert_close(loaded(**ids).logits, expected, rtol=0, atol=tol)
         merged = loaded.merge_and_unload().eval()
-        torch.testing.assert_close(merged(**ids).logits, expected, rtol=0, atol=1e-5)
+        torch.testing.assert_close(merged(**ids).logits, expected, rtol=0, atol=tol)
         base_logits = load_model("toy:tiny")[0].eval()(**ids).logits
-    assert (base_logits - expected).abs().max() > 1e-3  # the adapter did change the model
+    assert (base_logits - expected).abs().max() > 100 * tol  # the adapter did change the model, far beyond rounding
 
 
 def test_export_refuses_non_zero_masked_entries_and_non_peft_models(tmp_path):

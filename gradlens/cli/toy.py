@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import argparse
 
-ACTIONS = ("base",)
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="toy_action", metavar="ACTION", required=True)
@@ -47,8 +45,6 @@ def run(args: argparse.Namespace) -> int:
     from gradlens.config import check_seed
     from gradlens.toy.presets import get_preset
 
-    if args.toy_action != "base":  # argparse enforces the choice; kept for callers building args by hand
-        raise ValueError(f"unknown toy action {args.toy_action!r}")
     get_preset(args.preset)  # fail before importing torch
     check_seed("--seed", args.seed)
     from gradlens.toy.report import evaluate_base_model

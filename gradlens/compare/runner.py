@@ -199,6 +199,7 @@ def compare(config: CompareConfig) -> CompareResult:
     out = Path(config.out)
     if (out / PLACEMENT).exists() and not config.resume:
         raise GradlensError(f"{out} already holds a comparison; pass --resume to continue it or choose another --out")
+    _check_trl_fields(config)
     with _quiet_library_bars():
         out.mkdir(parents=True, exist_ok=True)
         started = time.time()
@@ -211,6 +212,16 @@ def compare(config: CompareConfig) -> CompareResult:
         return write_results(config, out, comparison.placement.frame(), comparison.sweep.frame(), comparison.where,
                              comparison.probe_rows, comparison.runner.curves, time.time() - started,
                              comparison.runner.task.describe())
+
+
+def _check_trl_fields(config: CompareConfig) -> None:
+    """Refuse, before any model is loaded, TRL extras that no compared regime's config has."""
+    from gradlens.trainers import config_fields
+
+    known = set().union(*(config_fields(r) for r in config.regimes))
+    unknown = sorted(set(config.trl) - known)
+    if unknown:
+        raise GradlensError(f"unknown TRL config field(s) for {'/'.join(config.regimes)}: {', '.join(unknown)}")
 
 
 def _probe_cost(info: dict[str, Any], full: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,147 @@
+"""The house rules, checked: one room per stage with imports flowing one way, no private names across modules,
+small modules, and entry points that stay light (no torch at import)."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1] / "gradlens"
+MAX_LINES = 400
+
+# The stages in import order: a module may import its own stage or an earlier one, never a later one. Within the
+# tasks/models stage the finer order is tasks -> toy world -> models -> evaluation -> trainers -> toy report. The
+# longest matching prefix decides a module's stage.
+STAGES: dict[str, float] = {
+    "gradlens": 0, "gradlens.errors": 0, "gradlens.provenance": 0, "gradlens.fsio": 0, "gradlens.modules": 0,
+    "gradlens.config": 0, "gradlens.placement.budget": 0, "gradlens.stats.core": 0, "gradlens.stats.streaming": 0,
+    "gradlens.toy": 0, "gradlens.toy.presets": 0, "gradlens.toy.tokenizer": 0,
+    "gradlens.tasks": 1.0, "gradlens.toy.model": 1.1, "gradlens.models": 1.2, "gradlens.evaluate": 1.3,
+    "gradlens.trainers": 1.4, "gradlens.drift": 1.5, "gradlens.toy.report": 1.5,
+    "gradlens.store": 2,
+    "gradlens.record": 3,
+    "gradlens.stats": 4, "gradlens.analyze": 4, "gradlens.figures": 4, "gradlens.runinfo": 4,
+    "gradlens.placement": 5, "gradlens.train": 5.5,
+    "gradlens.compare": 6,
+    "gradlens.report": 7, "gradlens.notebook_settings": 7,
+    "gradlens.cli": 8,
+}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def stage(module: str) -> float:
+    parts = module.split(".")
+    for n in range(len(parts), 0, -1):
+        if ".".join(parts[:n]) in STAGES:
+            return STAGES[".".join(parts[:n])]
+    raise KeyError(module)
+
+
+def is_module(name: str) -> bool:
+    path = ROOT.parent.joinpath(*name.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+
+def gradlens_imports(path: Path) -> list[tuple[int, str, list[str]]]:
+    """``(line, imported module, imported names)`` of every gradlens import in a file, at any depth."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name, []) for a in node.names if a.name.split(".")[0] == "gradlens"]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "gradlens":
+            for a in node.names:
+                sub = f"{node.module}.{a.name}"
+                out.append((node.lineno, sub, []) if is_module(sub) else (node.lineno, node.module, [a.name]))
+    return out
+
+
+FILES = sorted(ROOT.rglob("*.py"))
+
+
+def test_every_module_has_a_stage() -> None:
+    missing = [module_name(f) for f in FILES if not any(module_name(f) == k or module_name(f).startswith(k + ".")
+                                                         for k in STAGES if k != "gradlens")]
+    assert not [m for m in missing if m != "gradlens"], f"modules without a stage in STAGES: {missing}"
+
+
+def test_imports_flow_from_earlier_stages_only() -> None:
+    bad = []
+    for f in FILES:
+        me = module_name(f)
+        for line, target, _ in gradlens_imports(f):
+            if stage(target) > stage(me):
+                bad.append(f"{f.relative_to(ROOT.parent)}:{line}: {me} (stage {stage(me)}) imports {target} "
+                           f"(stage {stage(target)})")
+    assert not bad, "imports against the stage order:\n" + "\n".join(bad)
+
+
+def test_no_private_name_is_imported_across_modules() -> None:
+    bad = [f"{f.relative_to(ROOT.parent)}:{line}: imports {target}.{name}"
+           for f in FILES for line, target, names in gradlens_imports(f) for name in names
+           if name.startswith("_") and not name.startswith("__")]
+    bad += [f"{f.relative_to(ROOT.parent)}:{line}: imports private module {target}"
+            for f in FILES for line, target, _ in gradlens_imports(f)
+            if any(p.startswith("_") and not p.startswith("__") for p in target.split("."))]
+    assert not bad, "private names used across modules:\n" + "\n".join(bad)
+
+
+def test_no_module_level_import_cycle() -> None:
+    """Module-level imports (the ones that run at import time) form no cycle."""
+    graph: dict[str, set[str]] = {}
+    for f in FILES:
+        tree = ast.parse(f.read_text())
+        deps = set()
+        for node in tree.body:
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("gradlens"):
+                deps |= {f"{node.module}.{a.name}" if is_module(f"{node.module}.{a.name}") else node.module
+                         for a in node.names}
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name.startswith("gradlens")}
+        graph[module_name(f)] = deps - {module_name(f)}
+    state: dict[str, int] = {}
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = 1
+        for dep in graph.get(node, ()):
+            if state.get(dep) == 1:
+                pytest.fail("import cycle: " + " -> ".join([*trail[trail.index(dep):], dep]))
+            if dep not in state:
+                visit(dep, [*trail, dep])
+        state[node] = 2
+
+    for name in graph:
+        if name not in state:
+            visit(name, [name])
+
+
+def test_modules_are_small() -> None:
+    big = {str(f.relative_to(ROOT.parent)): n for f in FILES if (n := len(f.read_text().splitlines())) > MAX_LINES}
+    assert not big, f"modules over {MAX_LINES} lines: {big}"
+
+
+def test_the_stage_test_catches_a_backward_import(tmp_path: Path) -> None:
+    """The rule can fail: a leaf importing the compare stage is reported."""
+    leaf = tmp_path / "leaf.py"
+    leaf.write_text("from gradlens.compare.runner import compare\n")
+    (line, target, names), = gradlens_imports(leaf)
+    assert (target, stage(target)) == ("gradlens.compare.runner", 6) and stage("gradlens.fsio") == 0
+
+
+@pytest.mark.parametrize("code", [
+    "import gradlens",
+    "import gradlens.report",
+    "import gradlens.config, gradlens.placement.budget, gradlens.compare.tables",
+    "from gradlens.cli.main import build_parser; build_parser().format_help()",
+])
+def test_entry_points_do_not_import_torch(code: str) -> None:
+    probe = f"import sys; {code}; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", f"{code!r} imports torch"
