@@ -247,7 +247,7 @@ def write_results(config: CompareConfig, out: Path, placement: pd.DataFrame, swe
     summary = summarize(placement)
     where_df = pd.concat(where, ignore_index=True) if where else pd.DataFrame()
     probes, curve_df = pd.DataFrame(probe_rows), pd.DataFrame(curves)
-    files = [out / PLACEMENT, out / SWEEP]
+    files = [f for f in (out / PLACEMENT, out / SWEEP) if f.is_file()]  # no sweep.csv when no rate was swept
     for name, df in (("summary", summary), ("where", where_df), ("probes", probes), ("curves", curve_df)):
         if len(df):
             atomic_write(out / f"{name}.csv", lambda tmp, df=df: df.to_csv(tmp, index=False))
