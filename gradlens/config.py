@@ -277,8 +277,9 @@ class CompareConfig(ModelTaskConfig):
                                               "the first informed method's mask", choices=PLACEMENT_METHODS))
     budgets: list[str] = _budgets_field(["1%", "10%"])
     scope: str = _scope_field()
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata=_meta(
-        "seeds: each gives its own probe, masks, LoRA init and data order"))
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4], metadata=_meta(
+        "seeds: each gives its own probe, masks, LoRA init and data order, shared by every method of that seed (so "
+        "methods are compared as paired differences)"))
     model: str = field(default="toy:small", metadata=_meta(
         "model: 'toy:PRESET' for the embedded toy base model, or a local path or hub id for from_pretrained"))
     max_steps: int = field(default=60, metadata=_meta("optimizer steps of every training run"))
@@ -286,8 +287,16 @@ class CompareConfig(ModelTaskConfig):
     full_lrs: list[float] | None = field(default_factory=lambda: [1e-3, 3e-3, 1e-2], metadata=_meta(
         "learning rates swept for full-B LoRA (none: the regime's toy default, no sweep)"))
     sparse_lrs: list[float] = field(default_factory=lambda: [1e-2, 3e-2, 1e-1, 3e-1], metadata=_meta(
-        "learning rates swept for each sparse method and budget (on --sweep_seed, scored on validation prompts)"))
-    sweep_seed: int = field(default=1000, metadata=_meta("seed of the learning-rate sweep, apart from --seeds"))
+        "learning rates swept for each sparse method and budget (on --sweep_seeds, scored on validation prompts)"))
+    sweep_seeds: list[int] = field(default_factory=lambda: [1000, 1001], metadata=_meta(
+        "seeds of the learning-rate sweep, apart from --seeds: each rate is scored by its mean validation accuracy "
+        "over them"))
+    grid_extensions: int = field(default=2, metadata=_meta(
+        "when the best rate sits at an edge of its grid, extend the grid on that side by a factor of 3, at most this "
+        "many times (0: never)"))
+    divergence_margin: float = field(default=0.1, metadata=_meta(
+        "a run whose training loss becomes non-finite, or whose accuracy falls more than this below the base model's, "
+        "is marked diverged: counted in the summary, never averaged in"))
     n_val: int = field(default=200, metadata=_meta(
         "validation prompts for the sweep, held back from the training split"))
     n_eval: int = field(default=400, metadata=_meta("held-out prompts for the reported accuracy"))
@@ -314,9 +323,14 @@ class CompareConfig(ModelTaskConfig):
             raise GradlensError(f"seeds must be distinct and at least one, got {self.seeds}")
         for seed in self.seeds:
             check_seed("seeds", seed)
-        check_seed("sweep_seed", self.sweep_seed)
-        if self.sweep_seed in self.seeds:
-            raise GradlensError(f"sweep_seed {self.sweep_seed} must differ from the evaluation seeds {self.seeds}")
+        if not self.sweep_seeds or len(set(self.sweep_seeds)) != len(self.sweep_seeds):
+            raise GradlensError(f"sweep_seeds must be distinct and at least one, got {self.sweep_seeds}")
+        for seed in self.sweep_seeds:
+            check_seed("sweep_seeds", seed)
+        if set(self.sweep_seeds) & set(self.seeds):
+            raise GradlensError(f"sweep_seeds {self.sweep_seeds} must differ from the evaluation seeds {self.seeds}")
+        if self.grid_extensions < 0 or not 0 <= self.divergence_margin <= 1:
+            raise GradlensError("grid_extensions must be >= 0 and divergence_margin in [0, 1]")
         for name in ("max_steps", "probe_steps", "n_val", "n_eval"):
             if getattr(self, name) < 1:
                 raise GradlensError(f"{name} must be >= 1, got {getattr(self, name)}")

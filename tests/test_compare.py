@@ -14,7 +14,8 @@ from gradlens.errors import GradlensError
 
 TINY_COMPARE = dict(model="toy:tiny", methods=["random", "random_matched", "fisher"], budgets=["10%"], seeds=[0, 1],
                     max_steps=4, probe_steps=2, full_lrs=[2e-3], sparse_lrs=[3e-2], n_val=20, n_eval=20,
-                    eval_samples=0, progress=False, trl={"per_device_train_batch_size": 8, "num_generations": 4})
+                    eval_samples=0, progress=False, trl={"per_device_train_batch_size": 8, "num_generations": 4},
+                    divergence_margin=1.0)  # 4 steps at a sweep-free rate: keep every run in the means
 
 
 def _fisher_top_k(run_dir: Path, k: int) -> set[tuple[str, int]]:
@@ -171,7 +172,10 @@ def test_compare_outputs_provenance_and_resume(compared, capsys: pytest.CaptureF
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"seeds": [0, 1], "sweep_seed": 1}, "sweep_seed 1 must differ"),
+    ({"seeds": [0, 1], "sweep_seeds": [1]}, r"sweep_seeds \[1\] must differ"),
+    ({"sweep_seeds": []}, "sweep_seeds must be distinct"),
+    ({"grid_extensions": -1}, "grid_extensions must be >= 0"),
+    ({"divergence_margin": 2.0}, "divergence_margin in"),
     ({"methods": ["random", "random_matched"]}, "random_matched needs an informed method"),
     ({"budgets": ["0"]}, "budget"),
     ({"budgets": ["150%"]}, "budget"),

@@ -179,7 +179,7 @@ def test_report_is_self_contained_escaped_and_matches_the_statistics(inputs, tmp
     where = next(t for t in doc.tables if t[0][:3] == ["regime", "method", "budget"] and f"self_attn.{EVIL}" in t[0])
     assert where[1][:3] == ["sft", "sign", "1%"]
     assert "Finding: GRPO lag-1 cosine" in text and "SFT: base 0.300" in text
-    assert "best informed (sign) - random" in text
+    assert "sign - random, paired over 3 seeds" in text
 
 
 def test_cli_report_and_one_line_errors(inputs, tmp_path, capsys):

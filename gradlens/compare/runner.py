@@ -4,10 +4,16 @@ with random and gradient-informed placements, under SFT and GRPO, over budgets a
 The library behind ``gradlens compare`` (notebooks call :func:`compare` with a :class:`CompareConfig`). Per regime:
 
 1. the base model's held-out accuracy;
-2. a learning-rate sweep on ``sweep_seed``, scored on validation prompts held back from the task's train split (never
-   the held-out ones): full-B LoRA over ``full_lrs``, each sparse method over ``sparse_lrs`` at each budget;
+2. a learning-rate sweep on ``sweep_seeds``, scored by the mean validation accuracy over those seeds on prompts held
+   back from the task's train split (never the held-out ones): full-B LoRA over ``full_lrs``, each sparse method
+   over ``sparse_lrs`` at each budget. A best rate at an edge of its grid extends the grid by a factor of 3 on that
+   side (at most ``grid_extensions`` times), and the console and provenance say so;
 3. per seed: a probe (``probe_steps`` recorded steps, statistics only) that scores every B entry, full-B LoRA, and
    each method at each budget with its swept learning rate; every run is evaluated on the task's eval split.
+
+A run whose loss or weights become non-finite, or whose accuracy falls more than ``divergence_margin`` below the
+base model's, is marked ``diverged``: the summary counts it and leaves it out of the means. Methods of one seed share
+its probe, LoRA init and data order, so informed minus random is reported as a paired difference over seeds.
 
 Each finished run is written at once (``placement.csv``, ``sweep.csv``), so a crash loses at most the run in
 progress, and ``resume=True`` skips what is done.
@@ -18,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,13 +32,23 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from gradlens.compare.tables import PLACEMENT, SWEEP, Table, findings, summarize, where_rows, with_references
+from gradlens.compare.tables import (
+    PLACEMENT,
+    SWEEP,
+    Table,
+    findings,
+    paired_differences,
+    summarize,
+    where_rows,
+    with_references,
+)
 from gradlens.config import INFORMED_METHODS, CompareConfig
 from gradlens.errors import GradlensError
 from gradlens.fsio import atomic_write, json_dump
 from gradlens.provenance import package_versions
 
 Masks = dict[str, dict[str, dict[str, np.ndarray]]]  # masks[budget][method]
+GRID_FACTOR = 3.0
 
 
 @dataclass
@@ -43,6 +59,7 @@ class CompareResult:
     placement: pd.DataFrame
     sweep: pd.DataFrame
     summary: pd.DataFrame
+    paired: pd.DataFrame
     where: pd.DataFrame
     probes: pd.DataFrame
     curves: pd.DataFrame
@@ -58,10 +75,11 @@ def _informed(methods: list[str]) -> list[str]:
 def _jobs(config: CompareConfig) -> int:
     """The number of runs ahead, for the progress bar."""
     per_regime = 1 + len(config.seeds) * (1 + len(config.methods) * len(config.budgets))
+    n_sweep = len(config.sweep_seeds)
     if len(config.full_lrs or []) > 1:
-        per_regime += len(config.full_lrs)
+        per_regime += len(config.full_lrs) * n_sweep
     if len(config.sparse_lrs) > 1:
-        per_regime += len(config.methods) * len(config.budgets) * len(config.sparse_lrs)
+        per_regime += len(config.methods) * len(config.budgets) * len(config.sparse_lrs) * n_sweep
     return len(config.regimes) * per_regime
 
 
@@ -106,6 +124,7 @@ class Comparison:
         self.informed = _informed(config.methods)
         self.probe_rows: list[dict[str, Any]] = []
         self.where: list[pd.DataFrame] = []
+        self.notes: list[str] = []
         self.bar = tqdm(total=_jobs(config), desc="gradlens compare", unit="run", disable=not config.progress)
 
     def run_one(self, table: Table, split: str, regime: str, method: str, budget: str, seed: int, lr: float,
@@ -124,12 +143,17 @@ class Comparison:
         c, runner = self.config, self.runner
         regime, method, seed = key["regime"], key["method"], key["seed"]
         if method == "base":
-            model, seconds = runner.base, 0.0
+            model, seconds, finite = runner.base, 0.0, True
         else:
-            model, seconds = runner.train(regime, seed, key["lr"], mask, key if split == "heldout" else None)
+            model, seconds, finite = runner.train(regime, seed, key["lr"], mask, key if split == "heldout" else None)
         row = {**key, "steps": 0 if method == "base" else c.max_steps, "scope": c.scope,
                "k": int(sum(int(m.sum()) for m in mask.values())) if mask is not None else None,
                **runner.evaluate(model, split, seed), "train_seconds": seconds, **extra}
+        row["diverged"] = method != "base" and (
+            not finite or row["accuracy"] < runner.base_accuracy(split) - c.divergence_margin)
+        if row["diverged"]:
+            self.notes.append(f"{regime} {method} {key['budget'] or 'full'} seed {seed} lr {key['lr']:g} diverged "
+                              f"({'non-finite loss or weights' if not finite else 'accuracy below base'}) on {split}")
         if c.export and mask is not None and split == "heldout":
             from gradlens.placement.sparse import export_adapter
 
@@ -140,15 +164,29 @@ class Comparison:
         table.add(row)
         return row
 
+    def _sweep_score(self, regime: str, method: str, budget: str, lr: float,
+                     masks: dict[int, dict[str, np.ndarray] | None]) -> float:
+        """Mean validation accuracy of one rate over the sweep seeds; -inf if any of them diverged."""
+        rows = [self.run_one(self.sweep, "val", regime, method, budget, seed, lr, masks.get(seed))
+                for seed in self.config.sweep_seeds]
+        if any(str(r.get("diverged")) == "True" for r in rows):
+            return -np.inf
+        return float(np.mean([r["accuracy"] for r in rows]))
+
     def best_lr(self, regime: str, method: str, budget: str, lrs: list[float],
-                mask: dict[str, np.ndarray] | None) -> float:
-        """The rate with the best validation accuracy on the sweep seed (ties: the smaller); no runs for one rate."""
+                masks: dict[int, dict[str, np.ndarray] | None]) -> float:
+        """The swept rate of one method and budget (see :func:`sweep_rates`); no runs for a single rate."""
         if len(lrs) == 1:
             return float(lrs[0])
-        seed = self.config.sweep_seed
-        scores = [(self.run_one(self.sweep, "val", regime, method, budget, seed, lr, mask)["accuracy"], -lr)
-                  for lr in lrs]
-        return float(-max(scores)[1])
+
+        def score(lr: float) -> float:
+            if lr not in lrs:  # an extension of the grid: more runs than the bar planned
+                self.bar.total += len(self.config.sweep_seeds)
+            return self._sweep_score(regime, method, budget, lr, masks)
+
+        best, notes = sweep_rates(lrs, score, self.config.grid_extensions)
+        self.notes += [f"{regime} {method} {budget or 'full'}: {n}" for n in notes]
+        return best
 
     def seed_masks(self, regime: str, seed: int, probe_lr: float) -> tuple[Masks, dict[str, Any]]:
         """``masks[budget][method]`` for one seed: informed ones from this seed's probe, the rest drawn with the
@@ -172,14 +210,14 @@ class Comparison:
         c = self.config
         self.run_one(self.placement, "heldout", regime, "base", "", 0, 0.0, None)
         full_lrs = c.full_lrs or [self.runner.default_lr(regime)]
-        lr_of = {("full", ""): self.best_lr(regime, "full", "", full_lrs, None)}
-        sweep_masks: Masks = {}
+        lr_of = {("full", ""): self.best_lr(regime, "full", "", full_lrs, {})}
+        sweep_masks: dict[int, Masks] = {}
         if len(c.sparse_lrs) > 1:
-            sweep_masks, _ = self.seed_masks(regime, c.sweep_seed, lr_of[("full", "")])
+            sweep_masks = {seed: self.seed_masks(regime, seed, lr_of[("full", "")])[0] for seed in c.sweep_seeds}
         for budget in self.budgets:  # a sparser mask wants a larger rate: one sweep per method and budget
             for method in c.methods:
-                lr_of[(method, budget)] = self.best_lr(regime, method, budget, c.sparse_lrs,
-                                                       sweep_masks.get(budget, {}).get(method))
+                masks = {seed: m[budget][method] for seed, m in sweep_masks.items()}
+                lr_of[(method, budget)] = self.best_lr(regime, method, budget, c.sparse_lrs, masks)
         for seed in c.seeds:
             full = self.run_one(self.placement, "heldout", regime, "full", "", seed, lr_of[("full", "")], None,
                                 {"lr_swept": len(full_lrs) > 1})
@@ -192,6 +230,29 @@ class Comparison:
                                  mask, {"lr_swept": len(c.sparse_lrs) > 1})
                     if method in self.informed:
                         self.where.append(where_rows(mask, regime, method, budget, seed))
+
+
+def sweep_rates(lrs: list[float], score: Callable[[float], float], extensions: int) -> tuple[float, list[str]]:
+    """(best rate, notes): the rate of ``lrs`` with the highest ``score`` (ties: the smaller). While the best sits at
+    an edge of the grid and ``extensions`` remain, the grid grows on that side by a factor of 3 and is scored again;
+    each extension, and a grid where every rate scored -inf (diverged), is noted."""
+    grid, scores, notes = sorted(float(lr) for lr in lrs), {}, []
+    for extension in range(extensions + 1):
+        for lr in grid:
+            if lr not in scores:
+                scores[lr] = score(lr)
+        best = max(grid, key=lambda lr: (scores[lr], -lr))
+        edge = "top" if best == grid[-1] else "bottom" if best == grid[0] else None
+        if edge is None or not np.isfinite(scores[best]) or extension == extensions:
+            break
+        new = float(f"{(best * GRID_FACTOR if edge == 'top' else best / GRID_FACTOR):.3g}")
+        grid = [*grid, new] if edge == "top" else [new, *grid]
+        notes.append(f"best rate {best:g} sat at the {edge} of the grid; extended it with {new:g}")
+    if not np.isfinite(scores[best]):
+        notes.append(f"every swept rate diverged; using the smallest, {best:g}")
+    elif edge is not None and len(grid) > 1:
+        notes.append(f"best rate {best:g} still sits at the {edge} of the grid {', '.join(f'{g:g}' for g in grid)}")
+    return best, notes
 
 
 def compare(config: CompareConfig) -> CompareResult:
@@ -211,7 +272,7 @@ def compare(config: CompareConfig) -> CompareResult:
             comparison.bar.close()
         return write_results(config, out, comparison.placement.frame(), comparison.sweep.frame(), comparison.where,
                              comparison.probe_rows, comparison.runner.curves, time.time() - started,
-                             comparison.runner.task.describe())
+                             comparison.runner.task.describe(), comparison.notes)
 
 
 def _check_trl_fields(config: CompareConfig) -> None:
@@ -236,7 +297,8 @@ def _probe_cost(info: dict[str, Any], full: dict[str, Any]) -> dict[str, Any]:
 
 def write_results(config: CompareConfig, out: Path, placement: pd.DataFrame, sweep: pd.DataFrame,
                   where: list[pd.DataFrame], probe_rows: list[dict[str, Any]], curves: list[dict[str, Any]],
-                  seconds: float, task: dict[str, Any] | None = None) -> CompareResult:
+                  seconds: float, task: dict[str, Any] | None = None, notes: list[str] | None = None
+                  ) -> CompareResult:
     """Write a comparison's outputs from its rows: placement (with base and full-B references), summary, where,
     probe and curve tables, the plot, provenance (with the task) and the finding."""
     from gradlens.compare.plot import placement_plot
@@ -245,18 +307,22 @@ def write_results(config: CompareConfig, out: Path, placement: pd.DataFrame, swe
     if len(placement):
         atomic_write(out / PLACEMENT, lambda tmp: placement.to_csv(tmp, index=False))
     summary = summarize(placement)
+    paired = paired_differences(placement) if len(placement) else pd.DataFrame()
     where_df = pd.concat(where, ignore_index=True) if where else pd.DataFrame()
     probes, curve_df = pd.DataFrame(probe_rows), pd.DataFrame(curves)
     files = [f for f in (out / PLACEMENT, out / SWEEP) if f.is_file()]  # no sweep.csv when no rate was swept
-    for name, df in (("summary", summary), ("where", where_df), ("probes", probes), ("curves", curve_df)):
+    for name, df in (("summary", summary), ("paired", paired), ("where", where_df), ("probes", probes),
+                     ("curves", curve_df)):
         if len(df):
             atomic_write(out / f"{name}.csv", lambda tmp, df=df: df.to_csv(tmp, index=False))
             files.append(out / f"{name}.csv")
-    prov = {"tool": "gradlens compare", "config": asdict(config), "task": task, "versions": package_versions()}
+    prov = {"tool": "gradlens compare", "config": asdict(config), "task": task, "notes": list(notes or []),
+            "diverged_runs": int(placement["diverged"].fillna(False).astype(bool).sum())
+            if "diverged" in placement else 0, "versions": package_versions()}
     files.append(placement_plot(summary, out / "placement.png", prov))
-    text = findings(summary, probes)
+    text = "\n".join([findings(summary, probes, paired), *(f"note: {n}" for n in notes or [])])
     json_dump({**prov, "seconds": seconds, "files": [f.name for f in files], "findings": text},
               out / "provenance.json")
     files.append(out / "provenance.json")
-    return CompareResult(placement=placement, sweep=sweep, summary=summary, where=where_df, probes=probes,
-                         curves=curve_df, findings=text, out=out, files=files)
+    return CompareResult(placement=placement, sweep=sweep, summary=summary, paired=paired, where=where_df,
+                         probes=probes, curves=curve_df, findings=text, out=out, files=files)

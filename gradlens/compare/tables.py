@@ -55,25 +55,81 @@ def with_references(placement: pd.DataFrame) -> pd.DataFrame:
     return placement
 
 
-def summarize(placement: pd.DataFrame) -> pd.DataFrame:
-    """Mean held-out accuracy per (regime, method, budget) with a 95% t-interval over seeds, and the share of the
-    full-LoRA gain over the base model that the method recovers."""
+def t_interval(values: Any) -> tuple[float, float, float]:
+    """(mean, lo, hi): the mean of ``values`` and its two-sided 95% Student-t interval (NaN bounds below 2 values)."""
     from scipy import stats
 
+    x = np.asarray(values, dtype=float)
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        return math.nan, math.nan, math.nan
+    mean = float(x.mean())
+    if x.size < 2:
+        return mean, math.nan, math.nan
+    half = float(stats.t.ppf(0.975, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size))
+    return mean, mean - half, mean + half
+
+
+def _kept(placement: pd.DataFrame) -> pd.DataFrame:
+    """The rows that count: diverged runs are counted, never averaged in."""
+    if "diverged" not in placement:
+        return placement
+    return placement[~placement["diverged"].fillna(False).astype(bool)]
+
+
+def gain_shares(placement: pd.DataFrame) -> pd.Series:
+    """Per row, the share of the same-seed full-B LoRA gain over the base model that the run recovers:
+    ``(acc - base) / (full_seed - base)`` (NaN where full LoRA gained nothing, or diverged)."""
+    kept = _kept(placement)
+    full = kept[kept["method"] == "full"].set_index(["regime", "seed"])["accuracy"]
+    base = placement[placement["method"] == "base"].set_index("regime")["accuracy"]
+    out = []
+    for row in placement.itertuples():
+        f, b = full.get((row.regime, row.seed), math.nan), base.get(row.regime, math.nan)
+        out.append((row.accuracy - b) / (f - b) if abs(f - b) > 1e-12 else math.nan)
+    return pd.Series(out, index=placement.index, dtype=float)
+
+
+def summarize(placement: pd.DataFrame) -> pd.DataFrame:
+    """Per (regime, method, budget): mean held-out accuracy over the seeds that did not diverge, its 95% t-interval,
+    how many runs diverged, and the share of the same-seed full-LoRA gain recovered, with its t-interval."""
+    share = gain_shares(placement)
     rows = []
     for (regime, method, budget), g in placement.groupby(["regime", "method", "budget"], sort=False):
-        n = len(g)
-        mean, sd = g["accuracy"].mean(), g["accuracy"].std(ddof=1) if n > 1 else float("nan")
-        half = stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n) if n > 1 else float("nan")
-        full = placement[(placement.regime == regime) & (placement.method == "full")]["accuracy"].mean()
-        base = placement[(placement.regime == regime) & (placement.method == "base")]["accuracy"].mean()
-        gain = full - base
-        rows.append({"regime": regime, "method": method, "budget": budget, "n_seeds": n, "accuracy_mean": mean,
-                     "ci95_lo": mean - half, "ci95_hi": mean + half,
-                     "sampled_accuracy_mean": g["sampled_accuracy"].mean(), "lr": g["lr"].iloc[0],
-                     "steps": int(g["steps"].iloc[0]), "k": g["k"].iloc[0],
-                     "gain_recovered": (mean - base) / gain if abs(gain) > 1e-12 else float("nan")})
+        kept = _kept(g)
+        mean, lo, hi = t_interval(kept["accuracy"])
+        gain, gain_lo, gain_hi = t_interval(share[kept.index]) if method not in ("base", "full") else (
+            (1.0, math.nan, math.nan) if method == "full" else (0.0, math.nan, math.nan))
+        rows.append({"regime": regime, "method": method, "budget": budget, "n_seeds": len(kept),
+                     "n_diverged": len(g) - len(kept), "accuracy_mean": mean, "ci95_lo": lo, "ci95_hi": hi,
+                     "sampled_accuracy_mean": kept["sampled_accuracy"].mean(), "lr": g["lr"].iloc[0],
+                     "steps": int(g["steps"].iloc[0]), "k": g["k"].iloc[0], "gain_recovered": gain,
+                     "gain_recovered_lo": gain_lo, "gain_recovered_hi": gain_hi})
     return pd.DataFrame(rows)
+
+
+def paired_differences(placement: pd.DataFrame, baseline: str = "random") -> pd.DataFrame:
+    """Per regime, budget and informed method: the per-seed difference informed minus ``baseline`` (the same seed
+    shares the probe, the LoRA init and the data order), its mean and 95% t-interval; seeds where either run
+    diverged are left out and counted."""
+    rows = []
+    for (regime, budget), g in placement[placement["method"].isin([*INFORMED_METHODS, baseline])].groupby(
+            ["regime", "budget"], sort=False):
+        base = g[g["method"] == baseline].set_index("seed")
+        for method in [m for m in dict.fromkeys(g["method"]) if m in INFORMED_METHODS]:
+            informed = g[g["method"] == method].set_index("seed")
+            seeds = sorted(set(informed.index) & set(base.index))
+            ok = [s for s in seeds if not _flag(informed, s) and not _flag(base, s)]
+            diffs = [float(informed.at[s, "accuracy"] - base.at[s, "accuracy"]) for s in ok]
+            mean, lo, hi = t_interval(diffs)
+            rows.append({"regime": regime, "budget": budget, "method": method, "baseline": baseline,
+                         "n_pairs": len(ok), "n_excluded": len(seeds) - len(ok), "diff_mean": mean,
+                         "ci95_lo": lo, "ci95_hi": hi})
+    return pd.DataFrame(rows)
+
+
+def _flag(rows: pd.DataFrame, seed: Any) -> bool:
+    return bool(rows.at[seed, "diverged"]) if "diverged" in rows and pd.notna(rows.at[seed, "diverged"]) else False
 
 
 def format_ci(r: Any) -> str:
@@ -88,30 +144,30 @@ def format_pct(x: float) -> str:
     return "n/a" if not np.isfinite(x) else f"{100 * x:.0f}%"
 
 
-def _budget_lines(gb: pd.DataFrame, budget: str) -> list[str]:
-    parts = [f"{r.method} {format_ci(r)} ({format_pct(r.gain_recovered)} of the gain)" for r in gb.itertuples()]
+def _budget_lines(gb: pd.DataFrame, budget: str, paired: pd.DataFrame) -> list[str]:
+    parts = [f"{r.method} {format_ci(r)} ({format_pct(r.gain_recovered)} of the gain"
+             + (f", {r.n_diverged} diverged" if getattr(r, "n_diverged", 0) else "") + ")" for r in gb.itertuples()]
     lines = [f"  {budget}: " + "; ".join(parts)]
-    informed = gb[gb.method.isin(INFORMED_METHODS)]
-    rand = gb[gb.method == "random"]
-    if len(informed) and len(rand):
-        best = informed.loc[informed.accuracy_mean.idxmax()]
-        r = rand.iloc[0]
-        overlap = not (best.ci95_lo > r.ci95_hi or r.ci95_lo > best.ci95_hi)
-        verdict = "intervals overlap" if overlap else "intervals do not overlap"
-        lines.append(f"    best informed ({best.method}) - random = {best.accuracy_mean - r.accuracy_mean:+.3f} "
+    for r in paired.itertuples():
+        verdict = ("interval excludes 0" if np.isfinite(r.ci95_lo) and (r.ci95_lo > 0 or r.ci95_hi < 0)
+                   else "interval includes 0" if np.isfinite(r.ci95_lo) else "one pair: no interval")
+        interval = f" [{r.ci95_lo:+.3f}, {r.ci95_hi:+.3f}]" if np.isfinite(r.ci95_lo) else ""
+        lines.append(f"    {r.method} - {r.baseline}, paired over {r.n_pairs} seeds: {r.diff_mean:+.3f}{interval} "
                      f"({verdict})")
     return lines
 
 
-def findings(summary: pd.DataFrame, probes: pd.DataFrame) -> str:
-    """The comparison in a few sentences: per regime and budget, random against the best informed method."""
+def findings(summary: pd.DataFrame, probes: pd.DataFrame, paired: pd.DataFrame | None = None) -> str:
+    """The comparison in a few sentences: per regime and budget, each method's accuracy and share of the full-LoRA
+    gain, and each informed method against random as a paired difference over seeds."""
+    paired = pd.DataFrame(columns=["regime", "budget"]) if paired is None or not len(paired) else paired
     lines = []
     for regime, g in summary.groupby("regime", sort=False):
         base = g[g.method == "base"].accuracy_mean.iloc[0]
         full = g[g.method == "full"]
         lines.append(f"{regime.upper()}: base {base:.3f}, full-B LoRA {format_ci(full.iloc[0])}")
         for budget, gb in g[~g.method.isin(["base", "full"])].groupby("budget", sort=False):
-            lines += _budget_lines(gb, budget)
+            lines += _budget_lines(gb, budget, paired[(paired["regime"] == regime) & (paired["budget"] == budget)])
     if len(probes) and "fraction_steps" in probes:
         for regime, p in probes.groupby("regime", sort=False):
             lines.append(f"{regime.upper()} probe: {p.probe_steps.iloc[0]} steps, {p.probe_seconds.mean():.1f} s "

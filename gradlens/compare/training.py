@@ -61,6 +61,20 @@ def _accuracy_curve(tokenizer: Any, task: Task, data: Any, every: int, sink: lis
     return AccuracyCurve()
 
 
+def _finite(trainer: Any) -> bool:
+    """Whether training stayed finite: every logged loss and every trained LoRA-B weight."""
+    import math
+
+    import torch
+
+    from gradlens.models import lora_b_parameters
+
+    losses = [v for entry in trainer.state.log_history for k, v in entry.items() if k in ("loss", "train_loss")]
+    if not all(math.isfinite(float(v)) for v in losses):
+        return False
+    return all(bool(torch.isfinite(p).all()) for _, p in lora_b_parameters(trainer.model))
+
+
 class Runner:
     """Trains and evaluates one configuration at a time on a shared in-memory base model."""
 
@@ -85,6 +99,7 @@ class Runner:
         self.task = load_task(config, chat=chat)
         self.data = split_task(self.task, config.n_val, config.n_eval)
         self.curves: list[dict[str, Any]] = []
+        self._base_accuracy: dict[str, float] = {}
         adapter = attach_lora(copy.deepcopy(self.base), r=config.lora_r, alpha=config.lora_alpha,
                               target_modules=config.lora_target_modules)
         self.shapes = {name: tuple(p.shape) for name, p in lora_b_parameters(adapter)}
@@ -111,18 +126,25 @@ class Runner:
 
         return float(self.settings(regime, 0, None).get("learning_rate", default_learning_rate(regime)))
 
-    def evaluate(self, model: Any, split: str, seed: int) -> dict[str, float]:
+    def base_accuracy(self, split: str) -> float:
+        """The base model's greedy accuracy on a split (cached): what a diverged run falls below."""
+        if split not in self._base_accuracy:
+            self._base_accuracy[split] = self.evaluate(self.base, split, 0, samples=False)["accuracy"]
+        return self._base_accuracy[split]
+
+    def evaluate(self, model: Any, split: str, seed: int, samples: bool = True) -> dict[str, float]:
         from gradlens.evaluate import accuracy
 
         data = self.data.heldout if split == "heldout" else self.data.val
-        k = self.config.eval_samples if split == "heldout" else 0
+        k = self.config.eval_samples if split == "heldout" and samples else 0
         acc = accuracy(model, self.tokenizer, self.task, data, k=k, seed=seed)
         return {"accuracy": acc.greedy, "sampled_accuracy": acc.sampled, "pass_at_k": acc.pass_at_k,
                 "n_prompts": acc.n}
 
     def train(self, regime: str, seed: int, lr: float, mask: dict[str, np.ndarray] | None,
               tags: dict[str, Any] | None = None):
-        """(trained PeftModel, measured train seconds): full-B LoRA-FA, or sparse-B when ``mask`` is given."""
+        """(trained PeftModel, measured train seconds, whether the loss and B stayed finite): full-B LoRA-FA, or
+        sparse-B when ``mask`` is given."""
         from transformers import PrinterCallback, set_seed
 
         from gradlens.models import attach_lora
@@ -144,7 +166,7 @@ class Runner:
                                     settings=settings, callbacks=callbacks)
             trainer.remove_callback(PrinterCallback)
             trainer.train()
-        return trainer.model, train_runtime(trainer)
+        return trainer.model, train_runtime(trainer), _finite(trainer)
 
     def probe(self, regime: str, seed: int, lr: float, methods: list[str]):
         """Masks of the informed ``methods`` for every budget from a probe of this seed (reused on resume)."""
