@@ -241,6 +241,11 @@ def test_cli_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture
     (tmp_path / "probe").mkdir()
     (tmp_path / "probe" / "probe.json").write_text("{not json")
     assert_one_line_error(gradlens_inproc(capsys, "diagnose", str(tmp_path / "probe")), "probe.json")
+    (tmp_path / "probe" / "probe.json").write_text("[1, 2]")
+    assert_one_line_error(gradlens_inproc(capsys, "diagnose", str(tmp_path / "probe")), "probe.json", "JSON object")
+    (tmp_path / "probe" / "probe.json").write_text("{}")  # a probe record without its run
+    probe_run = str(tmp_path / "probe" / "run")
+    assert_one_line_error(gradlens_inproc(capsys, "diagnose", str(tmp_path / "probe")), probe_run)
 
 
 def test_cli_reads_a_probe_dir_and_writes_table_and_provenance(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

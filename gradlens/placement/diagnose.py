@@ -192,6 +192,8 @@ def _locate(path: Path) -> tuple[Path, dict[str, Any] | None]:
     """The run directory of ``path`` (itself, or ``path/run`` of a probe directory) and the probe's record."""
     if (path / PROBE_FILE).is_file():
         info = read_probe(path)
+        if not isinstance(info, dict):
+            raise GradlensError(f"{path / PROBE_FILE}: not a probe record (expected a JSON object)")
         config = info.get("config") if isinstance(info.get("config"), dict) else {}
         return path / "run", {"path": str(path), "config": config, "steps": info.get("steps")}
     return path, None
