@@ -359,3 +359,34 @@ class ReportConfig:
         if not self.out.lower().endswith((".html", ".htm")):
             raise GradlensError(f"--out {self.out}: the report is an HTML file; its name must end in .html or .htm")
         AnalyzeConfig(lags=self.lags, window=self.window)  # the same checks as gradlens analyze
+
+
+# The informed selectors ``gradlens diagnose`` sets random placement against by default.
+DIAGNOSE_METHODS: tuple[str, ...] = ("sign", "sign_magnitude", "fisher")
+
+
+@dataclass
+class DiagnoseConfig:
+    """``gradlens diagnose RUN_OR_PROBE``: from a run's (or probe's) statistics alone, what random placement is
+    expected to recover of each informed placement at each budget."""
+
+    out: str | None = field(default=None, metadata=_meta(
+        "output directory for diagnose.csv and diagnose.json (default: none, print only)"))
+    methods: list[str] = field(default_factory=lambda: list(DIAGNOSE_METHODS), metadata=_meta(
+        "informed selectors to set random placement against", choices=INFORMED_METHODS))
+    budgets: list[str] = _budgets_field(["0.1%", "1%", "10%"])
+    scope: str = _scope_field()
+    seed: int = field(default=0, metadata=_meta(
+        "seed of the simulated sign-flip null (what the informed top-k would show on a run without signal)"))
+    train_steps: int | None = field(default=None, metadata=_meta(
+        "optimizer steps of the training run the placement is for, the horizon of recovery_run (default: the "
+        "probe's --train_steps if it recorded one, else none)"))
+
+    def __post_init__(self) -> None:
+        _check_methods(self.methods, INFORMED_METHODS)
+        _check_budgets(self.budgets, self.scope)
+        check_seed("seed", self.seed)
+        if self.out == "":
+            raise GradlensError("--out is empty; name an output directory, or leave --out off to print only")
+        if self.train_steps is not None and self.train_steps < 1:
+            raise GradlensError(f"train_steps must be >= 1, got {self.train_steps}")

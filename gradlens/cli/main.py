@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "analyze": ("gradlens.cli.analyze", "effective rank, step-to-step cosine and sign stability of recorded runs"),
     "probe": ("gradlens.cli.probe", "a short recorded run that scores every B entry and writes placement masks"),
     "select": ("gradlens.cli.select", "placement masks (per selector and budget) from a recorded run's statistics"),
+    "diagnose": ("gradlens.cli.diagnose", "from a run's or probe's statistics: will random placement do, per budget?"),
     "compare": ("gradlens.cli.compare", "sparse-B placements (random vs informed) against base and full LoRA"),
     "report": ("gradlens.cli.report", "one self-contained HTML page from run, analysis and compare directories"),
 }

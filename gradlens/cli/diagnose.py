@@ -1,0 +1,35 @@
+"""``gradlens diagnose RUN_OR_PROBE``: from a run's or probe's streaming statistics alone, what random placement is
+expected to recover of each informed placement at each budget (a thin layer over
+:func:`gradlens.placement.diagnose.diagnose`)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from gradlens.cli.dataclass_args import add_dataclass_arguments, config_from_args
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from gradlens.config import DiagnoseConfig
+
+    parser.add_argument("path", type=Path, metavar="RUN_OR_PROBE",
+                        help="a recorded run directory, or a probe directory (its OUT/run is read)")
+    parser.epilog = ("Prints one sentence per budget; with --out also writes OUT/diagnose.csv (per budget and method) "
+                     "and OUT/diagnose.json (the same with provenance). The prediction is a heuristic.")
+    add_dataclass_arguments(parser, DiagnoseConfig)
+
+
+def run(args: argparse.Namespace) -> int:
+    from gradlens.config import DiagnoseConfig
+
+    config = config_from_args(DiagnoseConfig, args)
+    from gradlens.placement.diagnose import describe, diagnose, save
+
+    result = diagnose(args.path, config.budgets, config.scope, methods=config.methods, seed=config.seed,
+                      train_steps=config.train_steps)
+    print(describe(result))
+    if config.out:
+        files = save(result, config.out, config)
+        print(f"gradlens diagnose: wrote {', '.join(str(f) for f in files)}")
+    return 0
