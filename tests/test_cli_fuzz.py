@@ -22,11 +22,20 @@ from hypothesis import strategies as st
 
 from gradlens.cli.dataclass_args import _scalar_type
 from gradlens.cli.main import SUBCOMMANDS, main
-from gradlens.config import AnalyzeConfig, CompareConfig, ProbeConfig, RecordConfig, ReportConfig, SelectConfig
+from gradlens.config import (
+    AnalyzeConfig,
+    CompareConfig,
+    DiagnoseConfig,
+    ProbeConfig,
+    RecordConfig,
+    ReportConfig,
+    SelectConfig,
+)
 from tests.test_store import write_run
 
 CONFIGS: dict[str, type] = {"record": RecordConfig, "probe": ProbeConfig, "compare": CompareConfig,
-                            "analyze": AnalyzeConfig, "select": SelectConfig, "report": ReportConfig}
+                            "analyze": AnalyzeConfig, "select": SelectConfig, "report": ReportConfig,
+                            "diagnose": DiagnoseConfig}
 # Values out of range for fields whose type alone does not say so (a type's wrong values are generated from it).
 OUT_OF_RANGE: dict[str, list[str]] = {
     "max_steps": ["0", "-1"], "every_n_steps": ["0", "-2"], "steps_per_shard": ["0", "-5"], "n_train": ["0", "-1"],
@@ -189,6 +198,7 @@ def test_fuzzed_config_flags_end_in_exit_2_and_one_line(command: str, run_dir: P
             "compare": ["--out", str(out / "compare")],
             "analyze": [str(run_dir), "--out", str(out / "a"), "--no-progress", "--no-figures"],
             "select": [str(run_dir), "--out", str(out / "s")], "report": [str(run_dir), "--out", str(out / "r.html")],
+            "diagnose": [str(run_dir)],
             }[command]
 
     @FUZZ
