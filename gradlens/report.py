@@ -63,9 +63,9 @@ CAPTIONS: dict[str, str] = dict(zip(FIGURES, (
     "mean gradient (dashed).",
     "Effective rank of the trajectory of T gradients, raw and with unit rows, per projection type and for the whole "
     "adapter; the dotted line is T, the largest possible value (each step a new direction).",
-    "Sign stability |sum of sign(g)| / T of every B entry against the null of independent random signs (black "
-    "steps); dashed and dotted lines: the two means. Mass to the right of the null: entries whose gradient keeps "
-    "one sign.",
+    "Sign stability |sum of sign(g)| / n of every B entry, over its n steps with a non-zero gradient, against the "
+    "null of as many independent random signs (black steps); dashed and dotted lines: the two means. Mass to the "
+    "right of the null: entries whose gradient keeps one sign.",
     "Sign stability and lag-1 cosine of every module, by projection type (rows) and layer (columns).",
 ), strict=True))
 STYLE = """
@@ -275,12 +275,14 @@ def _runs_table(a: Analysis) -> str:
         label = str(r.get("label"))
         s = summary.loc[label] if label in summary.index else pd.Series(dtype=object)
         size = a.disk_bytes.get(label)
+        zero = r.get("zero_gradient_steps")
         rows.append([label, str(r.get("regime")), str((r.get("record_config") or {}).get("model", "–")),
                      r.get("steps_used"), r.get("seed"), f"{_fmt(s.get('modules'))} ({projs.get(label, '')})",
                      s.get("entries"), None if size is None else f"{size / 2**20:.1f} MiB", str(r.get("dtype")),
-                     r.get("complete"), str(r.get("path"))])
+                     r.get("complete"), None if zero is None else len(zero), str(r.get("source", "–")),
+                     str(r.get("path"))])
     return _table(["run", "regime", "model", "steps", "seed", "modules (projections)", "B entries", "on disk",
-                   "dtype", "complete", "path"], rows)
+                   "dtype", "complete", "zero-gradient steps", "statistics from", "path"], rows)
 
 
 def _analysis_section(a: Analysis) -> str:
@@ -295,7 +297,9 @@ def _analysis_section(a: Analysis) -> str:
                  f"{_esc(prov.get('created', ''))})</summary>\n{_kv(prov.get('config'))}"
                  f"<h4>Package versions</h4>\n{_kv(prov.get('versions'))}</details>\n")
     parts.append("<h3>Whole adapter</h3>\n<p>Per run over all T recorded steps. Each sign-stability value stands "
-                 "next to its null (independent random signs), so it reads against chance.</p>\n")
+                 "next to its null (independent random signs), so it reads against chance; an entry's sign "
+                 "stability counts only its steps with a non-zero gradient, and its null is that of as many random "
+                 "signs. A run recorded without raw shards shows – for the statistics that need them.</p>\n")
     parts.append(_stat_table(a.summary, SUMMARY_LEAD))
     if window and f"cos_lag1_mean_w{window}" in a.summary.columns:
         parts.append(f"<h4>First {_esc(window)} steps</h4>\n")

@@ -209,3 +209,25 @@ def test_malformed_analysis_directory_is_a_one_line_error_naming_the_file(inputs
     with pytest.raises(GradlensError, match=r"summary\.csv: lacks the column\(s\) regime$"):
         write_report([bad], ReportConfig(out=str(tmp_path / "r.html")))
     assert not (tmp_path / "r.html").exists()
+
+
+def test_report_on_a_run_without_raw_shards(tmp_path):
+    """A probe-like run (save_raw=False): the page shows what the accumulators allow and says what is missing."""
+    grads = random_grads(T, SPECS, seed=3)
+    path = tmp_path / "probe"
+    with RunWriter(path, SPECS, config={"record": {"regime": "sft"}}, seed=3, save_raw=False) as w:
+        for step, g in enumerate(grads):
+            w.add_step(step + 1, g, {"loss": 0.0, "clip_coef": 1.0})
+    out = write_report([path], ReportConfig(out=str(tmp_path / "r.html")))
+    doc = parse(out.read_text(encoding="utf-8"))
+    assert len(doc.images) == 5
+    summary = next(t for t in doc.tables if t[0][:3] == ["run", "regime", "steps"])
+    head, row = summary[0], summary[1]
+    ref = reference_row([stacked(grads, i) for i in range(len(SPECS))], lags=10)
+    for column, header in (("cos_lag1_mean", "lag-1 cosine"), ("sign_stability_mean", "sign stability"),
+                           ("sign_null_mean", "sign stability, null")):
+        assert row[head.index(header)] == f"{ref[column]:.3f}", column
+    assert row[head.index("trajectory erank (raw)")] == "–" and row[head.index("cosine to mean")] == "–"
+    runs = next(t for t in doc.tables if t[0][:3] == ["run", "regime", "model"])
+    assert runs[1][runs[0].index("statistics from")] == "accumulators"
+    assert "accumulators only (save_raw=False)" in "".join(doc.text)

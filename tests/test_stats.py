@@ -54,7 +54,7 @@ def _ref_spectrum(m: np.ndarray) -> tuple[float, float, float]:
     return _ref_erank(s), float(energy.sum() / energy.max()), float(k)
 
 
-def _ref_cos(a: np.ndarray, b: np.ndarray) -> float:
+def ref_cos(a: np.ndarray, b: np.ndarray) -> float:
     na, nb = math.sqrt(float(a @ a)), math.sqrt(float(b @ b))
     return math.nan if na == 0 or nb == 0 else float(a @ b) / (na * nb)
 
@@ -64,15 +64,38 @@ def _nanmean(values) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
+def _ref_null(n: int, thr: float | None = None) -> float:
+    """E|S_n|/n (``thr`` None) or P(|S_n|/n > thr) for n random signs, by summing the binomial terms."""
+    terms = [(math.comb(n, k) / 2**n, abs(2 * k - n) / n) for k in range(n + 1)]
+    return sum(p * x for p, x in terms) if thr is None else sum(p for p, x in terms if x > thr)
+
+
+def reference_sign_row(grads: list[np.ndarray]) -> dict[str, float]:
+    """Sign statistics of the concatenated entries: each entry over its own steps with a non-zero gradient."""
+    sums = np.concatenate([np.sign(g.astype(np.float64)).sum(axis=0).ravel() for g in grads])
+    counts = np.concatenate([(g != 0).sum(axis=0).ravel() for g in grads])
+    live = counts > 0
+    stab = np.abs(sums[live]) / counts[live]
+    row = {"sign_entries": int(live.sum()), "sign_stability_mean": float(stab.mean()) if stab.size else math.nan}
+    for thr in (0.5, 0.8):
+        row[f"sign_stable_frac_{thr}"] = float((stab > thr).mean()) if stab.size else math.nan
+    per_n = {int(n): int((counts[live] == n).sum()) for n in np.unique(counts[live])}
+    null = {thr: sum(c * _ref_null(n, thr) for n, c in per_n.items()) / max(live.sum(), 1) for thr in (None, 0.5, 0.8)}
+    row["sign_null_mean"] = null[None] if stab.size else math.nan
+    for thr in (0.5, 0.8):
+        row[f"sign_null_frac_{thr}"] = null[thr] if stab.size else math.nan
+    return row
+
+
 def reference_row(grads: list[np.ndarray], lags: int = LAGS) -> dict[str, float]:
     """All statistics of the concatenation of ``grads`` (a list of float ``(T, d_out, r)`` arrays, one per module)."""
     T = len(grads[0])
     v = np.concatenate([g.reshape(T, -1).astype(np.float64) for g in grads], axis=1)
-    row: dict[str, float] = {"steps": T}
+    row: dict[str, float] = {"steps": T, "nonzero_steps": int((np.abs(v).sum(axis=1) > 0).sum())}
     for lag in range(1, lags + 1):
-        row[f"cos_lag{lag}_mean"] = _nanmean([_ref_cos(v[t], v[t + lag]) for t in range(T - lag)])
+        row[f"cos_lag{lag}_mean"] = _nanmean([ref_cos(v[t], v[t + lag]) for t in range(T - lag)])
     mean = v.mean(axis=0)
-    row["cos_to_mean_mean"] = _nanmean([_ref_cos(v[t], mean) for t in range(T)])
+    row["cos_to_mean_mean"] = _nanmean([ref_cos(v[t], mean) for t in range(T)])
     norms = np.linalg.norm(v, axis=1)
     unit = v[norms > 0] / norms[norms > 0, None]
     for suffix, m in (("", v), ("_unit", unit)):
@@ -84,14 +107,7 @@ def reference_row(grads: list[np.ndarray], lags: int = LAGS) -> dict[str, float]
         step_means = np.nanmean(per_step, axis=0)  # mean over modules, per step
     for j, key in enumerate(("erank", "stable_rank", "energy90")):
         row[f"{key}_step_mean"] = _nanmean(step_means[:, j])
-    stab = np.concatenate([np.abs(np.sign(g.astype(np.float64)).sum(axis=0)).ravel() / T for g in grads])
-    row["sign_stability_mean"] = float(stab.mean())
-    row["sign_stable_frac_0.5"] = float((stab > 0.5).mean())
-    row["sign_stable_frac_0.8"] = float((stab > 0.8).mean())
-    probs = {k: math.comb(T, k) / 2**T for k in range(T + 1)}
-    row["sign_null_mean"] = sum(p * abs(2 * k - T) / T for k, p in probs.items())
-    for thr in (0.5, 0.8):
-        row[f"sign_null_frac_{thr}"] = sum(p for k, p in probs.items() if abs(2 * k - T) / T > thr)
+    row.update(reference_sign_row(grads))
     return row
 
 
@@ -110,11 +126,12 @@ def assert_row(actual: dict[str, float], expected: dict[str, float], rtol: float
 # Synthetic runs
 
 
-def write(path: Path, steps: list[int], grads: list[list[np.ndarray]], specs=SPECS, clip=None, **kw) -> Path:
+def write(path: Path, steps: list[int], grads: list[list[np.ndarray]], specs=SPECS, clip=None, regime="sft",
+          **kw) -> Path:
     """Write ``grads[t]`` (one array per module) at ``steps[t]`` with RunWriter (``clip[t]``: its clip_coef)."""
     kw.setdefault("steps_per_shard", 3)
     clip = clip if clip is not None else [1.0] * len(steps)
-    with RunWriter(path, specs, config={"record": {"regime": "sft"}}, seed=7, **kw) as w:
+    with RunWriter(path, specs, config={"record": {"regime": regime}}, seed=7, **kw) as w:
         for step, g, c in zip(steps, grads, clip, strict=True):
             w.add_step(step, g, {"loss": 0.0, "clip_coef": c})
     return path
@@ -206,12 +223,12 @@ def test_cosines_from_gram_equal_loops():
     gram = x @ x.T
     series = stats.lag_cosines(gram, 10)
     for lag in range(1, 11):
-        want = [_ref_cos(x[t], x[t + lag]) for t in range(T - lag)]
+        want = [ref_cos(x[t], x[t + lag]) for t in range(T - lag)]
         np.testing.assert_allclose(series[lag - 1], want, rtol=1e-12)
     means = stats.lag_cosine_means(gram, 10)
-    assert means[0] == pytest.approx(_nanmean([_ref_cos(x[t], x[t + 1]) for t in range(T - 1)]))
+    assert means[0] == pytest.approx(_nanmean([ref_cos(x[t], x[t + 1]) for t in range(T - 1)]))
     assert np.isnan(means[T - 1:]).all()  # no pair at lag >= T
-    np.testing.assert_allclose(stats.cosine_to_mean(gram), [_ref_cos(x[t], x.mean(0)) for t in range(T)], rtol=1e-12)
+    np.testing.assert_allclose(stats.cosine_to_mean(gram), [ref_cos(x[t], x.mean(0)) for t in range(T)], rtol=1e-12)
 
 
 def test_step_spectrum_equals_per_matrix_svd():
@@ -295,7 +312,7 @@ def test_every_scope_matches_reference(tmp_path, memory_mb):
         assert sc.hist.sum() == sum(SPECS[i].size for i in members)
     adapter = rs.adapter
     v = np.concatenate([stacked(grads, i).reshape(T, -1) for i in range(len(SPECS))], axis=1)
-    np.testing.assert_allclose(adapter.series["cos_lag2"], [_ref_cos(v[t], v[t + 2]) for t in range(T - 2)],
+    np.testing.assert_allclose(adapter.series["cos_lag2"], [ref_cos(v[t], v[t + 2]) for t in range(T - 2)],
                                rtol=1e-10)
     np.testing.assert_allclose(adapter.series["grad_norm"], np.linalg.norm(v, axis=1), rtol=1e-10)
 
@@ -357,8 +374,8 @@ def test_bad_inputs_are_clear_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(GradlensError, match="not a gradlens run"):
         analyze_run(tmp_path / "empty")
-    with pytest.raises(GradlensError, match="save_raw=False"):
-        analyze_run(write(tmp_path / "noraw", [0, 1], grads[:2], save_raw=False))
+    with pytest.raises(GradlensError, match="1 usable recorded step"):  # the same without raw shards
+        analyze_run(write(tmp_path / "noraw", [0], grads[:1], save_raw=False))
 
 
 def test_unclip_divides_each_step_by_its_clip_coef(tmp_path):
@@ -371,3 +388,4 @@ def test_unclip_divides_each_step_by_its_clip_coef(tmp_path):
     clipped = analyze_run(tmp_path / "run", lags=LAGS).adapter.row
     assert clipped["erank_traj"] != pytest.approx(rs.adapter.row["erank_traj"], rel=1e-3)
     assert clipped["erank_traj_unit"] == pytest.approx(rs.adapter.row["erank_traj_unit"], rel=1e-9)
+

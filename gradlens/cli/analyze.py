@@ -18,7 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="recorded run directories to analyse")
     parser.epilog = ("Writes summary.csv, modules.csv, proj.csv, layers.csv (and parquet, plus series/hist parquet), "
-                     "PNG figures and provenance.json into --out, and prints the finding.")
+                     "PNG figures and provenance.json into --out, and prints the finding. A run recorded without "
+                     "raw shards (--no-save_raw, gradlens probe) gets what its accumulators allow.")
     add_dataclass_arguments(parser, AnalyzeConfig)
 
 

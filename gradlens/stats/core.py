@@ -8,6 +8,8 @@ Nothing here reads files; :mod:`gradlens.stats.driver` feeds these functions fro
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -189,9 +191,16 @@ def step_spectrum_stats(grads: np.ndarray) -> dict[str, np.ndarray]:
 # Sign stability
 
 
-def sign_stability(sumsign: np.ndarray, steps: int) -> np.ndarray:
-    """Per entry ``|sum_t sign(g_t)| / T``; ``sign(0) = 0``, so an entry whose gradient is always zero gets 0."""
-    return np.abs(np.asarray(sumsign, np.float64)) / steps
+def sign_stability(sumsign: np.ndarray, counts: int | np.ndarray) -> np.ndarray:
+    """Per entry ``|sum_t sign(g_t)| / n``, ``n`` the entry's count of steps with a non-zero gradient.
+
+    ``sign(0) = 0``, so steps where an entry's gradient is exactly zero (a GRPO step whose groups all had equal
+    rewards) carry no sign and do not dilute it; NaN for an entry that was never non-zero.
+    """
+    counts = np.asarray(counts)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.abs(np.asarray(sumsign, np.float64)) / counts
+    return np.where(counts > 0, out, np.nan)
 
 
 def stable_share(stability: np.ndarray, threshold: float) -> float:
@@ -241,3 +250,45 @@ def null_histogram(steps: int, bins: int) -> np.ndarray:
     """Probability of each :func:`histogram_edges` bin under the random-sign null (sums to 1)."""
     values, probs = sign_null_pmf(steps)
     return np.histogram(values, bins=histogram_edges(bins), weights=probs)[0]
+
+
+@dataclass(frozen=True)
+class SignNull:
+    """The random-sign null of one entry's sign stability for every count ``n = 0..steps`` of non-zero steps.
+
+    Row ``n`` of ``mean`` / ``share[threshold]`` / ``hist`` is :func:`sign_null_mean`, :func:`sign_null_share` and
+    :func:`null_histogram` for ``n`` (row 0, an entry never non-zero, is zero: such entries are left out).
+    """
+
+    mean: np.ndarray
+    share: dict[float, np.ndarray]
+    hist: np.ndarray
+
+    def pooled(self, by_count: np.ndarray) -> tuple[float, dict[float, float], np.ndarray]:
+        """The null of a set of entries, ``by_count[n]`` of which had n non-zero steps: the mean of their nulls.
+
+        Returns (mean null stability, null share above each threshold, null histogram); NaN/zeros without entries.
+        """
+        w = np.asarray(by_count, np.float64)[1:]
+        total = w.sum()
+        if total == 0:
+            return math.nan, {t: math.nan for t in self.share}, np.zeros(self.hist.shape[1])
+        w = w / total
+        return (float(w @ self.mean[1:]), {t: float(w @ s[1:]) for t, s in self.share.items()},
+                w @ self.hist[1:])
+
+
+@lru_cache(maxsize=8)
+def sign_null_table(steps: int, bins: int) -> SignNull:
+    """:class:`SignNull` for counts ``0..steps`` and ``bins`` histogram bins (computed once per ``(steps, bins)``)."""
+    mean = np.zeros(steps + 1)
+    share = {t: np.zeros(steps + 1) for t in STABLE_THRESHOLDS}
+    hist = np.zeros((steps + 1, bins))
+    for n in range(1, steps + 1):
+        mean[n] = sign_null_mean(n)
+        for t in STABLE_THRESHOLDS:
+            share[t][n] = sign_null_share(n, t)
+        hist[n] = null_histogram(n, bins)
+    for a in (mean, hist, *share.values()):
+        a.flags.writeable = False
+    return SignNull(mean=mean, share=share, hist=hist)
