@@ -3,6 +3,9 @@
 
 Sampling reaches the right answer more often than greedy decoding on a partly-competent model; that gap is what RL
 (GRPO) can exploit, so both are reported. Correctness, prompt rendering and the answer budget come from the task.
+Generation is batched (``batch_size`` sequences at once, prompts grouped by length, left-padded); on the same prompts
+batched greedy answers equal unbatched ones exactly in float32 (measured on tiny Qwen2 and Llama models on CPU); in
+bf16 on a GPU, kernels chosen by batch shape may round differently and flip a near-tie.
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ def generate_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
 
     ``batch_size`` counts generated sequences (prompts times ``num_return_sequences``), which is what bounds the
     memory of the KV cache. Prompts are batched by length and left-padded with their attention mask (generate derives
-    the position ids from it), so batched greedy answers equal one-prompt-at-a-time ones (tests/test_evaluate.py).
+    the position ids from it), so batched greedy answers equal one-prompt-at-a-time ones (see the module docstring).
     Decoding is pure greedy or pure temperature sampling: the model's own generation defaults (top-k/top-p,
     repetition penalty) are overridden, and generation stops at every stop token of the model
     (:func:`~gradlens.models.stop_token_ids`: an instruct model's end of turn as well as its end of text).

@@ -240,18 +240,20 @@ def resolve_prompt_format(prompt_format: str, model_name: str, model: PreTrained
     why, in words for the console and the provenance. The line is also printed.
 
     ``plain``/``chat`` are taken as given (``chat`` needs a template). ``auto`` decides from the tokenizer and the
-    model's configs, never the name, because base checkpoints (Qwen2.5-1.5B, Llama-3.1-8B, gemma-2-2b, SmolLM2)
-    ship a chat template too but were never trained on it. The test: render a user/assistant exchange and take the
+    model's configs, never the name (a fine-tuned copy in ``models/my-sft-checkpoint`` is still a chat model), and
+    not from the template's presence alone: base checkpoints such as Qwen2.5-1.5B ship the chat template of their
+    instruct sibling without being tuned to follow it. The test: render a user/assistant exchange and take the
     token the template closes the assistant turn with (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``). A model
     trained on the template learned to stop there, so its releases list that token among their stop tokens (the
     tokenizer's eos, ``config.eos_token_id``, ``generation_config.eos_token_id``; TRL's ``eos_token`` setting and
     ``clone_chat_template`` add it too); a base model stops at end-of-text only. Hence: no template, or one that
     marks no end of turn: ``plain``; the turn-closing token is a stop token: ``chat``; else ``plain``.
 
-    The ambiguity left: templates that close the reply with the plain end-of-text token (``</s>`` in
+    What it cannot see: templates that close the reply with the plain end-of-text token (``</s>`` in
     Mistral-Instruct and Llama-2-chat, the same token their base models stop at) cannot tell base from chat-trained.
     Such a template (the token closes assistant turns but not user turns) counts as ``chat``, since base models of
-    that style rarely ship a template, and the reason says so; ``--prompt_format plain`` overrides it.
+    that style rarely ship a template, and the reason says so; ``--prompt_format plain`` overrides it. And a chat
+    fine-tune saved with its base model's stop tokens reads as ``plain``; ``--prompt_format chat`` overrides it.
     """
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if prompt_format in ("chat", "plain"):
@@ -281,7 +283,7 @@ def _judge_template(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) 
     if end not in stops:
         listed = ", ".join(str(t) for t in tokenizer.convert_ids_to_tokens(sorted(stops))) or "none"
         return "plain", (f"its chat template closes a reply with {name}, which is not among the model's stop tokens "
-                         f"({listed}): a base model that ships a template (--prompt_format chat overrides)")
+                         f"({listed}): a base model shipping a template (--prompt_format chat overrides)")
     if end != user_end:
         return "chat", (f"its chat template closes a reply with the stop token {name}, which also ends plain text, so "
                         "a base model would look the same (--prompt_format plain overrides)")
