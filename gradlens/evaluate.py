@@ -3,6 +3,9 @@
 
 Sampling reaches the right answer more often than greedy decoding on a partly-competent model; that gap is what RL
 (GRPO) can exploit, so both are reported. Correctness, prompt rendering and the answer budget come from the task.
+Generation is batched (``batch_size`` sequences at once, prompts grouped by length, left-padded); on the same prompts
+batched greedy answers equal unbatched ones exactly in float32 (measured on tiny Qwen2 and Llama models on CPU); in
+bf16 on a GPU, kernels chosen by batch shape may round differently and flip a near-tie.
 """
 
 from __future__ import annotations
@@ -16,9 +19,11 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from gradlens.errors import GradlensError
+from gradlens.models import stop_token_ids
 from gradlens.tasks.base import Task
 
-Z95 = 1.959963984540054
+Z95 = 1.959963984540054  # the 97.5% quantile of the standard normal
+BATCH_SIZE = 256  # sequences generated at once
 
 
 def wilson_interval(successes: int, n: int) -> tuple[float, float]:
@@ -47,37 +52,52 @@ class Accuracy:
         return wilson_interval(round(self.greedy * self.n), self.n)
 
 
+def _length_batches(lengths: Sequence[int], prompts_per_batch: int) -> list[list[int]]:
+    """Prompt indices in batches of similar length, longest first: little padding, and a batch too large for the
+    device fails on the first batch rather than the last."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i : i + prompts_per_batch] for i in range(0, len(order), prompts_per_batch)]
+
+
 @torch.no_grad()
 def generate_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], *,
                      do_sample: bool = False, temperature: float = 1.0, num_return_sequences: int = 1,
-                     max_new_tokens: int = 8, batch_size: int = 256, seed: int = 0,
+                     max_new_tokens: int = 8, batch_size: int = BATCH_SIZE, seed: int = 0,
                      add_special_tokens: bool = False) -> list[str]:
     """Completions (special tokens stripped), ``num_return_sequences`` per prompt in prompt order.
 
-    Batches are left-padded, so a batch gives the same greedy answers as one prompt at a time. Sampling draws from a
-    forked RNG seeded by ``seed``: reproducible, and the caller's global RNG state is left as it was.
-    ``add_special_tokens=True`` lets the tokenizer add its BOS, as TRL does for plain-text GRPO prompts; rendered chat
-    prompts already hold theirs.
+    ``batch_size`` counts generated sequences (prompts times ``num_return_sequences``), which is what bounds the
+    memory of the KV cache. Prompts are batched by length and left-padded with their attention mask (generate derives
+    the position ids from it), so batched greedy answers equal one-prompt-at-a-time ones (see the module docstring).
+    Decoding is pure greedy or pure temperature sampling: the model's own generation defaults (top-k/top-p,
+    repetition penalty) are overridden, and generation stops at every stop token of the model
+    (:func:`~gradlens.models.stop_token_ids`: an instruct model's end of turn as well as its end of text).
+    Sampling draws from a forked RNG seeded by ``seed``: reproducible for a given ``batch_size``, and the caller's
+    global RNG state is left as it was. ``add_special_tokens=True`` lets the tokenizer add its BOS, as TRL does for
+    plain-text GRPO prompts; rendered chat prompts already hold theirs.
     """
     if batch_size < 1:
         raise GradlensError(f"batch_size must be >= 1, got {batch_size}")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    out: list[str] = []
+    ids = tokenizer(list(prompts), add_special_tokens=add_special_tokens)["input_ids"] if prompts else []
+    decoding = {"do_sample": do_sample, "temperature": temperature if do_sample else None,
+                "top_k": 0 if do_sample else None, "top_p": 1.0 if do_sample else None, "repetition_penalty": 1.0,
+                "num_return_sequences": num_return_sequences, "max_new_tokens": max_new_tokens,
+                "pad_token_id": tokenizer.pad_token_id, "eos_token_id": sorted(stop_token_ids(model, tokenizer))}
+    n_seq = num_return_sequences
+    out: list[str] = [""] * (len(ids) * n_seq)
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    devices = [device] if device.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
-            for i in range(0, len(prompts), batch_size):
-                enc = tokenizer(list(prompts[i : i + batch_size]), return_tensors="pt", padding=True,
-                                add_special_tokens=add_special_tokens).to(device)
-                seqs = model.generate(**enc, do_sample=do_sample, temperature=temperature if do_sample else None,
-                                      top_k=0 if do_sample else None, top_p=1.0 if do_sample else None,
-                                      num_return_sequences=num_return_sequences, max_new_tokens=max_new_tokens,
-                                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-                out += tokenizer.batch_decode(seqs[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            for batch in _length_batches([len(x) for x in ids], max(1, batch_size // n_seq)):
+                enc = tokenizer.pad({"input_ids": [ids[i] for i in batch]}, return_tensors="pt").to(device)
+                seqs = model.generate(**enc, **decoding)
+                texts = tokenizer.batch_decode(seqs[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+                for row, i in enumerate(batch):
+                    out[i * n_seq : (i + 1) * n_seq] = texts[row * n_seq : (row + 1) * n_seq]
     finally:
         tokenizer.padding_side = padding_side
         model.train(was_training)
@@ -85,7 +105,7 @@ def generate_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
 
 
 def accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Task, data: Any, *, k: int = 8,
-             temperature: float = 1.0, seed: int = 0, batch_size: int = 256) -> Accuracy:
+             temperature: float = 1.0, seed: int = 0, batch_size: int = BATCH_SIZE) -> Accuracy:
     """Greedy and sampled (``k`` samples per prompt at ``temperature``) accuracy of ``data`` (a task split)."""
     if len(data) == 0:
         raise GradlensError(f"task {task.name}: the evaluation data is empty")
@@ -105,7 +125,7 @@ def accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: T
 
 
 def greedy_report(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Task, data: Any, *,
-                  batch_size: int = 16) -> dict[str, Any]:
+                  batch_size: int = BATCH_SIZE) -> dict[str, Any]:
     """Greedy accuracy of ``data`` with its 95% interval and the first completions, as ``eval.json`` stores it."""
     prompts = task.prompt_texts(data["prompt"], tokenizer) if len(data) else []
     if not prompts:

@@ -10,7 +10,6 @@ toy models always load in float32 so that toy runs stay reproducible on any mach
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,8 +21,10 @@ from gradlens.config import TOY_PREFIX
 from gradlens.errors import GradlensError
 from gradlens.modules import ALL_PROJECTIONS
 
-# Instruct/chat checkpoints by the usual naming: Qwen2.5-7B-Instruct, Llama-3.1-8B-Instruct, gemma-2-2b-it, *-chat.
-_INSTRUCT_NAME = re.compile(r"instruct|chat|[-_]it(?![a-z])", re.IGNORECASE)
+# Files one of which every saved tokenizer has; a model directory with none of them has no tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model")
+_PROBE = "gradlens-probe-7"  # a message content no chat template alters, to find what the template puts after it
 
 
 def load_model(spec: str, dtype: str = "float32", *, progress: bool = True
@@ -48,7 +49,10 @@ def load_model_and_tokenizer(name_or_path: str | os.PathLike[str], *, dtype: str
                              **model_kwargs) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Any HF causal LM and its tokenizer through ``from_pretrained`` (a local directory or a hub id).
 
-    Errors name the path or id and the cause in one line. Pad token falls back to eos, as TRL expects one.
+    Errors name the path or id and the cause in one line, before any training: a missing directory, a directory
+    without tokenizer files (``AutoTokenizer`` would return an empty one-token tokenizer, on which SFT "trains" with
+    loss 0), a tokenizer with no ordinary token, or one with more tokens than the model has embeddings. Pad token
+    falls back to eos, as TRL expects one.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -56,15 +60,32 @@ def load_model_and_tokenizer(name_or_path: str | os.PathLike[str], *, dtype: str
     looks_local = os.path.sep in name or name.startswith(".") or Path(name).exists()
     if looks_local and not Path(name).is_dir():
         raise GradlensError(f"model path {name!r} does not exist or is not a directory")
+    if looks_local and not any((Path(name) / f).is_file() for f in TOKENIZER_FILES):
+        raise GradlensError(f"model directory {name} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+                            "save one there with tokenizer.save_pretrained()")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
+        check_tokenizer(tokenizer, name)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **model_kwargs)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise GradlensError(f"cannot load model {name!r}: {first}") from e
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise GradlensError(f"the tokenizer of {name} has {len(tokenizer)} tokens but the model embeds only {rows}: "
+                            "tokenizer and model do not belong together")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def check_tokenizer(tokenizer: PreTrainedTokenizerBase, name: str) -> None:
+    """Refuse a degenerate tokenizer: one whose vocabulary holds nothing but special tokens encodes every text as
+    unknown or nothing, so training would see empty text."""
+    ordinary = set(tokenizer.get_vocab()) - set(tokenizer.all_special_tokens)
+    if not ordinary:
+        raise GradlensError(f"the tokenizer of {name} has no ordinary tokens, only {len(tokenizer.get_vocab())} "
+                            "special one(s): its tokenizer files are missing or broken")
 
 
 def _linear_layers(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]]:
@@ -195,17 +216,75 @@ def trainer_overrides(device: str, dtype: str) -> dict[str, Any]:
     return out
 
 
-def uses_chat_template(prompt_format: str, model: str, tokenizer: PreTrainedTokenizerBase) -> bool:
-    """Whether prompts go through the tokenizer's chat template.
+def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """Token ids generation stops at: the tokenizer's eos, the model config's and the generation config's."""
+    ids: set[int] = set()
+    configs = (model.config.get_text_config(), getattr(model, "generation_config", None))
+    for value in (tokenizer.eos_token_id, *(getattr(c, "eos_token_id", None) for c in configs)):
+        ids.update([value] if isinstance(value, int) else value or [])
+    return ids
 
-    ``auto`` uses it for instruct models only: base checkpoints such as Qwen2.5-1.5B ship a chat template too, but
-    were never trained on it, so a plain prompt suits them better. The model name tells the two apart.
+
+def _token_after(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> int | None:
+    """The first token the chat template puts after the last message's content (its end-of-turn marker), or None
+    when it puts nothing there."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    rest = text[text.rindex(_PROBE) + len(_PROBE) :].lstrip()
+    ids = tokenizer(rest, add_special_tokens=False)["input_ids"] if rest else []
+    return ids[0] if ids else None
+
+
+def resolve_prompt_format(prompt_format: str, model_name: str, model: PreTrainedModel,
+                          tokenizer: PreTrainedTokenizerBase) -> tuple[str, str]:
+    """``(format, reason)``: whether math prompts go through the chat template (``chat``) or not (``plain``), and
+    why, in words for the console and the provenance. The line is also printed.
+
+    ``plain``/``chat`` are taken as given (``chat`` needs a template). ``auto`` decides from the tokenizer and the
+    model's configs, never the name (a fine-tuned copy in ``models/my-sft-checkpoint`` is still a chat model), and
+    not from the template's presence alone: base checkpoints such as Qwen2.5-1.5B ship the chat template of their
+    instruct sibling without being tuned to follow it. The test: render a user/assistant exchange and take the
+    token the template closes the assistant turn with (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``). A model
+    trained on the template learned to stop there, so its releases list that token among their stop tokens (the
+    tokenizer's eos, ``config.eos_token_id``, ``generation_config.eos_token_id``; TRL's ``eos_token`` setting and
+    ``clone_chat_template`` add it too); a base model stops at end-of-text only. Hence: no template, or one that
+    marks no end of turn: ``plain``; the turn-closing token is a stop token: ``chat``; else ``plain``.
+
+    What it cannot see: templates that close the reply with the plain end-of-text token (``</s>`` in
+    Mistral-Instruct and Llama-2-chat, the same token their base models stop at) cannot tell base from chat-trained.
+    Such a template (the token closes assistant turns but not user turns) counts as ``chat``, since base models of
+    that style rarely ship a template, and the reason says so; ``--prompt_format plain`` overrides it. And a chat
+    fine-tune saved with its base model's stop tokens reads as ``plain``; ``--prompt_format chat`` overrides it.
     """
     has_template = bool(getattr(tokenizer, "chat_template", None))
-    if prompt_format == "chat":
-        if not has_template:
-            raise GradlensError(f"--prompt_format chat: the tokenizer of {model} has no chat template")
-        return True
-    if prompt_format == "plain":
-        return False
-    return has_template and bool(_INSTRUCT_NAME.search(model.rstrip("/").rsplit("/", 1)[-1]))
+    if prompt_format in ("chat", "plain"):
+        if prompt_format == "chat" and not has_template:
+            raise GradlensError(f"--prompt_format chat: the tokenizer of {model_name} has no chat template")
+        fmt, reason = prompt_format, f"--prompt_format {prompt_format}"
+    elif not has_template:
+        fmt, reason = "plain", "the tokenizer has no chat template"
+    else:
+        fmt, reason = _judge_template(model, tokenizer)
+    print(f"gradlens: prompt format {fmt} for {model_name}: {reason}")
+    return fmt, reason
+
+
+def _judge_template(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> tuple[str, str]:
+    """The ``auto`` verdict on a tokenizer that has a chat template (see :func:`resolve_prompt_format`)."""
+    try:
+        end = _token_after(tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _PROBE}])
+        user_end = _token_after(tokenizer, [{"role": "user", "content": _PROBE}])
+    except Exception as e:  # jinja raises many types (TemplateError, TypeError, ...); any means "not usable"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return "plain", f"its chat template does not render a user/assistant exchange ({first})"
+    if end is None:
+        return "plain", "its chat template marks no end of an assistant turn"
+    stops = stop_token_ids(model, tokenizer)
+    name = tokenizer.convert_ids_to_tokens(end)
+    if end not in stops:
+        listed = ", ".join(str(t) for t in tokenizer.convert_ids_to_tokens(sorted(stops))) or "none"
+        return "plain", (f"its chat template closes a reply with {name}, which is not among the model's stop tokens "
+                         f"({listed}): a base model shipping a template (--prompt_format chat overrides)")
+    if end != user_end:
+        return "chat", (f"its chat template closes a reply with the stop token {name}, which also ends plain text, so "
+                        "a base model would look the same (--prompt_format plain overrides)")
+    return "chat", f"its chat template closes every turn with {name}, one of the model's stop tokens"

@@ -13,6 +13,7 @@ processes (times ``steps_per_generation``) must be divisible by ``G``.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -57,10 +58,14 @@ def config_fields(regime: str) -> dict[str, dataclasses.Field]:
 
 
 def check_overrides(regime: str, overrides: Mapping[str, Any]) -> None:
-    """Fail early, naming them, on override keys that are not fields of the regime's TRL config."""
+    """Fail early, in one line, on override keys that are not fields of the regime's TRL config, and on
+    ``use_vllm`` without vLLM installed (TRL would raise its ImportError only when the trainer is built)."""
     unknown = sorted(set(overrides) - set(config_fields(regime)))
     if unknown:
         raise GradlensError(f"unknown {config_class(regime).__name__} field(s): {', '.join(unknown)}")
+    if overrides.get("use_vllm") and importlib.util.find_spec("vllm") is None:
+        raise GradlensError("--use_vllm true: vLLM is not installed in this environment (pip install vllm, or drop "
+                            "--use_vllm to generate with transformers)")
 
 
 def build_trl_config(regime: str, output_dir: str, overrides: Mapping[str, Any] | None = None):

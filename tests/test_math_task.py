@@ -16,6 +16,7 @@ from gradlens.tasks.gsm8k import (
     format_reward,
     gold_answer,
     is_correct,
+    own_turn,
     parse_number,
 )
 
@@ -47,6 +48,13 @@ CASES = [
     (" 72.00 clips\n#### 72.0", "72", True),  # decimals
     (" The answer is 72 clips. Question: 5 more?", "72", True),  # "answer is" beats a later number
     (" 72\n#### 72\nQuestion: What is 1+1?\nAnswer: 2\n#### 2", "72", True),  # first #### wins: made-up next turn
+    (" He has 20 apples. Question: Tom has 18", "18", False),  # the last number is in a made-up next question
+    (" He has 20 apples. Question: Tom has 18", "20", True),
+    (" 3 + 4 = 7\n\nQ: Ann has 5 pens and 9 more?\nA: 14\n#### 14", "14", False),  # run-on "Q:" with its own ####
+    (" 3 + 4 = 7\n\nQ: Ann has 5 pens and 9 more?\nA: 14\n#### 14", "7", True),
+    (" so 7.<|im_start|>user\nWhat is 9+9?", "9", False),  # a chat turn marker left in the text
+    (" so 7.\nUser: what is 9+9? Problem: 18", "7", True),
+    (" Her IQ: 140, so 9", "9", True),  # "Q:" inside a word starts nothing
     (" I do not know.", "72", False),  # no answer at all
     ("", "72", False),
 ]
@@ -70,6 +78,8 @@ def test_parse_number_and_extract_answer() -> None:
     assert extract_answer("a \\boxed{\\frac{1}{2}} b") == "\\frac{1}{2}"
     assert extract_answer("nothing here") is None
     assert gold_answer(ROWS[1]["answer"]) == "5,000"
+    assert own_turn(" 20 apples.\nQuestion: 18?") == " 20 apples.\n" and own_turn("Question: 1") == ""
+    assert all(own_turn(r["answer"]) == r["answer"] for r in ROWS)  # gold solutions hold no new turn
 
 
 def test_rewards_have_trl_signature_and_read_conversations() -> None:
@@ -80,6 +90,7 @@ def test_rewards_have_trl_signature_and_read_conversations() -> None:
     chat = [[{"role": "assistant", "content": "so #### 72"}], [{"role": "assistant", "content": "#### 7"}]]
     assert correctness_reward(["p", "p"], chat, answer=["72", "72"]) == [1.0, 0.0]
     assert format_reward(["p"] * 4, ["x #### 72", "\\boxed{1,000}", "72", "#### none"]) == [1.0, 1.0, 0.0, 0.0]
+    assert format_reward(["p"] * 2, ["7 Question: 1+1?\n#### 2", "#### 7 Question: 1+1?\n#### 2"]) == [0.0, 1.0]
     with pytest.raises(ValueError):  # TRL passes one answer per completion; a mismatch is a bug, not a zero
         correctness_reward(["p"], ["#### 1", "#### 2"], answer=["1"])
 

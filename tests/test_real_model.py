@@ -1,6 +1,7 @@
-"""The real-model path offline: models saved by the test (Llama and Qwen2 layouts, a tokenizer with a chat template)
-go through ``gradlens record`` (SFT and GRPO on a GSM8K-format file) and ``gradlens analyze`` via ``--model PATH``;
-default LoRA targets per architecture; one-line errors for data and models that lack what is expected."""
+"""The real-model path offline: models saved by the test (Llama and Qwen2 layouts, a byte-level BPE tokenizer trained
+in memory with a Qwen-style chat template) go through ``gradlens record`` (SFT and GRPO on a GSM8K-format file) and
+``gradlens analyze`` via ``--model PATH``; the prompt format decided from tokenizer and configs, not the name; default
+LoRA targets per architecture; one-line errors for data, models and settings that lack what is expected."""
 
 from __future__ import annotations
 
@@ -23,6 +24,30 @@ ROWS = [{"question": f"Tom has {a} apples and buys {b} more. How many apples doe
          "answer": f"Tom has {a}+{b} = <<{a}+{b}={a + b}>>{a + b} apples.\n#### {a + b}"}
         for a, b in [(3, 4), (12, 30), (7, 8), (25, 25), (9, 1), (40, 2), (6, 6), (11, 22)]]
 QUIET = ["--logging_steps", "100", "--disable_tqdm", "true"]
+END_OF_TEXT, TURN_START, TURN_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+QWEN_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def build_bpe_tokenizer(eos: str = TURN_END, template: str | None = QWEN_TEMPLATE):
+    """A byte-level BPE tokenizer trained in memory on the GSM8K-format rows, with Qwen's special tokens: a chat
+    release's when ``eos`` is the end of turn, a base release's (which ships the template too) when it is
+    end-of-text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    corpus = [f"Question: {r['question']}\nAnswer: {r['answer']}" for r in ROWS]
+    core.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=[END_OF_TEXT, TURN_START, TURN_END], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    specials = [t for t in (TURN_START, TURN_END) if t != eos]
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token=eos, pad_token=END_OF_TEXT,
+                                  additional_special_tokens=specials)
+    tok.chat_template = template
+    return tok
 
 
 def _config(arch: str, tokenizer, **extra):
@@ -37,7 +62,9 @@ def _config(arch: str, tokenizer, **extra):
 
 def _teach_answer_format(model, tokenizer, chat: bool) -> None:
     """A few full-batch steps on ``prompt -> "#### <answer>"``, so that sampled GRPO completions sometimes earn the
-    reward (a random model never does, and GRPO without reward variance has all-zero gradients)."""
+    correctness and format rewards (a random model never does, and GRPO without reward variance has all-zero
+    gradients). Few enough that most groups of 4 samples still differ in reward (15 steps: 5 to 8 of the 8 prompts'
+    groups on three seeds; from 30 on the format is always right and the answers mostly fixed)."""
     import torch
 
     from gradlens.tasks.gsm8k import MathTask, gold_answer
@@ -57,7 +84,7 @@ def _teach_answer_format(model, tokenizer, chat: bool) -> None:
         ids[i, : len(seq)] = torch.tensor(seq)
         labels[i, start : len(seq)] = torch.tensor(seq[start:])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(40):
+    for _ in range(15):
         model(input_ids=ids, attention_mask=(labels != -100) | (ids != tokenizer.pad_token_id),
               labels=labels).loss.backward()
         opt.step()
@@ -74,25 +101,24 @@ def _save(model, tokenizer, path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A Llama-layout 'instruct' model, a Qwen2-layout base model, a GPT-2 model and a GSM8K JSONL file, on disk."""
+    """A Llama-layout chat-trained model, a Qwen2-layout base model, a GPT-2 model and a GSM8K JSONL file, on disk.
+    The names mislead on purpose (the base model's says "chat"): the prompt format must follow tokenizer and configs.
+    """
     import torch
     import transformers
 
-    from gradlens.toy.tokenizer import build_char_tokenizer
-
     root = tmp_path_factory.mktemp("real")
-    tok = build_char_tokenizer()
-    assert tok.chat_template  # the chat path needs one
+    chat_tok, base_tok = build_bpe_tokenizer(TURN_END), build_bpe_tokenizer(END_OF_TEXT)
     torch.manual_seed(0)
-    llama = transformers.LlamaForCausalLM(_config("llama", tok))
-    qwen2 = transformers.Qwen2ForCausalLM(_config("qwen2", tok))
-    _teach_answer_format(llama, tok, chat=True)
-    _teach_answer_format(qwen2, tok, chat=False)
+    llama = transformers.LlamaForCausalLM(_config("llama", chat_tok))
+    qwen2 = transformers.Qwen2ForCausalLM(_config("qwen2", base_tok))
+    _teach_answer_format(llama, chat_tok, chat=True)
+    _teach_answer_format(qwen2, base_tok, chat=False)
     out = {
-        "llama": _save(llama, tok, root / "tiny-llama-instruct"),
-        "qwen2": _save(qwen2, tok, root / "tiny-qwen2"),
+        "llama": _save(llama, chat_tok, root / "my-sft-checkpoint"),
+        "qwen2": _save(qwen2, base_tok, root / "tiny-qwen2-chat"),
         "gpt2": _save(transformers.GPT2LMHeadModel(transformers.GPT2Config(
-            vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=256)), tok, root / "tiny-gpt2"),
+            vocab_size=len(base_tok), n_embd=32, n_layer=2, n_head=4, n_positions=256)), base_tok, root / "tiny-gpt2"),
     }
     data = root / "gsm"
     data.mkdir()
@@ -122,6 +148,7 @@ def test_record_sft_and_grpo_then_analyze(world, tmp_path: Path, capsys, arch: s
         assert sorted({s.proj for s in run.specs}) == PROJ_LABELS and {s.layer for s in run.specs} == {0, 1}
         config = run.meta["config"]
         assert config["prompt_format"] == prompt_format and config["device"] == "cpu"
+        assert config["prompt_format_reason"] in proc.stdout and f"prompt format {prompt_format}" in proc.stdout
         assert config["model_dtype"] == "float32" and config["record"]["model"] == model
         for step in run.meta["steps"]:
             assert math.isfinite(step["loss"]) and step["b_grad_norm"] >= 0
@@ -172,7 +199,7 @@ def test_default_targets_follow_other_layouts(world) -> None:
 def test_dtype_and_device_defaults_and_overrides(world) -> None:
     import torch
 
-    from gradlens.models import load_model, resolve_device, resolve_dtype, trainer_overrides, uses_chat_template
+    from gradlens.models import load_model, resolve_device, resolve_dtype, trainer_overrides
 
     device = resolve_device("auto")
     assert device == ("cuda" if torch.cuda.is_available() else "cpu")
@@ -181,13 +208,8 @@ def test_dtype_and_device_defaults_and_overrides(world) -> None:
     assert resolve_dtype("bfloat16", "cpu", "x") == "bfloat16"
     assert trainer_overrides("cpu", "float32") == {"use_cpu": True}
     assert trainer_overrides("cuda", "bfloat16") == {"bf16": True}
-    model, tok = load_model(str(world["qwen2"]), "bfloat16")
+    model, _ = load_model(str(world["qwen2"]), "bfloat16")
     assert next(model.parameters()).dtype == torch.bfloat16
-    assert uses_chat_template("auto", str(world["llama"]), tok)  # "-instruct" in the name
-    assert not uses_chat_template("auto", str(world["qwen2"]), tok)  # base: plain even with a template
-    assert not uses_chat_template("auto", "Qwen/Qwen2.5-1.5B", tok)
-    assert uses_chat_template("auto", "google/gemma-2-2b-it", tok)
-    assert uses_chat_template("chat", "Qwen/Qwen2.5-1.5B", tok)
 
 
 def test_missing_columns_and_projections_are_one_line_errors(world, tmp_path: Path, capsys) -> None:
@@ -206,6 +228,74 @@ def test_missing_columns_and_projections_are_one_line_errors(world, tmp_path: Pa
         gradlens_inproc(capsys, *common, "--model", str(world["qwen2"]), "--task", f"gsm8k:{world['data']}",
                 "--eval_split", "validation", "--n_eval", "1", "--out", str(tmp_path / "c")),
         "no split 'validation'", "test", "train")
+
+
+def test_a_model_without_its_tokenizer_is_a_one_line_error(world, tmp_path: Path, capsys) -> None:
+    """Without tokenizer files AutoTokenizer builds a one-token tokenizer; training on it would see empty text."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from gradlens.errors import GradlensError
+
+    bare = tmp_path / "bare"
+    shutil.copytree(world["qwen2"], bare, ignore=shutil.ignore_patterns("tokenizer*", "chat_template*"))
+    assert_one_line_error(
+        gradlens_inproc(capsys, "record", "--regime", "sft", "--model", str(bare), "--task", f"gsm8k:{world['data']}",
+                        "--out", str(tmp_path / "run"), "--max_steps", "1", *QUIET),
+        f"model directory {bare} has no tokenizer", "tokenizer.json", "save_pretrained")
+    assert not (tmp_path / "run").exists()
+    from gradlens.models import check_tokenizer, load_model_and_tokenizer  # here: the old code failed above
+
+    degenerate = AutoTokenizer.from_pretrained(bare)  # what the model loader used to train on
+    assert len(degenerate) == 1
+    with pytest.raises(GradlensError, match=r"^the tokenizer of x has no ordinary tokens, only 1 special one"):
+        check_tokenizer(degenerate, "x")
+    check_tokenizer(build_bpe_tokenizer(), "x")  # the control: a real tokenizer passes
+
+    small = tmp_path / "small"
+    shutil.copytree(world["qwen2"], small)
+    config = json.loads((small / "config.json").read_text())
+    (small / "config.json").write_text(json.dumps({**config, "vocab_size": 100}))
+    with pytest.raises(GradlensError, match=r"has \d+ tokens but the model embeds only 100"):
+        load_model_and_tokenizer(small, ignore_mismatched_sizes=True)
+
+
+def test_use_vllm_without_vllm_is_a_one_line_error(tmp_path: Path, capsys) -> None:
+    import importlib.util
+
+    from gradlens.trainers import build_trl_config
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here")
+    assert_one_line_error(
+        gradlens_inproc(capsys, "record", "--regime", "grpo", "--out", str(tmp_path / "run"), "--max_steps", "1",
+                        "--use_vllm", "true", *QUIET), "--use_vllm true: vLLM is not installed", "pip install vllm")
+    assert not (tmp_path / "run").exists()
+    assert build_trl_config("grpo", str(tmp_path / "t"), {"use_vllm": False}).use_vllm is False  # the control
+
+
+@pytest.mark.parametrize(("regime", "trl_default", "said"), [("sft", 2e-5, "2e-5 SFT"), ("grpo", 1e-6, "1e-6 GRPO")])
+def test_real_models_train_at_trl_default_learning_rate(world, tmp_path: Path, regime: str, trl_default: float,
+                                                        said: str) -> None:
+    """Without --learning_rate a math or prompt-file task trains at TRL's own default, as the flag's help says; the
+    toy addition task at its own rate."""
+    from gradlens.config import RecordConfig
+    from gradlens.tasks import load_task
+    from gradlens.trainers import build_trl_config, default_learning_rate, trl_settings
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(4)))
+    assert said in RecordConfig.__dataclass_fields__["learning_rate"].metadata["help"]
+    for task in (f"gsm8k:{world['data']}", str(rows)):
+        config = RecordConfig(model=str(world["qwen2"]), task=task, regime=regime, out=str(tmp_path / "run"))
+        settings = trl_settings(config, load_task(config))
+        assert "learning_rate" not in settings
+        assert build_trl_config(regime, str(tmp_path / "t"), settings).learning_rate == trl_default
+    assert default_learning_rate(regime) == trl_default
+    for lr, want in ((None, {"sft": 2e-3, "grpo": 1e-3}[regime]), (0.5, 0.5)):  # addition's own rate; the flag's
+        toy = RecordConfig(regime=regime, out="x", learning_rate=lr)
+        assert trl_settings(toy, load_task(toy))["learning_rate"] == want
 
 
 def _begin(tmp_path: Path, model, args) -> None:
@@ -304,7 +394,7 @@ def test_grpo_recipe_runs_scaled_down(world, tmp_path: Path, capsys) -> None:
                    "--model", str(world["qwen2"]), "--task", f"gsm8k:{world['data']}", "--out", str(out),
                    "--max_steps", "1", "--n_eval", "0", "--lora_r", "2", "--per_device_train_batch_size", "4",
                    "--gradient_accumulation_steps", "2", "--generation_batch_size", "8", "--num_generations", "4",
-                   "--max_completion_length", "10", "--dtype", "float32", *QUIET)
+                   "--max_completion_length", "10", "--dtype", "float32", "--format_reward", *QUIET)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = open_run(out)
     args = run.meta["config"]["training_args"]

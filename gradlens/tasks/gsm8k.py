@@ -5,6 +5,10 @@ after ``####`` (column names configurable). The reward compares the final answer
 numerically, with a parser that reads commas, units, ``\\boxed{}``, negatives, decimals and fractions; where Hugging
 Face's ``math-verify`` is installed (``pip install 'gradlens[math]'``) it also accepts what that verifier proves equal
 (LaTeX expressions), so it never scores lower than the numeric parser alone.
+
+A completion is read only up to where it starts a new question or turn (:func:`own_turn`): a base model that does
+not stop runs on into a made-up "Question: ..." of its own, and the last number of that text (or its ``####``) is
+not an answer to the prompt. So ``" He has 20 apples. Question: Tom has 18"`` scores as 20, not 18.
 """
 
 from __future__ import annotations
@@ -32,6 +36,11 @@ _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 _CALCULATOR = re.compile(r"<<[^>]*>>")  # GSM8K's calculator annotations, e.g. <<48/2=24>>
 _FRAC = re.compile(r"\\[dt]?frac\{\s*(-?[\d.]+)\s*\}\{\s*(-?[\d.]+)\s*\}")
 _ANSWER_IS = re.compile(r"answer\s*(?:is|:)\s*([^\n]*)", re.IGNORECASE)
+# Where a run-on completion starts a new question or turn: a plain-prompt header at a line or sentence start
+# ("Question:", "Q:", "Problem:", "User:", "Human:"), or a chat turn marker left in the text.
+_NEW_TURN = re.compile(r"(?:^|(?<=[\s.!?]))(?:Question|Q|Problem|User|Human)\s*:"
+                       r"|<\|(?:im_start|im_end|user|eot_id|start_header_id|endoftext)\|>|<(?:start|end)_of_turn>"
+                       r"|\[INST\]")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -51,12 +60,19 @@ def _boxed(text: str) -> str | None:
     return None
 
 
+def own_turn(text: str) -> str:
+    """The completion up to where it starts a new question or turn (``Question:``, ``Q:``, a chat turn marker)."""
+    match = _NEW_TURN.search(text)
+    return text[: match.start()] if match else text
+
+
 def extract_answer(text: str) -> str | None:
     """The final-answer part of a solution or completion, or None if it states none.
 
-    In order: the line after the *first* ``####`` (a base model often runs on into a made-up next question with its
-    own ``####``), the last ``\\boxed{}``, the rest of the line after "answer is", else the last number in the text.
+    Read in :func:`own_turn` only, in order: the line after the *first* ``####`` (a run-on can state another one
+    later), the last ``\\boxed{}``, the rest of the line after "answer is", else the last number.
     """
+    text = own_turn(text)
     if ANSWER_MARK in text:
         return text.split(ANSWER_MARK, 1)[1].strip().split("\n", 1)[0].strip()
     boxed = _boxed(text)
@@ -134,10 +150,11 @@ def correctness_reward(prompts: list, completions: list, answer: list[str], **kw
 
 
 def format_reward(prompts: list, completions: list, **kwargs: Any) -> list[float]:
-    """TRL reward function: 1.0 when the completion states a final number after ``####`` or in ``\\boxed{}``."""
+    """TRL reward function: 1.0 when the completion, in its own turn, states a final number after ``####`` or in
+    ``\\boxed{}``."""
     out = []
     for c in completions:
-        text = completion_text(c)
+        text = own_turn(completion_text(c))
         stated = text.split(ANSWER_MARK, 1)[1] if ANSWER_MARK in text else _boxed(text)
         out.append(float(stated is not None and parse_number(stated.split("\n", 1)[0]) is not None))
     return out
