@@ -43,7 +43,8 @@ class ModelTaskConfig:
         "where to train (default auto: the GPU if there is one)", choices=DEVICES))
     prompt_format: str = field(default="auto", metadata=_meta(
         "math task prompts: 'plain' (Question:/Answer:) or 'chat' (the tokenizer's chat template); default auto: "
-        "chat for instruct models (a chat template and 'instruct', 'chat' or '-it' in the model name)",
+        "chat when the chat template's end-of-turn token is one of the model's stop tokens (a chat-trained model), "
+        "else plain; the choice and its reason are printed and stored",
         choices=PROMPT_FORMATS))
     question_column: str = field(default="question", metadata=_meta("math task: column holding the question"))
     answer_column: str = field(default="answer", metadata=_meta(

@@ -19,9 +19,10 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
-from gradlens.config import REGIMES, RecordConfig
+from gradlens.config import REGIMES, ModelTaskConfig, RecordConfig
 from gradlens.errors import GradlensError
-from gradlens.models import lora_b_parameters, trainer_overrides
+from gradlens.models import lora_b_parameters, resolve_prompt_format, trainer_overrides
+from gradlens.tasks import is_math_task, load_task
 from gradlens.tasks.base import Task
 
 # Safe everywhere, needed on a CPU: no mixed precision, no activation checkpointing, no reporting or checkpoints
@@ -92,6 +93,15 @@ def build_trl_config(regime: str, output_dir: str, overrides: Mapping[str, Any] 
 def _require_trainable_lora(model: PreTrainedModel) -> None:
     if not any(True for _ in lora_b_parameters(model)):
         raise GradlensError("model has no PEFT LoRA adapter (no LoraLayer found); attach one with attach_lora()")
+
+
+def load_task_for(config: ModelTaskConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> Task:
+    """The config's task, with the prompt format of math tasks decided for this model and tokenizer (printed, and
+    kept with its reason in ``task.describe()``, the provenance of every result); other tasks are plain text."""
+    if not is_math_task(config.task):
+        return load_task(config)
+    fmt, reason = resolve_prompt_format(config.prompt_format, config.model, model, tokenizer)
+    return load_task(config, chat=fmt == "chat", format_reason=reason)
 
 
 def default_learning_rate(regime: str) -> float:

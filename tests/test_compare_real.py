@@ -62,7 +62,12 @@ def test_compare_on_a_local_model_and_gsm8k_files(local_world, tmp_path: Path, c
     assert (placement.n_prompts == 3).all()  # the eval split's first n_eval rows, never training rows
     prov = json.loads((out / "provenance.json").read_text())
     assert prov["task"]["task"] == f"gsm8k:{data}" and prov["task"]["eval_split"] == "test"
-    assert prov["task"]["prompt_format"] == "plain" and prov["config"]["model"] == str(model)
+    from gradlens.models import load_model, resolve_prompt_format
+
+    loaded, tok = load_model(str(model))
+    fmt, reason = resolve_prompt_format("auto", str(model), loaded, tok)  # decided from the tokenizer, not the name
+    assert (prov["task"]["prompt_format"], prov["task"]["prompt_format_reason"]) == (fmt, reason)
+    assert prov["config"]["model"] == str(model)
     probe = json.loads((out / "probes" / "grpo-seed0" / "probe.json").read_text())
     assert probe["config"]["task"] == f"gsm8k:{data}" and probe["config"]["model"] == str(model)
 

@@ -79,15 +79,8 @@ class Runner:
     """Trains and evaluates one configuration at a time on a shared in-memory base model."""
 
     def __init__(self, config: CompareConfig, out: Path) -> None:
-        from gradlens.models import (
-            attach_lora,
-            load_model,
-            lora_b_parameters,
-            resolve_device,
-            resolve_dtype,
-            uses_chat_template,
-        )
-        from gradlens.tasks import is_math_task, load_task
+        from gradlens.models import attach_lora, load_model, lora_b_parameters, resolve_device, resolve_dtype
+        from gradlens.trainers import load_task_for
 
         self.config = config
         self.out = out
@@ -95,8 +88,7 @@ class Runner:
         self.model_dtype = resolve_dtype(config.model_dtype, self.device, config.model)
         self.base, self.tokenizer = load_model(config.model, self.model_dtype, progress=config.progress)
         self.base.to(self.device)
-        chat = is_math_task(config.task) and uses_chat_template(config.prompt_format, config.model, self.tokenizer)
-        self.task = load_task(config, chat=chat)
+        self.task = load_task_for(config, self.base, self.tokenizer)
         self.data = split_task(self.task, config.n_val, config.n_eval)
         self.curves: list[dict[str, Any]] = []
         self._base_accuracy: dict[str, float] = {}

@@ -51,11 +51,10 @@ def record(config: RecordConfig, *, progress: bool = True) -> RecordResult:
 
     from gradlens.evaluate import greedy_report
     from gradlens.fsio import json_dump
-    from gradlens.models import attach_lora, load_model, resolve_device, resolve_dtype, uses_chat_template
+    from gradlens.models import attach_lora, load_model, resolve_device, resolve_dtype
     from gradlens.record.recorder import GradientRecorder
     from gradlens.store import open_run, writer_leftovers_only
-    from gradlens.tasks import is_math_task, load_task
-    from gradlens.trainers import build_trainer, check_overrides, trl_settings
+    from gradlens.trainers import build_trainer, check_overrides, load_task_for, trl_settings
 
     check_overrides(config.regime, config.trl)
     out = Path(config.out)
@@ -72,8 +71,7 @@ def record(config: RecordConfig, *, progress: bool = True) -> RecordResult:
     model, tokenizer = load_model(config.model, model_dtype)
     model = attach_lora(model, r=config.lora_r, alpha=config.lora_alpha, target_modules=config.lora_target_modules,
                         seed=config.seed)
-    chat = is_math_task(config.task) and uses_chat_template(config.prompt_format, config.model, tokenizer)
-    task = load_task(config, chat=chat)
+    task = load_task_for(config, model, tokenizer)
     data = task.dataset(task.train_split, config.n_train)
     eval_data = task.dataset(task.eval_split, config.n_eval) if config.n_eval > 0 else None  # fail early
     trainer_dir = out / "trainer"
@@ -83,7 +81,8 @@ def record(config: RecordConfig, *, progress: bool = True) -> RecordResult:
         trainer.remove_callback(ProgressCallback)
         trainer.remove_callback(PrinterCallback)
     provenance = {"record": asdict(config), "pid": os.getpid(), "device": device, "model_dtype": model_dtype,
-                  "task": task.describe(), "prompt_format": task.prompt_format}
+                  "task": task.describe(), "prompt_format": task.prompt_format,
+                  "prompt_format_reason": task.format_reason}
     recorder = GradientRecorder.attach(trainer, out, modules=config.modules, every_n_steps=config.every_n_steps,
                                        dtype=config.dtype, save_raw=config.save_raw, resume=config.resume,
                                        steps_per_shard=config.steps_per_shard,

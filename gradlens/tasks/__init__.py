@@ -18,11 +18,12 @@ def is_math_task(task: str) -> bool:
     return task == MATH_PREFIX or task.startswith(f"{MATH_PREFIX}:")
 
 
-def load_task(config: ModelTaskConfig, *, chat: bool = False) -> Task:
+def load_task(config: ModelTaskConfig, *, chat: bool = False, format_reason: str = "set by the caller") -> Task:
     """The task a config names: ``addition`` (digits of the toy preset in ``--model``), a local
     prompt/answer file, or ``gsm8k``/``gsm8k:SOURCE`` with the config's columns, splits and reward options.
 
-    ``chat``: whether math prompts go through the tokenizer's chat template (decided from the loaded tokenizer).
+    ``chat``: whether math prompts go through the tokenizer's chat template, and ``format_reason`` why (see
+    :func:`gradlens.trainers.load_task_for`, which decides both from the loaded model and tokenizer).
     """
     if config.task == "addition":
         from gradlens.tasks.addition import AdditionTask
@@ -39,7 +40,7 @@ def load_task(config: ModelTaskConfig, *, chat: bool = False) -> Task:
                                   question_column=config.question_column, answer_column=config.answer_column,
                                   chat=chat, train_split=config.train_split, eval_split=config.eval_split,
                                   eval_max_new_tokens=config.eval_max_new_tokens,
-                                  with_format_reward=config.format_reward)
+                                  with_format_reward=config.format_reward, format_reason=format_reason)
     from gradlens.tasks.prompt_file import PromptFileTask
 
     return PromptFileTask(config.task)

@@ -37,14 +37,16 @@ class Task(ABC):
     """One task: data splits, prompts, rewards and the correctness rule of evaluation.
 
     ``train_split``/``eval_split`` name the splits :meth:`dataset` serves; ``prompt_format`` is ``plain`` or
-    ``chat`` (recorded in every result's provenance); ``eval_max_new_tokens`` bounds each evaluation answer;
-    ``add_special_tokens`` says whether plain prompts get the tokenizer's BOS at generation, as TRL gives them.
+    ``chat`` and ``format_reason`` says why (both recorded in every result's provenance); ``eval_max_new_tokens``
+    bounds each evaluation answer; ``add_special_tokens`` says whether plain prompts get the tokenizer's BOS at
+    generation, as TRL gives them.
     """
 
     name: str = "task"
     train_split: str = "train"
     eval_split: str = "test"
     prompt_format: str = "plain"
+    format_reason: str = "the task's prompts are plain text"
     eval_max_new_tokens: int = 256
 
     @abstractmethod
@@ -77,7 +79,8 @@ class Task(ABC):
     def describe(self) -> dict[str, Any]:
         """The task as provenance: name, splits and prompt format."""
         return {"task": self.name, "train_split": self.train_split, "eval_split": self.eval_split,
-                "prompt_format": self.prompt_format, "eval_max_new_tokens": self.eval_max_new_tokens}
+                "prompt_format": self.prompt_format, "prompt_format_reason": self.format_reason,
+                "eval_max_new_tokens": self.eval_max_new_tokens}
 
     def check_split(self, split: str, splits: Sequence[str]) -> None:
         if split not in splits:

@@ -208,6 +208,7 @@ class MathTask(Task):
     eval_split: str = "test"
     eval_max_new_tokens: int = 256
     with_format_reward: bool = False
+    format_reason: str = "set by the caller"
 
     @property
     def name(self) -> str:
