@@ -259,11 +259,11 @@ class TrainConfig(RecordConfig):
     drift_guard: bool = field(default=True, metadata=_meta(
         "fingerprint the adapted layers' base weights at train begin and end and warn if they changed (keeps a "
         "host copy of them; --no-drift_guard: off)"))
-    resume: bool = field(default=False, metadata=_meta("not supported by gradlens train: choose a new --out"))
+    resume: bool = field(default=False, metadata=_meta("not supported by gradlens train", cli=False))
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.resume:
+        if self.resume or "resume" in self.trl:  # no flag of its own, so --resume would reach TRL's fields
             raise GradlensError("--resume: gradlens train does not resume a run; choose a new --out")
         if self.mask is not None and not self.mask:
             raise GradlensError("--mask is empty; give a mask file from gradlens probe or select")
