@@ -242,6 +242,34 @@ class ProbeConfig(RecordConfig):
         return RecordConfig(**{**{k: v for k, v in vars(self).items() if k in names}, "out": out})
 
 
+@dataclass
+class TrainConfig(RecordConfig):
+    """``gradlens train``: one training run with ``gradlens record``'s flags, full-B LoRA-FA or sparse-B (``mask``).
+
+    ``out`` gets ``adapter/`` (a PEFT adapter, plus the mask), ``train.json``, ``eval.json`` and with ``record`` a
+    recorded run in ``OUT/run``; the recording flags (``modules``, ``dtype``, ...) apply to that run.
+    """
+
+    out: str = field(default="", metadata=_meta(
+        "output directory: OUT/adapter, OUT/train.json, OUT/eval.json, OUT/run with --record (required)"))
+    mask: str | None = field(default=None, metadata=_meta(
+        "sparse-B: a mask file from gradlens probe/select; A stays frozen and only the mask's entries of B train "
+        "(default: none, every entry of B trains)"))
+    record: bool = field(default=False, metadata=_meta(
+        "also record every LoRA-B gradient into the run directory OUT/run, as gradlens record does"))
+    drift_guard: bool = field(default=True, metadata=_meta(
+        "fingerprint the adapted layers' base weights at train begin and end and warn if they changed (keeps a "
+        "host copy of them; --no-drift_guard: off)"))
+    resume: bool = field(default=False, metadata=_meta("not supported by gradlens train", cli=False))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.resume or "resume" in self.trl:  # no flag of its own, so --resume would reach TRL's fields
+            raise GradlensError("--resume: gradlens train does not resume a run; choose a new --out")
+        if self.mask is not None and not self.mask:
+            raise GradlensError("--mask is empty; give a mask file from gradlens probe or select")
+
+
 # ``select`` builds masks from a run alone; random_matched needs a second mask to copy counts from (compare does that).
 SELECT_METHODS: tuple[str, ...] = tuple(m for m in PLACEMENT_METHODS if m != "random_matched")
 

@@ -20,6 +20,7 @@ from gradlens.errors import GradlensError
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "toy": ("gradlens.cli.toy", "the embedded toy world: build or show the base model and its accuracy"),
     "record": ("gradlens.cli.record", "train with TRL (SFT or GRPO) and record every LoRA-B gradient"),
+    "train": ("gradlens.cli.train", "one training run, full-B LoRA-FA or sparse-B (--mask), with held-out accuracy"),
     "info": ("gradlens.cli.info", "describe recorded runs (steps, modules, size), checking every shard"),
     "analyze": ("gradlens.cli.analyze", "effective rank, step-to-step cosine and sign stability of recorded runs"),
     "probe": ("gradlens.cli.probe", "a short recorded run that scores every B entry and writes placement masks"),

@@ -29,6 +29,9 @@ MASK_FORMAT = "1"
 REQUIRED_METADATA = ("selector", "budget", "scope", "seed", "source_run", "scoring_seconds")
 SET_BY_SAVE = ("gradlens_mask_format", "k")
 WHERE_COLUMNS = ["group", "key", "selected", "selected_share", "entries", "entry_share", "enrichment"]
+# The adapter a mask was scored on (probe and select copy it from the recorded run's config): an entry B[i, c] pairs
+# with row c of the frozen A, so a mask means something only for the rank and A seed it was scored with.
+ADAPTER_METADATA = ("model", "lora_r", "lora_alpha", "lora_seed")
 
 
 def shapes_of(specs: Iterable[ModuleSpec]) -> dict[str, tuple[int, int]]:
@@ -54,6 +57,40 @@ def check_mask_fits(mask: Mapping[str, np.ndarray], shapes: Shapes, where: str =
         got, want = tuple(np.shape(m)), tuple(shapes[name])
         if got != want:
             raise GradlensError(f"{where}: module {name} has shape {got}, the adapter's is {want}")
+
+
+def _int_entry(meta: Mapping[str, str], key: str, where: str) -> int | None:
+    value = meta.get(key)
+    if value is None or value == "null":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise GradlensError(f"{where}: mask metadata {key} is {value!r}, not an integer") from None
+
+
+def check_mask_adapter(meta: Mapping[str, str], adapter: Mapping[str, Any], where: str = "mask") -> list[str]:
+    """Refuse a mask scored on a LoRA adapter of another rank or LoRA-A seed than ``adapter`` (``model``,
+    ``lora_r``, ``lora_alpha``, ``lora_seed`` of the run about to train); return warnings for what only differs in
+    name or scale (model, alpha) and for what the mask does not carry, so cannot be checked."""
+    notes = []
+    for key, flag, why in (("lora_r", "--lora_r", "B has another shape"),
+                           ("lora_seed", "--seed", "each entry of B pairs with a row of the frozen A that seed drew")):
+        got = _int_entry(meta, key, where)
+        if got is not None and got != adapter[key]:
+            raise GradlensError(f"{where}: the mask was scored on an adapter with {key}={got}, this run has {flag} "
+                                f"{adapter[key]} ({why})")
+    alpha = _int_entry(meta, "lora_alpha", where)
+    if alpha is not None and alpha != adapter["lora_alpha"]:
+        notes.append(f"{where}: the mask was scored with lora_alpha={alpha}, this run has {adapter['lora_alpha']} "
+                     "(the same entries at another scale)")
+    if meta.get("model") not in (None, "null") and meta["model"] != adapter["model"]:
+        notes.append(f"{where}: the mask was scored on model {meta['model']!r}, this run trains {adapter['model']!r}")
+    missing = [key for key in ADAPTER_METADATA if meta.get(key) in (None, "null")]
+    if missing:
+        notes.append(f"{where}: the mask does not record {', '.join(missing)} (written before gradlens stored them, "
+                     "or scored on a run gradlens did not record): its LoRA rank and A seed cannot be checked")
+    return notes
 
 
 def save_mask(path: str | os.PathLike[str], mask: Mapping[str, np.ndarray], metadata: Mapping[str, Any]) -> Path:

@@ -13,16 +13,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gradlens.config import ProbeConfig, SelectConfig
+from gradlens.config import ProbeConfig
 from gradlens.errors import GradlensError
 from gradlens.fsio import json_dump
-from gradlens.provenance import package_versions
 
 if TYPE_CHECKING:
     from gradlens.store import Run
 
 PROBE_FILE = "probe.json"
-SELECT_FILE = "select.json"
 
 
 @dataclass(frozen=True)
@@ -80,17 +78,30 @@ def probe(config: ProbeConfig, *, train_seconds: float | None = None, progress: 
                        scoring_seconds=scoring, masks=masks, cost=cost)
 
 
+def adapter_metadata(run: Run) -> dict[str, Any]:
+    """The adapter ``run`` was recorded on, as :data:`~gradlens.placement.masks.ADAPTER_METADATA`: model, rank, alpha
+    and the seed of LoRA A (the run's ``--seed``, which ``attach_lora`` draws A with), from the ``config.record``
+    that ``gradlens record``, probe and train store; empty for a run recorded by a user's own Trainer."""
+    record = run.meta.get("config", {}).get("record")
+    if not isinstance(record, dict) or not {"model", "lora_r", "lora_alpha", "seed"} <= set(record):
+        return {}
+    alpha = record["lora_alpha"] if record["lora_alpha"] is not None else 2 * record["lora_r"]  # attach_lora's default
+    return {"model": record["model"], "lora_r": record["lora_r"], "lora_alpha": alpha, "lora_seed": record["seed"]}
+
+
 def write_masks(run: Run, out: Path, methods: Sequence[str], budgets: Sequence[str], scope: str, seed: int,
                 metadata: dict[str, Any] | None = None) -> tuple[dict[tuple[str, str], Path], dict[str, float]]:
     """Score ``run``'s accumulators with each selector and write one mask per budget to :func:`mask_file`.
 
     Returns the mask files by ``(method, budget)`` and the scoring seconds by ``method/budget``; each mask's metadata
-    names the selector, budget, scope, seed, source run and scoring time (plus ``metadata``).
+    names the selector, budget, scope, seed, source run and scoring time, the adapter it was scored on
+    (:func:`adapter_metadata`) and ``metadata``.
     """
     from gradlens.placement.budget import Budget
     from gradlens.placement.masks import save_mask
     from gradlens.placement.selectors import select
 
+    adapter = adapter_metadata(run)
     acc = run.accumulators()
     shapes = {s.name: s.shape for s in run.specs}
     masks: dict[tuple[str, str], Path] = {}
@@ -103,24 +114,7 @@ def write_masks(run: Run, out: Path, methods: Sequence[str], budgets: Sequence[s
             scoring[f"{method}/{budget}"] = time.perf_counter() - t0
             masks[(method, str(budget))] = save_mask(mask_file(out, method, str(budget)), mask, {
                 "selector": method, "budget": str(budget), "scope": scope, "seed": seed, "source_run": str(run.path),
-                "scoring_seconds": scoring[f"{method}/{budget}"], **(metadata or {})})
-    return masks, scoring
-
-
-def select_masks(run_dir: str | Path, config: SelectConfig) -> tuple[dict[tuple[str, str], Path], dict[str, float]]:
-    """``gradlens select``: masks from a run already recorded, plus ``OUT/select.json`` (config, run, versions)."""
-    from gradlens.store import open_run
-
-    run = open_run(run_dir)
-    if not run.steps:
-        raise GradlensError(f"{run.path}: the run holds no recorded steps, so there is nothing to score")
-    out = Path(config.out)
-    masks, scoring = write_masks(run, out, config.methods, config.budgets, config.scope, config.seed,
-                                 {"source_steps": len(run.steps)})
-    json_dump({"tool": "gradlens select", "config": asdict(config), "run": str(run.path), "steps": len(run.steps),
-                "run_seed": run.meta.get("seed"), "scoring_seconds": scoring,
-                "masks": {f"{m}/{b}": str(p) for (m, b), p in masks.items()}, "versions": package_versions()},
-               out / SELECT_FILE)
+                "scoring_seconds": scoring[f"{method}/{budget}"], **adapter, **(metadata or {})})
     return masks, scoring
 
 

@@ -1,0 +1,116 @@
+"""Base-weight drift guard: did the frozen base weights of the adapted layers change during training?
+
+They should not: LoRA trains only the adapter. But under GRPO with vLLM weight sync, TRL merges the adapter into the
+base weights and unmerges it again, in place, at every sync (``merge_adapter`` / ``unmerge_adapter``); in bf16,
+``W + BA - BA`` is not ``W``, so the base weights drift a little with every sync (trl issue 6688). A placement
+comparison run that way compares placements *and* a drifting base model. :class:`DriftGuard` fingerprints the base
+weights at train begin and train end and says so when they moved.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from gradlens.errors import GradlensError
+from gradlens.models import unwrap
+
+
+def base_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(module name, base weight)`` of every PEFT LoRA layer (names without PEFT's ``base_model.model.``)."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in unwrap(model).named_modules():
+        if isinstance(module, LoraLayer):
+            yield name.removeprefix("base_model.model."), module.get_base_layer().weight
+
+
+def checksum(weights: list[torch.Tensor]) -> dict[str, float]:
+    """Float64 sum and sum of squares over all ``weights``: two numbers that move when any weight does (one host
+    sync for all layers)."""
+    with torch.no_grad():
+        parts = [torch.stack([torch.sum(w, dtype=torch.float64), torch.sum(w.double() ** 2)]) for w in weights]
+        total = torch.stack([p.to(parts[0].device) for p in parts]).sum(0).tolist()
+    return {"sum": total[0], "sum_sq": total[1]}
+
+
+class DriftGuard(TrainerCallback):
+    """Fingerprint the base weights of the adapted layers at train begin and train end; warn if they changed.
+
+    ``report`` is filled in place (a dict that a :class:`~gradlens.record.recorder.GradientRecorder` given it in its
+    ``config`` writes into the run manifest when it closes: add the guard *before* the recorder, so that the guard's
+    ``on_train_end`` runs first). With ``keep_copy`` (default) a host copy of the weights gives the exact number of
+    changed layers and the largest absolute change; without it only the checksums are compared.
+    """
+
+    def __init__(self, keep_copy: bool = True) -> None:
+        self.keep_copy = keep_copy
+        self.report: dict[str, Any] = {"checked": False}
+        self._copies: list[torch.Tensor] = []
+
+    @classmethod
+    def attach(cls, trainer: Any, keep_copy: bool = True) -> DriftGuard:
+        """Create the guard and add it *first*, so it sees the weights before and after every other callback."""
+        guard = cls(keep_copy)
+        trainer.callback_handler.callbacks.insert(0, guard)
+        return guard
+
+    def start(self, model: torch.nn.Module) -> None:
+        """Fingerprint the base weights now (the reference for :meth:`finish`)."""
+        found = list(base_weights(model))
+        if not found:
+            raise GradlensError("drift guard: model has no PEFT LoRA adapter (no LoraLayer found)")
+        weights = [w for _, w in found]
+        self._copies = [w.detach().to("cpu", copy=True) for w in weights] if self.keep_copy else []
+        self.report.clear()
+        self.report.update(checked=False, layers=len(found), entries=sum(w.numel() for w in weights),
+                           dtype=str(weights[0].dtype).removeprefix("torch."), checksum_begin=checksum(weights))
+
+    def finish(self, model: torch.nn.Module) -> dict[str, Any]:
+        """Compare the base weights with :meth:`start`'s fingerprint; update and return :attr:`report`."""
+        if "checksum_begin" not in self.report:
+            raise GradlensError("drift guard: finish() before start(): nothing to compare with")
+        found = list(base_weights(model))
+        end = checksum([w for _, w in found])
+        changed, max_change = [], None
+        if self._copies:
+            max_change = 0.0
+            with torch.no_grad():
+                for (name, w), copy in zip(found, self._copies, strict=True):
+                    before = copy.to(w.device)
+                    if not torch.equal(w, before):
+                        changed.append(name)
+                        max_change = max(max_change, float((w.float() - before.float()).abs().max()))
+            self._copies = []
+        drifted = bool(changed) if self.keep_copy else end != self.report["checksum_begin"]
+        self.report.update(checked=True, checksum_end=end, max_abs_change=max_change, drifted=drifted,
+                           changed_layers=len(changed) if self.keep_copy else None,
+                           first_changed=changed[0] if changed else None)
+        if drifted:
+            warnings.warn(describe(self.report), stacklevel=2)
+        return self.report
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.start(model)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.finish(model)
+
+
+def describe(report: dict[str, Any]) -> str:
+    """One line for the console: whether and how far the base weights moved."""
+    if not report.get("checked"):
+        return "drift guard: not checked"
+    if not report["drifted"]:
+        return f"drift guard: base weights of the {report['layers']} adapted layers unchanged"
+    how = ""
+    if report["max_abs_change"] is not None:
+        how = (f" ({report['changed_layers']} of {report['layers']} layers, max |change| "
+               f"{report['max_abs_change']:.3g}, first {report['first_changed']})")
+    return (f"drift guard: the base weights of the adapted layers changed during training{how}; LoRA must leave them "
+            f"frozen. Under GRPO with vLLM weight sync TRL merges and unmerges the adapter in place, which in "
+            f"{report['dtype']} drifts them (trl issue 6688): this run trained against a moving base model")
