@@ -20,7 +20,8 @@ _LAZY = {
     "attach_lora": "gradlens.models", "load_model_and_tokenizer": "gradlens.models", "Task": "gradlens.tasks.base",
     "RecordConfig": "gradlens.config",
     "analyze_runs": "gradlens.analyze", "AnalyzeConfig": "gradlens.config", "probe": "gradlens.placement.probe",
-    "ProbeConfig": "gradlens.config", "CompareConfig": "gradlens.config",
+    "ProbeConfig": "gradlens.config", "CompareConfig": "gradlens.config", "TrainConfig": "gradlens.config",
+    "DriftGuard": "gradlens.drift",
 }
 
 __all__ = ["GradlensError", "__version__", *_LAZY]

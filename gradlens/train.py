@@ -22,6 +22,7 @@ from typing import Any
 
 from gradlens.config import RecordConfig, TrainConfig
 from gradlens.errors import GradlensError
+from gradlens.record.command import Prepared, prepare
 
 TRAIN_FILE = "train.json"
 ADAPTER_DIR = "adapter"
@@ -40,40 +41,6 @@ class TrainResult:
     info: dict[str, Any]
     eval: dict[str, Any] | None = None
     run: Path | None = None
-
-
-@dataclass
-class Prepared:
-    """A run's LoRA-FA model and data, built from a :class:`RecordConfig` the way ``record`` builds them."""
-
-    model: Any
-    tokenizer: Any
-    task: Any
-    data: Any
-    eval_data: Any
-    device: str
-    model_dtype: str
-
-
-def prepare(config: RecordConfig) -> Prepared:
-    """Seed, device and dtype, the model with its LoRA-FA adapter (A drawn with ``config.seed``), the task and its
-    training rows, and the held-out rows when ``n_eval > 0`` (loaded now, so a bad split fails before training)."""
-    from transformers import set_seed
-
-    from gradlens.models import attach_lora, load_model, resolve_device, resolve_dtype, uses_chat_template
-    from gradlens.tasks import is_math_task, load_task
-
-    set_seed(config.seed)
-    device = resolve_device(config.device)
-    model_dtype = resolve_dtype(config.model_dtype, device, config.model)
-    model, tokenizer = load_model(config.model, model_dtype)
-    model = attach_lora(model, r=config.lora_r, alpha=config.lora_alpha, target_modules=config.lora_target_modules,
-                        seed=config.seed)
-    chat = is_math_task(config.task) and uses_chat_template(config.prompt_format, config.model, tokenizer)
-    task = load_task(config, chat=chat)
-    data = task.dataset(task.train_split, config.n_train)
-    eval_data = task.dataset(task.eval_split, config.n_eval) if config.n_eval > 0 else None
-    return Prepared(model, tokenizer, task, data, eval_data, device, model_dtype)
 
 
 def read_mask(config: TrainConfig) -> tuple[dict[str, Any], dict[str, str], list[str]]:

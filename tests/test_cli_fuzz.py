@@ -30,12 +30,13 @@ from gradlens.config import (
     RecordConfig,
     ReportConfig,
     SelectConfig,
+    TrainConfig,
 )
 from tests.test_store import write_run
 
 CONFIGS: dict[str, type] = {"record": RecordConfig, "probe": ProbeConfig, "compare": CompareConfig,
                             "analyze": AnalyzeConfig, "select": SelectConfig, "report": ReportConfig,
-                            "diagnose": DiagnoseConfig}
+                            "diagnose": DiagnoseConfig, "train": TrainConfig}
 # Values out of range for fields whose type alone does not say so (a type's wrong values are generated from it).
 OUT_OF_RANGE: dict[str, list[str]] = {
     "max_steps": ["0", "-1"], "every_n_steps": ["0", "-2"], "steps_per_shard": ["0", "-5"], "n_train": ["0", "-1"],
@@ -198,7 +199,7 @@ def test_fuzzed_config_flags_end_in_exit_2_and_one_line(command: str, run_dir: P
             "compare": ["--out", str(out / "compare")],
             "analyze": [str(run_dir), "--out", str(out / "a"), "--no-progress", "--no-figures"],
             "select": [str(run_dir), "--out", str(out / "s")], "report": [str(run_dir), "--out", str(out / "r.html")],
-            "diagnose": [str(run_dir)],
+            "diagnose": [str(run_dir)], "train": ["--out", str(out / "train")],
             }[command]
 
     @FUZZ

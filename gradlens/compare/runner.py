@@ -160,7 +160,9 @@ class Comparison:
             slug = key["budget"].replace("%", "pct").replace("=", "")
             export_adapter(model, self.out / "adapters" / regime / f"{method}-{slug}-seed{seed}", mask,
                            {"selector": method, "budget": key["budget"], "seed": seed, "lr": key["lr"],
-                            "regime": regime})
+                            "regime": regime, "model": c.model, "lora_r": c.lora_r,
+                            "lora_alpha": c.lora_alpha if c.lora_alpha is not None else 2 * c.lora_r,
+                            "lora_seed": seed})
         table.add(row)
         return row
 

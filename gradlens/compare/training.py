@@ -139,6 +139,7 @@ class Runner:
         sparse-B when ``mask`` is given."""
         from transformers import PrinterCallback, set_seed
 
+        from gradlens.drift import DriftGuard
         from gradlens.models import attach_lora
         from gradlens.placement.probe import train_runtime
         from gradlens.placement.sparse import SparseBCallback
@@ -150,6 +151,7 @@ class Runner:
         model = attach_lora(copy.deepcopy(self.base), r=c.lora_r, alpha=c.lora_alpha,
                             target_modules=c.lora_target_modules, seed=seed)
         callbacks = [SparseBCallback(mask)] if mask is not None else []
+        callbacks.append(DriftGuard(keep_copy=False))  # moved base weights would confound the table: it warns
         if tags is not None and c.curve_every:
             callbacks.append(_accuracy_curve(self.tokenizer, self.task, self.data.heldout, c.curve_every,
                                              self.curves, tags))

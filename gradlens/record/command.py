@@ -17,6 +17,40 @@ from gradlens.store import MANIFEST
 
 EVAL_FILE = "eval.json"
 
+@dataclass
+class Prepared:
+    """A run's LoRA-FA model and data, built from a :class:`RecordConfig` (the shared setup of record and train)."""
+
+    model: Any
+    tokenizer: Any
+    task: Any
+    data: Any
+    eval_data: Any
+    device: str
+    model_dtype: str
+
+
+def prepare(config: RecordConfig) -> Prepared:
+    """Seed, device and dtype, the model with its LoRA-FA adapter (A drawn with ``config.seed``), the task (its
+    prompt format decided for this model) and its training rows, and the held-out rows when ``n_eval > 0`` (loaded
+    now, so a bad split fails before training)."""
+    from transformers import set_seed
+
+    from gradlens.models import attach_lora, load_model, resolve_device, resolve_dtype
+    from gradlens.trainers import load_task_for
+
+    set_seed(config.seed)
+    device = resolve_device(config.device)
+    model_dtype = resolve_dtype(config.model_dtype, device, config.model)
+    model, tokenizer = load_model(config.model, model_dtype)
+    model = attach_lora(model, r=config.lora_r, alpha=config.lora_alpha, target_modules=config.lora_target_modules,
+                        seed=config.seed)
+    task = load_task_for(config, model, tokenizer)
+    data = task.dataset(task.train_split, config.n_train)
+    eval_data = task.dataset(task.eval_split, config.n_eval) if config.n_eval > 0 else None
+    return Prepared(model, tokenizer, task, data, eval_data, device, model_dtype)
+
+
 @dataclass(frozen=True)
 class RecordResult:
     """Where the run is and what it holds (``bytes``: the run files and adapter, without Trainer checkpoints)."""
@@ -47,14 +81,13 @@ def record(config: RecordConfig, *, progress: bool = True) -> RecordResult:
 
     ``progress=False`` drops the Trainer's progress bar and console logs (callers with their own bar, like compare).
     """
-    from transformers import PrinterCallback, ProgressCallback, set_seed
+    from transformers import PrinterCallback, ProgressCallback
 
     from gradlens.evaluate import greedy_report
     from gradlens.fsio import json_dump
-    from gradlens.models import attach_lora, load_model, resolve_device, resolve_dtype
     from gradlens.record.recorder import GradientRecorder
     from gradlens.store import open_run, writer_leftovers_only
-    from gradlens.trainers import build_trainer, check_overrides, load_task_for, trl_settings
+    from gradlens.trainers import build_trainer, check_overrides, trl_settings
 
     check_overrides(config.regime, config.trl)
     out = Path(config.out)
@@ -65,22 +98,15 @@ def record(config: RecordConfig, *, progress: bool = True) -> RecordResult:
     previous = open_run(out).steps if config.resume and (out / MANIFEST).exists() else []
     last_recorded = previous[-1] if previous else None
 
-    set_seed(config.seed)
-    device = resolve_device(config.device)
-    model_dtype = resolve_dtype(config.model_dtype, device, config.model)
-    model, tokenizer = load_model(config.model, model_dtype)
-    model = attach_lora(model, r=config.lora_r, alpha=config.lora_alpha, target_modules=config.lora_target_modules,
-                        seed=config.seed)
-    task = load_task_for(config, model, tokenizer)
-    data = task.dataset(task.train_split, config.n_train)
-    eval_data = task.dataset(task.eval_split, config.n_eval) if config.n_eval > 0 else None  # fail early
+    prep = prepare(config)
+    task, tokenizer = prep.task, prep.tokenizer
     trainer_dir = out / "trainer"
-    trainer = build_trainer(config.regime, model, tokenizer, data, task, output_dir=str(trainer_dir),
-                            settings=trl_settings(config, task, device, model_dtype))
+    trainer = build_trainer(config.regime, prep.model, tokenizer, prep.data, task, output_dir=str(trainer_dir),
+                            settings=trl_settings(config, task, prep.device, prep.model_dtype))
     if not progress:
         trainer.remove_callback(ProgressCallback)
         trainer.remove_callback(PrinterCallback)
-    provenance = {"record": asdict(config), "pid": os.getpid(), "device": device, "model_dtype": model_dtype,
+    provenance = {"record": asdict(config), "pid": os.getpid(), "device": prep.device, "model_dtype": prep.model_dtype,
                   "task": task.describe(), "prompt_format": task.prompt_format,
                   "prompt_format_reason": task.format_reason}
     recorder = GradientRecorder.attach(trainer, out, modules=config.modules, every_n_steps=config.every_n_steps,
@@ -94,8 +120,8 @@ def record(config: RecordConfig, *, progress: bool = True) -> RecordResult:
     evaluation = None
     if trainer.is_world_process_zero():  # one writer under DDP, like the recorder
         trainer.model.save_pretrained(out / "adapter")  # the trained LoRA adapter, loadable with PEFT
-        if eval_data is not None:
-            evaluation = greedy_report(trainer.model, tokenizer, task, eval_data)
+        if prep.eval_data is not None:
+            evaluation = greedy_report(trainer.model, tokenizer, task, prep.eval_data)
             json_dump({"split": task.eval_split, **evaluation}, out / EVAL_FILE)
     run = open_run(out)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file() and trainer_dir not in f.parents)
