@@ -9,7 +9,6 @@ the reference to float32 precision, and the stored gradient must equal the refer
 
 from __future__ import annotations
 
-import atexit
 import math
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from gradlens.errors import GradlensError
 from gradlens.models import attach_lora, load_model, lora_b_parameters, lora_config
 from gradlens.modules import match_modules
 from gradlens.record.checks import RecorderWarning
-from gradlens.record.recorder import LOG_PREFIX, NORM_CHUNK, GradientRecorder, sums_of_squares
+from gradlens.record.recorder import LOG_PREFIX, GradientRecorder
 from gradlens.tasks.addition import AdditionTask
 from gradlens.tasks.base import completion_text
 from gradlens.trainers import build_trainer, build_trl_config
@@ -326,22 +325,6 @@ def test_grpo_every_n_steps_keeps_each_steps_own_rewards_and_loss(tmp_path: Path
             assert runs[2][step][key] == runs[1][step][key], (step, key)
 
 
-def test_sums_of_squares_equal_float64_sums_to_float32_precision() -> None:
-    """Float32 norms of chunks with a float64 total: the error stays that of one chunk (a random walk of at most
-    sqrt(NORM_CHUNK) roundings, relative), whatever the tensor's size, its scale or its dtype."""
-    g = torch.Generator().manual_seed(0)
-    big = torch.randn(2**22, generator=g) * 1e-3  # 64 chunks; one float32 norm of it is off by ~1500 eps on CPU
-    small = [torch.randn(37, 8, generator=g) * 10.0**k for k in range(-4, 4)]
-    low = [torch.randn(3000, 16, generator=g).to(torch.bfloat16), torch.randn(5, generator=g).to(torch.float16)]
-    groups = ([big, *small], [], low, [small[0], low[0]])
-    got = sums_of_squares(groups, torch.device("cpu"))
-    assert got.dtype == torch.float64 and got.shape == (4,)
-    tol = math.sqrt(NORM_CHUNK) * float(np.finfo(np.float32).eps)
-    for value, group in zip(got.tolist(), groups, strict=True):
-        expected = sum(float(np.square(t.double().numpy()).sum()) for t in group)
-        assert value == pytest.approx(expected, rel=tol, abs=0.0)
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # 3. Invariance under gradient accumulation
 
@@ -541,53 +524,6 @@ def test_frozen_second_adapter_is_not_recorded(tmp_path: Path, full_run) -> None
     run = open_run(out)
     assert run.modules == full_run.modules and len(run.modules) == 14
     assert_same_gradients(run, full_run)
-
-
-class ExitHooks:
-    """Pass-through wrappers of ``atexit.register``/``unregister`` that keep what is still registered (the ``atexit``
-    module cannot list its hooks, and its ``_ncallbacks`` counts unregistered slots too)."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.live: list = []
-        register, unregister = atexit.register, atexit.unregister
-
-        def tracked_register(func, *args, **kwargs):
-            self.live.append(func)
-            return register(func, *args, **kwargs)
-
-        def tracked_unregister(func):
-            self.live = [f for f in self.live if f != func]
-            return unregister(func)
-
-        monkeypatch.setattr(atexit, "register", tracked_register)
-        monkeypatch.setattr(atexit, "unregister", tracked_unregister)
-
-    def recorders(self) -> list:
-        """The live hooks registered by gradlens (other packages, e.g. tqdm, register their own)."""
-        return [f for f in self.live if getattr(f, "__module__", "").startswith("gradlens")]
-
-
-class SeeExitHooks(TrainerCallback):
-    def __init__(self, hooks: ExitHooks) -> None:
-        self.hooks, self.during = hooks, None
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.during = self.hooks.recorders()
-
-
-def test_close_unregisters_the_exit_hook(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The hook that flushes an unclosed run at exit is registered while recording and gone once closed."""
-    hooks = ExitHooks(monkeypatch)
-    for i in range(2):
-        trainer = sft_trainer(tmp_path / str(i), max_steps=1)
-        rec = GradientRecorder.attach(trainer, tmp_path / str(i) / "run")
-        see = SeeExitHooks(hooks)
-        trainer.add_callback(see)
-        trainer.train()  # closes the recorder at train end
-        assert len(see.during) == 1
-        assert hooks.recorders() == []
-        rec.close()  # closing twice is harmless
-        assert hooks.recorders() == [] and open_run(tmp_path / str(i) / "run").meta["complete"]
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""``GradientRecorder`` on real (tiny) GRPO runs: generation batches across accumulation, epochs and ``--resume``,
-shared generation batches, runs without a learning signal, and private Trainer state that is missing.
+"""``GradientRecorder`` beyond gradient exactness, on real (tiny) GRPO and SFT runs: generation batches across
+accumulation, epochs and ``--resume``, shared generation batches, runs without a learning signal, private Trainer state
+that is missing, the exit hook, and the precision of the clip statistics' sums.
 
 The generation-batch index is checked against TRL's own micro-batch counter (``GRPOTrainer._step``, read by the test
 only) and against an uninterrupted run; the no-signal flags against the rewards the reward function handed out.
@@ -7,6 +8,8 @@ only) and against an uninterrupted run; the no-signal flags against the rewards 
 
 from __future__ import annotations
 
+import atexit
+import math
 import warnings
 from pathlib import Path
 
@@ -20,7 +23,7 @@ from gradlens.config import RecordConfig
 from gradlens.models import lora_b_parameters
 from gradlens.record import record
 from gradlens.record.checks import RecorderWarning
-from gradlens.record.recorder import GradientRecorder
+from gradlens.record.recorder import NORM_CHUNK, GradientRecorder, sums_of_squares
 from gradlens.tasks.addition import AdditionTask
 from gradlens.tasks.base import completion_text
 from gradlens.trainers import build_trainer
@@ -279,3 +282,70 @@ def test_missing_grpo_metrics_are_said_once_and_leave_rewards_empty(tmp_path: Pa
     records = open_run(tmp_path / "run").step_records
     assert all(r["reward_mean"] is None and r["zero_reward_std"] is None and r["loss"] is not None for r in records)
     assert [r["generation_batch"] for r in records] == [0, 1]  # from public state, unaffected
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Exit hook and clip statistics
+
+
+class ExitHooks:
+    """Pass-through wrappers of ``atexit.register``/``unregister`` that keep what is still registered (the ``atexit``
+    module cannot list its hooks, and its ``_ncallbacks`` counts unregistered slots too)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.live: list = []
+        register, unregister = atexit.register, atexit.unregister
+
+        def tracked_register(func, *args, **kwargs):
+            self.live.append(func)
+            return register(func, *args, **kwargs)
+
+        def tracked_unregister(func):
+            self.live = [f for f in self.live if f != func]
+            return unregister(func)
+
+        monkeypatch.setattr(atexit, "register", tracked_register)
+        monkeypatch.setattr(atexit, "unregister", tracked_unregister)
+
+    def recorders(self) -> list:
+        """The live hooks registered by gradlens (other packages, e.g. tqdm, register their own)."""
+        return [f for f in self.live if getattr(f, "__module__", "").startswith("gradlens")]
+
+
+class SeeExitHooks(TrainerCallback):
+    def __init__(self, hooks: ExitHooks) -> None:
+        self.hooks, self.during = hooks, None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.during = self.hooks.recorders()
+
+
+def test_close_unregisters_the_exit_hook(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hook that flushes an unclosed run at exit is registered while recording and gone once closed."""
+    hooks = ExitHooks(monkeypatch)
+    for i in range(2):
+        trainer = sft_trainer(tmp_path / str(i), max_steps=1)
+        rec = GradientRecorder.attach(trainer, tmp_path / str(i) / "run")
+        see = SeeExitHooks(hooks)
+        trainer.add_callback(see)
+        trainer.train()  # closes the recorder at train end
+        assert len(see.during) == 1
+        assert hooks.recorders() == []
+        rec.close()  # closing twice is harmless
+        assert hooks.recorders() == [] and open_run(tmp_path / str(i) / "run").meta["complete"]
+
+
+def test_sums_of_squares_equal_float64_sums_to_float32_precision() -> None:
+    """Float32 norms of chunks with a float64 total: the error stays that of one chunk (a random walk of at most
+    sqrt(NORM_CHUNK) roundings, relative), whatever the tensor's size, its scale or its dtype."""
+    g = torch.Generator().manual_seed(0)
+    big = torch.randn(2**22, generator=g) * 1e-3  # 64 chunks; one float32 norm of it is off by ~1500 eps on CPU
+    small = [torch.randn(37, 8, generator=g) * 10.0**k for k in range(-4, 4)]
+    low = [torch.randn(3000, 16, generator=g).to(torch.bfloat16), torch.randn(5, generator=g).to(torch.float16)]
+    groups = ([big, *small], [], low, [small[0], low[0]])
+    got = sums_of_squares(groups, torch.device("cpu"))
+    assert got.dtype == torch.float64 and got.shape == (4,)
+    tol = math.sqrt(NORM_CHUNK) * float(np.finfo(np.float32).eps)
+    for value, group in zip(got.tolist(), groups, strict=True):
+        expected = sum(float(np.square(t.double().numpy()).sum()) for t in group)
+        assert value == pytest.approx(expected, rel=tol, abs=0.0)
