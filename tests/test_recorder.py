@@ -25,6 +25,7 @@ from gradlens import open_run
 from gradlens.errors import GradlensError
 from gradlens.models import attach_lora, load_model, lora_b_parameters, lora_config
 from gradlens.modules import match_modules
+from gradlens.record.checks import RecorderWarning
 from gradlens.record.recorder import LOG_PREFIX, GradientRecorder
 from gradlens.tasks.addition import AdditionTask
 from gradlens.tasks.base import completion_text
@@ -153,10 +154,7 @@ def recorded(run, step: int) -> tuple[dict[str, np.ndarray], dict]:
 # 1. Exactness, SFT
 
 
-@pytest.mark.parametrize("block_entries", [2**20, 300], ids=["one-block", "many-blocks"])
-def test_sft_records_exact_post_clip_gradients(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                               block_entries: int) -> None:
-    monkeypatch.setattr("gradlens.record.recorder.BLOCK_ENTRIES", block_entries)  # the clip coefficient blocks
+def test_sft_records_exact_post_clip_gradients(tmp_path: Path) -> None:
     max_norm, lr, steps = SFT_SETTINGS["max_grad_norm"], SFT_SETTINGS["learning_rate"], SFT_SETTINGS["max_steps"]
     trainer, rec, snaps = record_sft(tmp_path / "run", snapshot=True)
     run = open_run(tmp_path / "run")
@@ -193,6 +191,7 @@ def test_sft_records_exact_post_clip_gradients(tmp_path: Path, monkeypatch: pyte
         assert meta["loss"] == pytest.approx(loss, rel=1e-5)
         assert meta["learning_rate"] == pytest.approx(lr * (1 - (step - 1) / steps), rel=1e-9)
     assert clipped and len(clipped) < steps, f"want clipped and unclipped steps, clipped: {clipped}"
+    assert not any(r["zero_gradient"] for r in run.step_records) and rec.signal.share == 0.0
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -234,7 +233,8 @@ def test_grpo_records_exact_post_clip_gradients(tmp_path: Path) -> None:
     snaps = SnapshotLoraB()
     trainer.add_callback(snaps)
     GradientRecorder.attach(trainer, tmp_path / "run")
-    trainer.train()
+    with pytest.warns(RecorderWarning, match="consecutive optimizer steps train on the same GRPO generation batch"):
+        trainer.train()
 
     run = open_run(tmp_path / "run")
     assert run.steps == [1, 2, 3, 4] and len(trainer.seen_inputs) == steps
@@ -273,8 +273,10 @@ def test_grpo_records_exact_post_clip_gradients(tmp_path: Path) -> None:
         norm = global_norm(ref)
         assert meta["loss"] == pytest.approx(float(loss.detach()), rel=1e-4, abs=1e-7)
         assert meta["grad_norm"] == pytest.approx(norm, rel=1e-5, abs=1e-9)
+        assert meta["zero_gradient"] is (norm == 0)
         if norm == 0:  # every group had equal rewards: nothing to learn, nothing to clip
             assert meta["clip_coef"] == 1.0 and all(not g.any() for g in grads.values())
+            assert meta["zero_reward_std"] is True and meta["frac_reward_zero_std"] == 1.0
             continue
         nonzero += 1
         assert meta["clip_coef"] == pytest.approx(torch_clip_coef(norm, max_norm), rel=1e-5)
@@ -312,13 +314,15 @@ def test_grpo_every_n_steps_keeps_each_steps_own_rewards_and_loss(tmp_path: Path
                                 RewardTask(reward=digit_match_reward), output_dir=str(tmp_path / f"trainer{every}"),
                                 settings=settings)
         GradientRecorder.attach(trainer, tmp_path / f"run{every}", every_n_steps=every)
-        trainer.train()
+        with pytest.warns(RecorderWarning, match="same GRPO generation batch"):  # steps_per_generation=2
+            trainer.train()
         runs[every] = {r["step"]: r for r in open_run(tmp_path / f"run{every}").step_records}
     assert sorted(runs[2]) == [2, 4]
     for step in (2, 4):
         for key in ("loss", "reward_mean", "reward_std", "grad_norm"):
             assert runs[2][step][key] == pytest.approx(runs[1][step][key], rel=1e-5, abs=1e-8), (step, key)
-        assert runs[2][step]["generation_batch"] == runs[1][step]["generation_batch"]
+        for key in ("generation_batch", "zero_reward_std", "zero_gradient"):
+            assert runs[2][step][key] == runs[1][step][key], (step, key)
 
 
 # --------------------------------------------------------------------------------------------------------------------

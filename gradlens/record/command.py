@@ -7,7 +7,7 @@ The embedded default (``model="toy:tiny"``, ``task="addition"``) runs offline on
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,13 +53,19 @@ def prepare(config: RecordConfig) -> Prepared:
 
 @dataclass(frozen=True)
 class RecordResult:
-    """Where the run is and what it holds (``bytes``: the run files and adapter, without Trainer checkpoints)."""
+    """Where the run is and what it holds (``bytes``: the run files and adapter, without Trainer checkpoints).
+
+    ``signal`` counts the steps this call recorded and those without a learning signal (``no_signal``, and by reason
+    ``zero_gradient`` / ``zero_reward_std``); ``no_signal_share`` is their share (None if no step was recorded).
+    """
 
     path: Path
     steps: int
     bytes: int
     trainer: Any
     eval: dict[str, Any] | None = None  # n_eval > 0: greedy held-out accuracy (also in eval.json)
+    signal: dict[str, int] = field(default_factory=dict)
+    no_signal_share: float | None = None
 
 
 def _resume_checkpoint(trainer_dir: Path, last_recorded: int | None) -> str | None:
@@ -125,4 +131,5 @@ def record(config: RecordConfig, *, progress: bool = True) -> RecordResult:
             json_dump({"split": task.eval_split, **evaluation}, out / EVAL_FILE)
     run = open_run(out)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file() and trainer_dir not in f.parents)
-    return RecordResult(path=out, steps=len(run.steps), bytes=size, trainer=trainer, eval=evaluation)
+    return RecordResult(path=out, steps=len(run.steps), bytes=size, trainer=trainer, eval=evaluation,
+                        signal=dict(recorder.signal.counts), no_signal_share=recorder.signal.share)

@@ -4,15 +4,18 @@ It reads the ``lora_B`` gradients in ``on_pre_optimizer_step``: once per optimiz
 after the all-reduce, and *after* the Trainer clipped them. The Trainer does not hand the pre-clip norm to callbacks,
 so the recorder takes its own copy of the local accumulated ``lora_B`` gradients in a post-accumulate-grad hook (the
 gradients before any all-reduce or clipping), averages it over processes, and compares it with what the optimizer is
-about to see: the ratio is the clip coefficient ``c`` and the pre-clip global norm is ``||g_post|| / c``. The stored
-gradient is ``g_post`` (what the optimizer used); the raw gradient is ``g_post / c``.
+about to see: the ratio of their norms is the clip coefficient ``c`` and the pre-clip global norm is
+``||g_post|| / c``. The stored gradient is ``g_post`` (what the optimizer used); the raw gradient is ``g_post / c``.
 
 Only the main process writes, through a background writer, so a training step waits only for the device-to-host copy.
+A run that learns nothing is said: steps whose recorded gradients are all zero (``zero_gradient``) or, under GRPO,
+whose every group has equal rewards (``zero_reward_std``) are flagged in their step records and warned about.
 """
 
 from __future__ import annotations
 
 import atexit
+import json
 import math
 import os
 import weakref
@@ -26,55 +29,27 @@ from transformers import TrainerCallback
 from gradlens.errors import GradlensError
 from gradlens.models import lora_b_parameters, unwrap
 from gradlens.modules import ModuleFilter, ModuleSpec, match_modules
+from gradlens.record.checks import (
+    SUPPORTED_SETUPS,
+    SignalCounter,
+    epoch_length,
+    generation_batch,
+    generation_reuse,
+    missing_reward_metrics,
+    missing_state_note,
+    missing_trainer_state,
+    sharded_training,
+    warn,
+)
 from gradlens.store import DTYPES, AsyncRunWriter, RunWriter
 
 LOG_PREFIX = "gradlens/"
-# Entries per float64 block of the clip-coefficient sums (8 MiB: reused by the allocator, no page faults).
-BLOCK_ENTRIES = 2**20
-
-
-def _blocks(sizes: Sequence[int], limit: int) -> list[list[int]]:
-    """Consecutive indices grouped so each group's total size stays within ``limit`` (a larger item stands alone)."""
-    groups: list[list[int]] = [[]]
-    total = 0
-    for i, n in enumerate(sizes):
-        if groups[-1] and total + n > limit:
-            groups.append([])
-            total = 0
-        groups[-1].append(i)
-        total += n
-    return groups
+NORM_CHUNK = 2**16  # entries per float32 norm of the clip statistics (see sums_of_squares)
 
 
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized() and \
         torch.distributed.get_world_size() > 1
-
-
-SUPPORTED_SETUPS = ("one process (CPU or one GPU), or DDP across processes (torchrun, or accelerate launch with a "
-                    "multi-GPU config)")
-
-
-def sharded_training(args: Any, trainer: Any, params: Sequence[torch.nn.Parameter]) -> str | None:
-    """The name of the sharding scheme this run uses (DeepSpeed or FSDP), or None if gradients are whole.
-
-    Under DeepSpeed ZeRO and FSDP each process holds a shard (or nothing) in ``param.grad``, not the full averaged
-    gradient the recorder reads. The run is recognised by any of: the Trainer's arguments, the Trainer's
-    accelerator, accelerate's launcher environment, or the parameters themselves (FSDP2 DTensors, ZeRO-3 partitions).
-    """
-    from torch.distributed.tensor import DTensor
-
-    def env(name: str) -> bool:
-        return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
-
-    if getattr(args, "deepspeed", None) or getattr(args, "deepspeed_plugin", None) is not None or \
-            getattr(trainer, "is_deepspeed_enabled", False) or env("ACCELERATE_USE_DEEPSPEED") or \
-            any(hasattr(p, "ds_id") for p in params):
-        return "DeepSpeed"
-    if getattr(args, "fsdp_plugin_args", None) or getattr(trainer, "is_fsdp_enabled", False) or \
-            env("ACCELERATE_USE_FSDP") or any(isinstance(p, DTensor) for p in params):
-        return "FSDP"
-    return None
 
 
 class GradientRecorder(TrainerCallback):
@@ -89,8 +64,8 @@ class GradientRecorder(TrainerCallback):
         save_raw: write raw gradient shards; ``False`` keeps only the streaming accumulators.
         resume: continue an existing run in ``output_dir`` (steps it holds are skipped); otherwise it must be new.
         config, seed: provenance stored in the manifest (the Trainer's arguments are added automatically).
-        trainer: the Trainer, optional; with it each step also records the loss and, for GRPO, reward statistics
-            and the generation batch. Use :meth:`attach` to add the recorder and bind the trainer in one call.
+        trainer: the Trainer, optional; with it each step also records the loss and, for GRPO, reward statistics.
+            Use :meth:`attach` to add the recorder and bind the trainer in one call.
     """
 
     def __init__(self, output_dir: str | os.PathLike[str], *, modules: ModuleFilter = None, every_n_steps: int = 1,
@@ -117,13 +92,18 @@ class GradientRecorder(TrainerCallback):
         self.writer: AsyncRunWriter | None = None
         self.specs: list[ModuleSpec] = []
         self.steps_recorded = 0
+        self.signal = SignalCounter(self._warn)  # recorded steps of this session without a learning signal
         self._params: list[torch.nn.Parameter] = []
         self._local: list[torch.Tensor | None] = []  # local accumulated gradient copies, reused across steps
         self._fresh: list[bool] = []  # whether _local[i] was written since the last optimizer step
         self._hooks: list[Any] = []
+        self._exit_hook: Callable[[], None] | None = None
         self._loss_seen = (0.0, None)  # (trainer._tr_loss at the last read, trainer._globalstep_last_logged then)
-        self._reward = (math.nan, math.nan)
+        self._reward: tuple[float | None, ...] = (None, None, None)  # reward mean, std, share of zero-std groups
         self._last_b_norm = math.nan
+        self._main = True
+        self._per_epoch: int | None = None  # micro-batches per epoch, None without a dataloader length
+        self._read = {"loss": False, "rewards": False, "check_rewards": False}
 
     @classmethod
     def attach(cls, trainer: Any, output_dir: str | os.PathLike[str], **kwargs: Any) -> GradientRecorder:
@@ -138,7 +118,7 @@ class GradientRecorder(TrainerCallback):
     # ---------------------------------------------------------------------------------------------------------------
     # Trainer events
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
         model = unwrap(model)
         found = list(lora_b_parameters(model))
         if not found:
@@ -163,10 +143,14 @@ class GradientRecorder(TrainerCallback):
         self._local = [None] * len(self._params)
         self._fresh = [False] * len(self._params)
         self._hooks = [p.register_post_accumulate_grad_hook(self._make_hook(i)) for i, p in enumerate(self._params)]
+        self._main = state.is_world_process_zero
+        notes = self._check_setup(args, train_dataloader)
         error = None
-        if state.is_world_process_zero:
+        if self._main:
+            for note in notes:
+                self._warn(note)
             try:
-                self._open_writer(args)
+                self._open_writer(args, notes)
             except GradlensError as e:
                 error = e
         self._raise_everywhere(error)
@@ -174,10 +158,10 @@ class GradientRecorder(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         step = state.global_step + 1
         recorded = step % self.every_n_steps == 0
-        # Read the running loss and rewards at every step, recorded or not: the Trainer keeps summing the loss and
-        # empties its reward metrics at each log, so a skipped step must not leak into the next recorded one.
+        # Read loss and rewards at every step: the Trainer keeps summing the loss and empties its reward metrics at
+        # each log, so a skipped step must not leak into the next recorded one.
         loss = self._step_loss(recorded)
-        grpo_meta = self._grpo_meta(args)
+        grpo_meta = self._grpo_meta(args, step)
         if not recorded:
             return
         post = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
@@ -185,21 +169,30 @@ class GradientRecorder(TrainerCallback):
                for loc, fresh, p in zip(self._local, self._fresh, self._params, strict=True)]
         if _distributed():
             pre = self._all_reduce_mean(pre)
-        coef, pre_norm, post_norm, b_norm = self._clip_coefficient(args, post, pre)
         if not state.is_world_process_zero:
             return
+        with torch.no_grad():
+            device = post[0].device
+            others = [p.grad for p in self._others if p.grad is not None]
+            sums = sums_of_squares((post, others, pre), device)
+            if loss is not None:
+                sums = torch.cat([sums, loss.to(device, torch.float64).reshape(1)])
+            values = sums.tolist()  # the step's one host sync (before the gradients' copy)
+        coef, pre_norm, post_norm, b_norm = clip_statistics(args.max_grad_norm, *values[:3])
         grads = [g.detach().to("cpu", torch.float32, copy=True).numpy() for g in post]
         meta: dict[str, Any] = {
-            "loss": loss,
+            "loss": values[3] if loss is not None else None,
             "learning_rate": float(optimizer.param_groups[0]["lr"]) if optimizer is not None else None,
             "grad_norm": pre_norm,
             "grad_norm_clipped": post_norm,
             "clip_coef": coef,
             "b_grad_norm": b_norm,
+            "zero_gradient": b_norm == 0.0,  # exactly: nothing in the recorded modules moves (e.g. constant reward)
             "epoch": state.epoch,
         }
-        self._last_b_norm = meta["b_grad_norm"]
+        self._last_b_norm = b_norm
         meta.update(grpo_meta)
+        self.signal.note(step, meta)
         self.writer.submit(step, grads, meta)
         self.steps_recorded += 1
 
@@ -218,6 +211,8 @@ class GradientRecorder(TrainerCallback):
             state.log_history[-1].update(live)
 
     def on_train_end(self, args, state, control, **kwargs):
+        if (summary := self.signal.summary()) is not None:
+            self._warn(summary)
         self.close()
 
     def close(self) -> None:
@@ -225,6 +220,9 @@ class GradientRecorder(TrainerCallback):
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        hook, self._exit_hook = self._exit_hook, None
+        if hook is not None:
+            atexit.unregister(hook)
         writer, self.writer = self.writer, None
         if writer is not None:
             writer.close()
@@ -232,20 +230,37 @@ class GradientRecorder(TrainerCallback):
     # ---------------------------------------------------------------------------------------------------------------
     # Helpers
 
-    def _open_writer(self, args) -> None:
+    def _warn(self, message: str) -> None:
+        if self._main:  # under DDP every process sees the same: say it once
+            warn(message)
+
+    def _check_setup(self, args, train_dataloader) -> list[str]:
+        """Warnings about this run's setup (said on the console and stored in the manifest); sets what to read."""
+        self.signal.grpo = hasattr(args, "num_generations")
+        self._per_epoch = epoch_length(train_dataloader)
+        notes = []
+        if self.trainer is not None:
+            missing = missing_trainer_state(self.trainer, self.signal.grpo)
+            if missing:
+                notes.append(missing_state_note(self.trainer, missing))
+            rewards = self.signal.grpo and "_metrics" not in missing
+            self._read = {"loss": "loss" not in missing.values(), "rewards": rewards, "check_rewards": rewards}
+        if self.signal.grpo and (reuse := generation_reuse(args)):
+            notes.append(reuse)
+        return notes
+
+    def _open_writer(self, args, notes: list[str]) -> None:
         if self.writer is not None:
             return
-        import json
-
         config = {"recorder": {"modules": repr(self.module_filter), "every_n_steps": self.every_n_steps,
-                               "dtype": self.dtype, "save_raw": self.save_raw},
+                               "dtype": self.dtype, "save_raw": self.save_raw, "warnings": notes},
                   "trainer_class": type(self.trainer).__name__ if self.trainer is not None else None,
                   "training_args": json.loads(args.to_json_string()), **self.config}
         run = RunWriter(self.output_dir, self.specs, dtype=self.dtype, save_raw=self.save_raw,
                         steps_per_shard=self.steps_per_shard, config=config,
                         seed=self.seed if self.seed is not None else args.seed, resume=self.resume)
         self.writer = AsyncRunWriter(run, max_queue=self.max_queue)
-        _close_at_exit(self)
+        self._exit_hook = _close_at_exit(self)
 
     def _make_hook(self, i: int) -> Callable[[torch.Tensor], None]:
         def hook(param: torch.Tensor) -> None:
@@ -280,45 +295,16 @@ class GradientRecorder(TrainerCallback):
             i += t.numel()
         return out
 
-    def _clip_coefficient(self, args, post: list[torch.Tensor], pre: list[torch.Tensor]
-                          ) -> tuple[float, float, float, float]:
-        """(clip coefficient, pre-clip global norm, post-clip global norm, pre-clip B norm) of this step.
+    def _step_loss(self, recorded: bool = True) -> torch.Tensor | None:
+        """This step's training loss (a float64 tensor), from the Trainer's running sum (which it resets at each log).
 
-        The recorded modules are flattened into float64 blocks of about 1M entries, so the three sums cost a few dot
-        products and one host sync: per-module reductions cost ~1 ms a step on a small model, and one block for a
-        1.5B adapter two fresh 80 MB allocations (page faults) every step.
+        Must be called at every optimizer step; only a ``recorded`` step pays for the all-reduce.
         """
-        with torch.no_grad():
-            device = post[0].device
-            parts = []
-            for block in _blocks([g.numel() for g in post], BLOCK_ENTRIES):
-                a = torch.cat([post[i].detach().reshape(-1).to(device, torch.float64) for i in block])
-                b = torch.cat([pre[i].detach().reshape(-1).to(device, torch.float64) for i in block])
-                parts.append(torch.stack([a @ a, a @ b, b @ b]))
-            rest = [p.grad.detach().double().pow(2).sum().to(device) for p in self._others if p.grad is not None]
-            sums = torch.stack(parts).sum(0)
-            if rest:
-                sums[0] += torch.stack(rest).sum()
-            post_sq, dot, pre_sq = sums.tolist()
-        post_norm, b_norm = math.sqrt(post_sq), math.sqrt(pre_sq)
-        if args.max_grad_norm is None or args.max_grad_norm <= 0 or pre_sq == 0:
-            return 1.0, post_norm, post_norm, b_norm
-        coef = dot / pre_sq
-        pre_norm = post_norm / coef if coef > 0 else math.nan
-        if pre_norm + 1e-6 <= args.max_grad_norm:  # the Trainer did not clip: undo rounding noise of the estimate
-            return 1.0, post_norm, post_norm, b_norm
-        return coef, pre_norm, post_norm, b_norm
-
-    def _step_loss(self, recorded: bool = True) -> float | None:
-        """This step's training loss, from the Trainer's running sum (which it resets at each log).
-
-        Must be called at every optimizer step; only a ``recorded`` step pays for the all-reduce and the host sync.
-        """
-        t = self.trainer
-        if t is None or not isinstance(getattr(t, "_tr_loss", None), torch.Tensor):
+        if not self._read["loss"]:
             return None
+        t = self.trainer
         total = t._tr_loss.detach().to(torch.float64, copy=True)  # this process's running sum
-        last_logged = getattr(t, "_globalstep_last_logged", None)
+        last_logged = t._globalstep_last_logged
         seen, seen_logged = self._loss_seen
         self._loss_seen = (total, last_logged)
         if not recorded:
@@ -328,19 +314,67 @@ class GradientRecorder(TrainerCallback):
             loss = loss.to(_collective_device())
             torch.distributed.all_reduce(loss)
             loss /= torch.distributed.get_world_size()
-        return float(loss)
+        return loss
 
-    def _grpo_meta(self, args) -> dict[str, Any]:
-        """GRPO only: reward mean/std of the generation batch this step trained on, and that batch's index."""
-        t = self.trainer
-        if t is None or not hasattr(args, "num_generations") or not hasattr(t, "_metrics"):
+    def _grpo_meta(self, args, step: int) -> dict[str, Any]:
+        """GRPO only: reward statistics of the generation batch this step trained on last, and that batch's index.
+
+        The index follows from public state alone (see :func:`generation_batch`).
+        """
+        if not self.signal.grpo:
             return {}
-        rewards = t._metrics.get("train", {})
-        if rewards.get("reward"):  # emptied at each log; a reused generation batch keeps the last values
-            self._reward = (float(rewards["reward"][-1]), float(rewards["reward_std"][-1]))
-        generate_every = args.steps_per_generation * getattr(t, "num_iterations", args.num_iterations)
-        return {"reward_mean": self._reward[0], "reward_std": self._reward[1],
-                "generation_batch": (int(t._step) - 1) // generate_every}
+        if self._read["rewards"]:
+            rewards = self.trainer._metrics.get("train", {})
+            # The first step has always generated, so its metrics must be there.
+            if self._read.pop("check_rewards", False) and (note := missing_reward_metrics(self.trainer, rewards)):
+                self._read["rewards"] = False
+                self._warn(note)
+            if self._read["rewards"] and rewards.get("reward"):  # emptied at each log; a reused batch keeps them
+                self._reward = (float(rewards["reward"][-1]), float(rewards["reward_std"][-1]),
+                                float(rewards["frac_reward_zero_std"][-1]))
+        frac_zero = self._reward[2]
+        return {"reward_mean": self._reward[0], "reward_std": self._reward[1], "frac_reward_zero_std": frac_zero,
+                "zero_reward_std": None if frac_zero is None else frac_zero == 1.0,
+                "generation_batch": generation_batch(args, step, self._per_epoch)}
+
+
+def sums_of_squares(groups: Sequence[Sequence[torch.Tensor]], device: torch.device) -> torch.Tensor:
+    """The float64 sum of squares of each group of tensors, as one tensor on ``device``, without a host sync.
+
+    Fused float32 norms (one ``_foreach_norm`` per device and dtype, as ``clip_grad_norm_`` computes them) of every
+    tensor, or of its :data:`NORM_CHUNK`-entry chunks if larger, squared and summed in float64: the float32 error stays
+    that of one chunk's reduction, whatever the size (a CPU norm of a whole 10M-entry tensor is off by ~6000 eps).
+    """
+    kinds: dict[tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], list[int]]] = {}
+    for g, tensors in enumerate(groups):
+        for t in tensors:
+            chunks, owners = kinds.setdefault((t.device, t.dtype), ([], []))
+            parts = (t.detach(),) if t.numel() <= NORM_CHUNK else t.detach().reshape(-1).split(NORM_CHUNK)
+            chunks.extend(parts)
+            owners.extend([g] * len(parts))
+    sums = [torch.zeros((), dtype=torch.float64, device=device) for _ in groups]
+    for chunks, owners in kinds.values():  # owners ascend: each group's chunks are contiguous
+        squares = torch.stack(torch._foreach_norm(chunks, 2, dtype=torch.float32)).to(device, torch.float64).square()
+        for g, part in enumerate(squares.split([owners.count(g) for g in range(len(groups))])):
+            sums[g] += part.sum()
+    return torch.stack(sums)
+
+
+def clip_statistics(max_norm: float | None, post_sq: float, others_sq: float, pre_sq: float
+                    ) -> tuple[float, float, float, float]:
+    """(clip coefficient, pre-clip global norm, post-clip global norm, pre-clip B norm) of one step.
+
+    ``post_sq``/``pre_sq``: squared norms of the recorded gradients after and before clipping, ``others_sq`` of every
+    other trainable gradient after it. The Trainer scales all gradients by one factor, so it is the norm ratio.
+    """
+    post_norm, b_norm = math.sqrt(post_sq + others_sq), math.sqrt(pre_sq)
+    if max_norm is None or max_norm <= 0 or pre_sq == 0:
+        return 1.0, post_norm, post_norm, b_norm
+    coef = math.sqrt(post_sq / pre_sq)
+    pre_norm = post_norm / coef if coef > 0 else math.nan
+    if pre_norm + 1e-6 <= max_norm:  # the Trainer did not clip: undo rounding noise of the estimate
+        return 1.0, post_norm, post_norm, b_norm
+    return coef, pre_norm, post_norm, b_norm
 
 
 def _collective_device() -> torch.device:
@@ -349,13 +383,16 @@ def _collective_device() -> torch.device:
     return torch.device("cpu")
 
 
-def _close_at_exit(recorder: GradientRecorder) -> None:
-    """Flush a recorder at interpreter exit (e.g. after an exception in ``train``), without keeping it alive."""
+def _close_at_exit(recorder: GradientRecorder) -> Callable[[], None]:
+    """Flush a recorder at interpreter exit (e.g. after an exception in ``train``), without keeping it alive; returns
+    the hook, which :meth:`GradientRecorder.close` unregisters."""
     ref = weakref.ref(recorder)
 
     def close() -> None:
         r = ref()
         if r is not None:
+            r._exit_hook = None  # running now: nothing left to unregister
             r.close()
 
     atexit.register(close)
+    return close
