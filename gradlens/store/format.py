@@ -273,9 +273,9 @@ def read_manifest_json(run_dir: Path) -> dict[str, Any]:
         raise GradlensError(f"{path}: not a gradlens run manifest (format is not {FORMAT!r})")
     version = obj.get("format_version")
     if version not in READ_VERSIONS:
-        newer = isinstance(version, int) and version > FORMAT_VERSION
+        newer = "; a newer gradlens wrote it" if isinstance(version, int) and version > FORMAT_VERSION else ""
         raise GradlensError(f"{path}: format_version {version!r} is not supported (this gradlens reads "
-                            f"{' and '.join(map(str, READ_VERSIONS))}{'; a newer gradlens wrote it' if newer else ''})")
+                            f"{' and '.join(map(str, READ_VERSIONS))}{newer})")
     return obj
 
 

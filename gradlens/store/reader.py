@@ -234,8 +234,9 @@ def _verify_accumulator_file(run_dir: Path, path: Path, specs: list[ModuleSpec],
         except GradlensError as e:
             out.append(Checked(name, key, array.nbytes, True, str(e)))
     try:
-        if crcs is not None and set(crcs) - set(tensors):
-            raise GradlensError(f"{path}: tensor(s) {sorted(set(crcs) - set(tensors))[:3]} the manifest lists are missing")
+        missing = sorted(set(crcs or ()) - set(tensors))
+        if missing:
+            raise GradlensError(f"{path}: tensor(s) {missing[:3]} the manifest lists are missing")
         check_accumulators(path, tensors, specs)
     except GradlensError as e:
         out.append(Checked(name, "*", 0, False, str(e)))

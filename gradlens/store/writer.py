@@ -129,7 +129,8 @@ class RunWriter:
         self._check_compatible(manifest)
         self._tidy(manifest)
         _, self._acc = accumulator_state(self.path, manifest)
-        manifest.steps_per_shard, manifest.complete, manifest.versions = self.steps_per_shard, False, package_versions()
+        manifest.steps_per_shard, manifest.complete = self.steps_per_shard, False
+        manifest.versions = package_versions()
         if config is not None:
             manifest.config = config
         if seed is not None:
