@@ -72,7 +72,9 @@ def _edit(path: Path, change) -> None:
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    (lambda m: m["steps"].append(dict(m["steps"][0])), "a step is recorded twice"),
+    (lambda m: m["steps"].append(dict(m["steps"][0])), "a step is recorded twice, or a shard listed twice"),
+    (lambda m: m["shards"].append(m["shards"][0]), "a step is recorded twice, or a shard listed twice"),
+    (lambda m: m["accumulators"]["base"].update(file="other.safetensors"), "the base is 'other.safetensors'"),
     (lambda m: m["shards"][0]["crc32"].update(m0="x"), "'x' is not an integer"),
     (lambda m: m["shards"][0]["crc32"].update(m0=2**32), "is not a table of tensor name"),
     (lambda m: m["accumulators"].update(journal="magic"), "journal 'magic' is not one of"),

@@ -166,7 +166,7 @@ class Manifest:
 
     @property
     def nonfinite_steps(self) -> list[int]:
-        return [r["step"] for r in self.steps if r["nonfinite"]]
+        return [r["step"] for r in self.steps if r.get("nonfinite")]
 
     @property
     def journal_steps(self) -> list[dict[str, Any]]:
@@ -223,6 +223,8 @@ class Manifest:
             rec["step"] = _int(rec["step"])
         if checksums:
             base = acc["base"]
+            if base is not None and base["file"] != ACCUMULATORS:
+                raise ValueError(f"the base is {base['file']!r}, not {ACCUMULATORS!r}")
             manifest.base = None if base is None else Base(
                 _int(base["generation"]), _int(base["n_steps"]), _int(base["bytes"]), _crcs(base["crc32"]))
             manifest.partials = [TensorFile.from_json(p, run_dir, True) for p in acc["partials"]]
@@ -234,11 +236,11 @@ class Manifest:
     def _check_layout(self) -> None:
         """Every step record lies where its shard says; the base and the journal cover the steps exactly once."""
         steps = [r["step"] for r in self.steps]
-        if len(set(steps)) != len(steps):
-            raise ValueError("a step is recorded twice")
+        if len(set(steps)) != len(steps) or len({s.file for s in self.shards}) != len(self.shards):
+            raise ValueError("a step is recorded twice, or a shard listed twice")
         by_file = {s.file: s.steps for s in self.shards}
         for rec in self.steps:
-            if not isinstance(rec.get("nonfinite", False), bool):
+            if not isinstance(rec["nonfinite"], bool):
                 raise ValueError(f"step {rec['step']}: nonfinite is not true/false")
             if self.save_raw and (rec["offset"] < 0 or by_file[rec["shard"]][rec["offset"]] != rec["step"]):
                 raise ValueError(f"step {rec['step']} is not at offset {rec['offset']} of {rec['shard']}")
