@@ -17,22 +17,14 @@ import pytest
 import torch
 
 import gradlens.store.writer as store_writer
-from gradlens.errors import GradlensError
 from gradlens.store import Manifest, ModuleSpec, RunWriter, open_run
 from gradlens.store.format import load_manifest
+from tests.test_faults import raises_one_line
 from tests.test_record import assert_one_line_error, gradlens_inproc
 from tests.test_store import SPECS, assert_accumulators, assert_same_accumulators, make_grads, meta, write_run
 
 REPO = Path(__file__).resolve().parents[1]
 V1_RUN = REPO / "tests" / "data" / "run-v1"  # written by the format-1 writer (commit b7a7f9c): steps 0-4, 3 is NaN
-
-
-def raises_one_line(match: str, fn, *args, **kwargs) -> str:
-    with pytest.raises(GradlensError) as err:
-        fn(*args, **kwargs)
-    message = str(err.value)
-    assert match in message and len(message.splitlines()) == 1, message
-    return message
 
 
 def assert_same_runs(a, b) -> None:
