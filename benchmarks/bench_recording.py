@@ -15,16 +15,28 @@ queue, float64 accumulators, shards, manifest. For each storage dtype:
    per step from 2 after each step): the step time with the recorder minus that of an identical model without one
    (same backward, interleaved), median over the steps; its ratio to the median time of a bare copy of the same
    gradients into new host tensors (``tensor.to("cpu", copy=True)``, timed in the same steps), the floor for getting
-   them off the step.
+   them off the step;
+4. shard writing alone (``--writer``, or only it with ``--writer-only``): :class:`RunWriter` fed precomputed
+   gradients, committed (``flush``) at the 1.5B adapter's steps per shard whatever ``--layers`` (so a shard weighs
+   against the statistics as it does at full size): shard bytes per second of commit time (``flush`` and ``close``:
+   shard, statistics, manifest; ``add_step``'s accumulation is timed apart), its ratio to raw disk, and the bytes
+   actually written (``/proc/self/io`` ``wchar``) per shard byte, the final compaction at close included. With
+   ``--baseline REV`` the same runs on the gradlens of git revision REV, side by side (each in a fresh process).
+
+Bytes written per shard byte in 2 are measured the same way (the whole process's ``wchar``).
 
     python benchmarks/bench_recording.py [--steps 50] [--dtypes float32 bfloat16] [--layers 28] [--dir /tmp]
+    python benchmarks/bench_recording.py --writer-only --layers 4 --steps 96 --baseline b7a7f9c
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -42,6 +54,7 @@ from _common import (
     write_json,
 )
 
+REPO = Path(__file__).resolve().parents[1]
 WIDTH = 16  # input features of the stand-in linear layers (and rows of the batch): B's gradient is rank 16
 POOL = 4  # distinct output gradients, cycled with a fresh input each step
 
@@ -124,6 +137,73 @@ def raw_disk_seconds(folder: Path, step_bytes: int, steps: int, per_file: int) -
     return took
 
 
+def bytes_written() -> int:
+    """Bytes this process has passed to write() so far (``/proc/self/io`` ``wchar``: every thread, every file)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("wchar:"):
+            return int(line.split()[1])
+    raise RuntimeError("/proc/self/io has no wchar")
+
+
+def writer_row(dtype: str, shapes: dict[str, tuple[int, int]], steps: int, per_shard: int, root: Path) -> dict:
+    """4. in this process: ``steps`` precomputed float32 steps into a RunWriter, a commit (``flush``) every
+    ``per_shard`` of them, then ``close``; commit time (shard, statistics, manifest) apart from add_step time."""
+    from gradlens.store import ModuleSpec, RunWriter
+
+    specs = [ModuleSpec.from_name(name, shape) for name, shape in shapes.items()]
+    rng = np.random.default_rng(0)
+    pool = [[rng.standard_normal(s.shape, dtype=np.float32) for s in specs] for _ in range(POOL)]
+    path = root / f"writer-{dtype}"
+    written, adding, committing = bytes_written(), 0.0, 0.0
+    w = RunWriter(path, specs, dtype=dtype, steps_per_shard=per_shard + 1)  # commits only when flushed
+    for t in range(steps):
+        adding += seconds(lambda t=t: w.add_step(t, pool[t % POOL], {"loss": 1.0}))
+        if (t + 1) % per_shard == 0:
+            committing += seconds(w.flush)
+    committing += seconds(w.close)
+    written = bytes_written() - written
+    shard_bytes = sum(f.stat().st_size for f in (path / "shards").glob("*.safetensors"))
+    shutil.rmtree(path)
+    return {"dtype": dtype, "steps": steps, "steps_per_shard": per_shard, "shard_bytes": shard_bytes,
+            "bytes_written": written, "bytes_written_per_shard_byte": written / shard_bytes,
+            "add_step_s": adding / steps, "commit_s": committing, "writer_mb_s": shard_bytes / committing / 1e6}
+
+
+def writer_rows(args: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
+    """4. for each dtype: this tree's writer and (``--baseline``) revision REV's, each in a fresh process, with the
+    raw-disk time of the same shard bytes."""
+    trees = [("worktree", REPO)]
+    if args.baseline:
+        old = root / "baseline"
+        old.mkdir()
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", args.baseline, "gradlens"], capture_output=True,
+                                 check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
+        trees.insert(0, (args.baseline, old))
+    from gradlens.modules import ModuleSpec
+    from gradlens.store import default_steps_per_shard
+
+    full = list(adapter_shapes(rank=args.rank).values())
+    rows = []
+    for dtype in args.dtypes:
+        per_shard = default_steps_per_shard([ModuleSpec.from_name(f"m.{i}", s) for i, s in enumerate(full)], dtype)
+        for label, tree in trees:
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), str(Path(__file__).parent)])}
+            cmd = [sys.executable, __file__, "--child-writer", dtype, "--per-shard", str(per_shard), "--layers",
+                   str(args.layers), "--rank", str(args.rank), "--steps", str(args.steps), "--dir", str(root)]
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+            row = {"code": label, **json.loads(out.splitlines()[-1])}
+            step_bytes = row["shard_bytes"] // args.steps
+            row["raw_disk_s"] = median(raw_disk_seconds(root / "raw", step_bytes, args.steps, per_shard)
+                                       for _ in range(args.disk_repeats))
+            row["raw_disk_mb_s"] = row["shard_bytes"] / row["raw_disk_s"] / 1e6
+            row["throughput_ratio"] = row["raw_disk_s"] / row["commit_s"]
+            print(f"  {dtype} {label}: {row['writer_mb_s']:.0f} MB/s, {row['bytes_written_per_shard_byte']:.2f} "
+                  "bytes written / shard byte", flush=True)
+            rows.append(row)
+    return rows
+
+
 def bench_dtype(dtype: str, shapes: dict[str, tuple[int, int]], rank: int, steps: int, disk_repeats: int,
                 root: Path) -> dict[str, Any]:
     from gradlens.record.recorder import GradientRecorder
@@ -138,11 +218,12 @@ def bench_dtype(dtype: str, shapes: dict[str, tuple[int, int]], rank: int, steps
     loop = Loop(model, rec, root)
     step_bytes = sum(s.size for s in rec.specs) * torch.empty((), dtype=getattr(torch, dtype)).element_size()
     per_shard = rec.writer.run_writer.steps_per_shard
-    start = time.perf_counter()
+    written, start = bytes_written(), time.perf_counter()
     saturated = [loop.step(inputs[t], upstream[t % POOL]) for t in range(steps)]
     loop.end()
-    wall = time.perf_counter() - start
+    wall, written = time.perf_counter() - start, bytes_written() - written
     acc_bytes = (root / f"run-{dtype}" / "accumulators.safetensors").stat().st_size
+    shard_files = sum(f.stat().st_size for f in (root / f"run-{dtype}" / "shards").glob("*.safetensors"))
     shutil.rmtree(root / f"run-{dtype}")
     writer_step = wall / steps
 
@@ -167,7 +248,7 @@ def bench_dtype(dtype: str, shapes: dict[str, tuple[int, int]], rank: int, steps
     shard_bytes = steps * step_bytes
     return {
         "dtype": dtype, "steps": steps, "steps_per_shard": per_shard, "shard_bytes_per_step": step_bytes,
-        "accumulators_bytes": acc_bytes, "bytes_written_per_shard_byte": 1 + acc_bytes / (per_shard * step_bytes),
+        "accumulators_bytes": acc_bytes, "bytes_written_per_shard_byte": written / shard_files,
         "bare_copy_s": copy, "blocked_s": median(blocked), "blocked_ratio": median(blocked) / copy,
         "saturated_step_s": median(saturated), "saturated_ratio": median(saturated) / copy,
         "recorder_wall_s": wall, "recorder_mb_s": shard_bytes / wall / 1e6,
@@ -183,20 +264,42 @@ def main() -> int:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--disk-repeats", type=int, default=3)
     parser.add_argument("--dir", default=tempfile.gettempdir(), help="where the temporary runs are written")
+    parser.add_argument("--writer", action="store_true", help="also measure shard writing alone (4.)")
+    parser.add_argument("--writer-only", action="store_true", help="measure only shard writing (4.)")
+    parser.add_argument("--baseline", metavar="REV", help="git revision whose writer 4. also measures")
+    parser.add_argument("--child-writer", metavar="DTYPE", help=argparse.SUPPRESS)  # 4. in a fresh process
+    parser.add_argument("--per-shard", type=int, help=argparse.SUPPRESS)
     add_output_argument(parser, "recording")
     args = parser.parse_args()
 
     shapes = adapter_shapes(args.layers, args.rank)
+    if args.child_writer:
+        print(json.dumps(writer_row(args.child_writer, shapes, args.steps, args.per_shard, Path(args.dir))))
+        return 0
     n = sum(d * r for d, r in shapes.values())
     check_free_disk(args.dir, 3 * 4 * n * args.steps, "bench_recording")
-    rows = []
+    rows, writer = [], []
     root = Path(tempfile.mkdtemp(prefix="gradlens-bench-rec-", dir=args.dir))
     try:
-        for dtype in args.dtypes:
+        for dtype in args.dtypes if not args.writer_only else ():
             print(f"{dtype}: {len(shapes)} modules, {n:,} B entries, {args.steps} steps ...", flush=True)
             rows.append(bench_dtype(dtype, shapes, args.rank, args.steps, args.disk_repeats, root))
+        if args.writer or args.writer_only:
+            print(f"shard writing: {len(shapes)} modules, {n:,} B entries, {args.steps} steps ...", flush=True)
+            writer = writer_rows(args, root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    if writer:
+        print(markdown_table(
+            ["storage", "code", "steps/shard", "add_step ms", "raw disk MB/s", "commits MB/s (ratio)",
+             "bytes written / shard byte"],
+            [(r["dtype"], r["code"], r["steps_per_shard"], f"{1e3 * r['add_step_s']:.0f}", f"{r['raw_disk_mb_s']:.0f}",
+              f"{r['writer_mb_s']:.0f} ({r['throughput_ratio']:.2f})", f"{r['bytes_written_per_shard_byte']:.2f}")
+             for r in writer]))
+    if not rows:
+        write_json(args.json, {"benchmark": "recording", "entries": n, "modules": len(shapes), "rank": args.rank,
+                               "rows": writer, "writer": writer}, disk=args.dir)
+        return 0
     print(markdown_table(
         ["storage", "MB/step", "bare copy ms", "blocked ms (ratio)", "saturated step ms (ratio)",
          "raw disk MB/s", "recorder MB/s (ratio)", "steps/shard", "bytes written / shard byte"],
@@ -206,7 +309,7 @@ def main() -> int:
           f"{r['recorder_mb_s']:.0f} ({r['throughput_ratio']:.2f})", r["steps_per_shard"],
           f"{r['bytes_written_per_shard_byte']:.1f}") for r in rows]))
     write_json(args.json, {"benchmark": "recording", "entries": n, "modules": len(shapes), "rank": args.rank,
-                           "rows": rows}, disk=args.dir)
+                           "rows": rows, "writer": writer}, disk=args.dir)
     return 0
 
 

@@ -1,14 +1,17 @@
-"""A short, readable description of a recorded run: what ``gradlens info`` prints."""
+"""A short, readable description of a recorded run: what ``gradlens info`` prints (with ``--verify``, after reading
+and checking every byte)."""
 
 from __future__ import annotations
 
 import math
 import os
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from gradlens.store import open_run
+from gradlens.errors import GradlensError
+from gradlens.store import open_run, verify_run
 
 
 def run_info(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -35,6 +38,7 @@ def run_info(path: str | os.PathLike[str]) -> dict[str, Any]:
         "dtype": run.meta["dtype"],
         "save_raw": run.meta["save_raw"],
         "seed": run.meta.get("seed"),
+        "format_version": run.manifest.format_version,
         "bytes": size,
     }
 
@@ -49,8 +53,48 @@ def format_run_info(info: dict[str, Any]) -> str:
         f"  modules:  {info['modules']} ({', '.join(f'{k}:{v}' for k, v in info['projections'].items())}), "
         f"{info['entries']:,} B entries",
         f"  storage:  {info['dtype']}, raw shards {'on' if info['save_raw'] else 'off'}, "
-        f"{info['bytes'] / 2**20:.1f} MiB, seed {info['seed']}",
+        f"{info['bytes'] / 2**20:.1f} MiB, seed {info['seed']}, format {info['format_version']}",
     ]
     if loss:
         lines.append(f"  loss:     {loss[0]:.4f} -> {loss[1]:.4f}")
     return "\n".join(lines)
+
+
+def verify_info(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read every shard and accumulator tensor the manifest lists and check its crc32: one entry per tensor checked
+    (``tensors``), grouped by file (``files``), and the failures."""
+    manifest, checked = verify_run(path)
+    files: dict[str, list[dict[str, Any]]] = {}
+    for c in checked:
+        files.setdefault(c.file, []).append(asdict(c))
+    return {"path": str(path), "format_version": manifest.format_version, "tensors": [asdict(c) for c in checked],
+            "files": files, "bytes": sum(c.bytes for c in checked), "failed": [asdict(c) for c in checked if c.error],
+            "checksums": all(c.checksum for c in checked)}
+
+
+def format_verify(info: dict[str, Any]) -> str:
+    """One line per file: the tensors read and whether each matched; then the total."""
+    lines = []
+    for file, tensors in info["files"].items():
+        bad = [t for t in tensors if t["error"]]
+        names = [t["tensor"] for t in tensors]
+        what = f"{len(names)} tensor(s) ({names[0]}..{names[-1]})" if len(names) > 1 else f"tensor {names[0]}"
+        state = "ok" if not bad else f"{len(bad)} BAD: " + "; ".join(t["error"] for t in bad)
+        lines.append(f"  verify:   {file}: {what}, {sum(t['bytes'] for t in tensors) / 2**20:.2f} MiB, {state}")
+    n, failed = len(info["tensors"]), len(info["failed"])
+    if failed:
+        verdict = f"{failed} of {n} tensor(s) FAILED"
+    elif info["checksums"]:
+        verdict = f"all {n} tensor(s) match their crc32"
+    else:
+        verdict = (f"{n} tensor(s) read; format {info['format_version']} run: no checksums recorded, only framing and "
+                   "shapes checked")
+    lines.append(f"  verified: {len(info['files'])} file(s), {info['bytes'] / 2**20:.2f} MiB read: {verdict}")
+    return "\n".join(lines)
+
+
+def check_verified(info: dict[str, Any]) -> None:
+    """Raise a one-line GradlensError naming the first failure if any tensor failed verification."""
+    if info["failed"]:
+        raise GradlensError(f"{info['path']}: {len(info['failed'])} of {len(info['tensors'])} tensor(s) failed "
+                            f"verification; first: {info['failed'][0]['error']}")

@@ -1,7 +1,8 @@
 """Exact streaming statistics of recorded gradients: float64 per-entry sums and per-step norms, updated one step at a
 time, so analyses that need only moments (selectors, sign stability, norms) never read the raw shards.
 
-A leaf: numpy only. The store persists a :class:`StreamingStats` (``to_tensors``) and reads it back as
+A leaf: numpy only. The store persists :class:`StreamingStats` as tensors (``to_tensors``): one partial per commit of
+a few steps, merged in commit order (:meth:`StreamingStats.merge`), and reads the merged result back as
 :class:`Accumulators`.
 """
 
@@ -17,6 +18,7 @@ from gradlens.errors import GradlensError
 from gradlens.modules import ModuleSpec
 
 ACC_SUMS = ("sum", "sumsq", "sumabs", "sumsign")
+FLOAT_SUMS = ("sum", "sumsq", "sumabs")  # float64 in every file; sumsign and nonzero are integers stored compactly
 
 
 @dataclass
@@ -51,11 +53,17 @@ class Accumulators:
         return self.modules[name]
 
 
+def count_dtype(n: int) -> type[np.signedinteger]:
+    """The smallest signed integer type holding -n..n: sign sums and non-zero counts of n steps in it are exact."""
+    return next(t for t in (np.int8, np.int16, np.int32) if n <= np.iinfo(t).max) if n < 2**31 else np.int64
+
+
 class StreamingStats:
     """Running float64 sums per module, fed the float32 gradient before any cast to the storage dtype.
 
-    ``to_tensors``/``from_tensors`` give the exact state as safetensors arrays, so a resumed run continues the sums
-    bitwise where the committed ones stopped.
+    ``to_tensors``/``from_tensors`` give the exact state as safetensors arrays. A run's statistics are defined as the
+    in-order :meth:`merge` of one partial per commit (each summed from zero over its steps), so merging the committed
+    partials again (a reader, a resumed writer) gives the writer's in-memory state bitwise.
     """
 
     def __init__(self, specs: list[ModuleSpec]) -> None:
@@ -83,12 +91,34 @@ class StreamingStats:
             self.dot_prev[i].append(math.nan if prev is None else float(flat @ prev.astype(np.float64).ravel()))
             self.prev[i] = g.copy()
 
+    def partial(self) -> StreamingStats:
+        """An empty accumulator that continues this one: zero sums, no steps, but this one's last gradient, so the
+        first dot product of the next commit chains onto the last of this one."""
+        part = StreamingStats(self.specs)
+        part.prev = list(self.prev)
+        return part
+
+    def merge(self, part: StreamingStats) -> None:
+        """Fold in a partial of the steps that follow (from :meth:`partial`, or read back from its tensors)."""
+        self.steps += part.steps
+        for i in range(len(self.specs)):
+            for key in ACC_SUMS:
+                self.sums[i][key] += part.sums[i][key]
+            self.nonzero[i] += part.nonzero[i]
+            self.sqnorm[i] += part.sqnorm[i]
+            self.dot_prev[i] += part.dot_prev[i]
+        if part.steps:
+            self.prev = list(part.prev)
+
     def to_tensors(self) -> dict[str, np.ndarray]:
+        """The state as arrays; sign sums and non-zero counts in the smallest integer type that holds them exactly."""
         out = {"steps": np.asarray(self.steps, np.int64)}
+        ints = count_dtype(len(self.steps))
         for i in range(len(self.specs)):
             out[f"m{i}.count"] = np.asarray(len(self.steps), np.int64)
-            out.update({f"m{i}.{k}": v for k, v in self.sums[i].items()})
-            out[f"m{i}.nonzero"] = self.nonzero[i]
+            out.update({f"m{i}.{k}": self.sums[i][k] for k in FLOAT_SUMS})
+            out[f"m{i}.sumsign"] = self.sums[i]["sumsign"].astype(ints)
+            out[f"m{i}.nonzero"] = self.nonzero[i].astype(ints)
             out[f"m{i}.sqnorm"] = np.asarray(self.sqnorm[i], np.float64)
             out[f"m{i}.dot_prev"] = np.asarray(self.dot_prev[i], np.float64)
             if self.prev[i] is not None:
@@ -97,30 +127,56 @@ class StreamingStats:
 
     @classmethod
     def from_tensors(cls, specs: list[ModuleSpec], t: dict[str, np.ndarray]) -> StreamingStats:
+        """The inverse of :meth:`to_tensors` (also of format-1 files, whose sign sums are float64)."""
         state = cls(specs)
         state.steps = [int(s) for s in t["steps"]]
         for i in range(len(specs)):
-            state.sums[i] = {k: t[f"m{i}.{k}"].copy() for k in ACC_SUMS}
-            state.nonzero[i] = t[f"m{i}.nonzero"].copy()
+            state.sums[i] = {k: t[f"m{i}.{k}"].astype(np.float64) for k in ACC_SUMS}
+            state.nonzero[i] = t[f"m{i}.nonzero"].astype(np.int64)
             state.sqnorm[i] = t[f"m{i}.sqnorm"].tolist()
             state.dot_prev[i] = t[f"m{i}.dot_prev"].tolist()
             state.prev[i] = t[f"m{i}.prev"].copy() if f"m{i}.prev" in t else None
         return state
 
-    def live_summary(self) -> dict[str, float]:
-        """Whole-adapter diagnostics of the steps added so far, cheap enough to compute after every step.
+    def accumulators(self, path: Path) -> Accumulators:
+        """The state as the reader's :class:`Accumulators` (arrays shared, not copied)."""
+        modules = {
+            spec.name: ModuleAccumulator(
+                count=len(self.steps), sum=self.sums[i]["sum"], sumsq=self.sums[i]["sumsq"],
+                sumabs=self.sums[i]["sumabs"], sumsign=self.sums[i]["sumsign"], nonzero=self.nonzero[i],
+                sqnorm=np.asarray(self.sqnorm[i], np.float64), dot_prev=np.asarray(self.dot_prev[i], np.float64))
+            for i, spec in enumerate(self.specs)
+        }
+        return Accumulators(path=path, steps=np.asarray(self.steps, np.int64), modules=modules)
+
+    def live_summary(self, pending: StreamingStats | None = None) -> dict[str, float]:
+        """Whole-adapter diagnostics of the steps added so far, cheap enough to compute after every step; with
+        ``pending``, of this state followed by that uncommitted partial (without merging them).
 
         ``cos_prev``: cosine between the last two added steps; ``sign_stability``: mean over entries of
         ``|sum sign(g)| / count`` (1: every entry kept one sign, ~0: random signs); ``b_grad_norm``: the last norm.
         """
-        acc = self
-        if not acc.steps:
+        parts = [self] if pending is None else [self, pending]
+        count = sum(len(p.steps) for p in parts)
+        if not count:
             return {}
-        sq = sum(s[-1] for s in acc.sqnorm)
-        out = {"step": float(acc.steps[-1]), "b_grad_norm": math.sqrt(sq), "cos_prev": math.nan}
-        if len(acc.steps) >= 2:
-            denom = math.sqrt(sq * sum(s[-2] for s in acc.sqnorm))
-            out["cos_prev"] = sum(d[-1] for d in acc.dot_prev) / denom if denom > 0 else math.nan
-        total = sum(spec.size for spec in self.specs) * len(acc.steps)
-        out["sign_stability"] = float(sum(np.abs(s["sumsign"]).sum() for s in acc.sums) / total)
+        modules = range(len(self.specs))
+        sq = [_tail([p.sqnorm[i] for p in parts], 2) for i in modules]
+        last = sum(s[-1] for s in sq)
+        out = {"step": float(_tail([p.steps for p in parts], 1)[0]), "b_grad_norm": math.sqrt(last),
+               "cos_prev": math.nan}
+        if count >= 2:
+            denom = math.sqrt(last * sum(s[-2] for s in sq))
+            dots = sum(_tail([p.dot_prev[i] for p in parts], 1)[0] for i in modules)
+            out["cos_prev"] = dots / denom if denom > 0 else math.nan
+        signs = sum(float(np.abs(sum(p.sums[i]["sumsign"] for p in parts)).sum()) for i in modules)
+        out["sign_stability"] = signs / (sum(spec.size for spec in self.specs) * count)
         return out
+
+
+def _tail(series: list[list], k: int) -> list:
+    """The last ``k`` values of the concatenated ``series``, without concatenating them."""
+    out: list = []
+    for values in series:
+        out = (out + values[-k:])[-k:]
+    return out

@@ -8,7 +8,8 @@ from typing import Any
 _LAZY = {
     "ModuleSpec": "gradlens.modules", "Accumulators": "gradlens.stats.streaming",
     "ModuleAccumulator": "gradlens.stats.streaming", "DTYPES": "gradlens.store.format",
-    "MANIFEST": "gradlens.store.format", "writer_leftovers_only": "gradlens.store.format",
+    "MANIFEST": "gradlens.store.format", "Manifest": "gradlens.store.format",
+    "writer_leftovers_only": "gradlens.store.format", "verify_run": "gradlens.store.reader",
     "Run": "gradlens.store.reader", "open_run": "gradlens.store.reader", "AsyncRunWriter": "gradlens.store.writer",
     "RunWriter": "gradlens.store.writer", "default_steps_per_shard": "gradlens.store.writer",
 }

@@ -1,37 +1,100 @@
 """Reading a run directory: :func:`open_run` validates the manifest and every shard's framing up front, then
-:class:`Run` reads gradients lazily, one module and one shard at a time.
+:class:`Run` reads gradients lazily, one module and one shard at a time, checking each tensor's crc32 as it loads it.
+:func:`accumulator_state` merges the statistics (base + journal); :func:`verify_run` checks every byte.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import safetensors
+import safetensors.numpy
 
 from gradlens.errors import GradlensError
+from gradlens.fsio import safetensors_header
 from gradlens.modules import ModuleSpec
-from gradlens.stats.streaming import Accumulators, ModuleAccumulator
-from gradlens.store.format import MANIFEST, check_shard, load_accumulator_tensors, load_manifest, public_manifest
+from gradlens.stats.streaming import Accumulators, StreamingStats
+from gradlens.store.format import (
+    ACCUMULATORS,
+    MANIFEST,
+    Manifest,
+    TensorFile,
+    check_accumulators,
+    check_crc,
+    check_shard,
+    find_base,
+    load_accumulator_file,
+    parse_manifest,
+    read_manifest_json,
+)
+
+
+def read_shard_tensors(run_dir: Path, shard: TensorFile, specs: list[ModuleSpec],
+                       indices: Iterable[int]) -> list[np.ndarray]:
+    """Whole tensors ``m{i}`` of one shard as float32 ``(n, d_out, r)``, each checked against its crc32."""
+    import torch  # here, not at import: bf16 shards need torch to read, the report's import must not
+
+    indices = list(indices)
+    path = run_dir / shard.file
+    try:
+        with safetensors.safe_open(path, framework="pt") as f:
+            tensors = [f.get_tensor(f"m{i}") for i in indices]
+    except (OSError, safetensors.SafetensorError) as e:
+        raise GradlensError(f"{path}: cannot read shard ({e})") from None
+    out = []
+    for i, t in zip(indices, tensors, strict=True):
+        check_crc(path, f"m{i}", t.view(torch.uint8).numpy(), shard.crc32, f"module {specs[i].name}, {shard.span}")
+        out.append(t.to(torch.float32).numpy())
+    return out
+
+
+def accumulator_state(run_dir: Path, manifest: Manifest) -> tuple[Path, StreamingStats]:
+    """The statistics of every committed step: the base, then each commit of the journal merged in order (from its
+    partials file, or summed again from its float32 shard). Returns the base's path and the merged state."""
+    specs = manifest.modules
+    path, state = run_dir / ACCUMULATORS, StreamingStats(specs)
+    if manifest.base is not None:
+        path = find_base(run_dir, manifest.base)
+        state = StreamingStats.from_tensors(specs, load_accumulator_file(path, specs, manifest.base.bytes,
+                                                                         manifest.base.crc32))
+    nonfinite = set(manifest.nonfinite_steps)
+    for entry in manifest.journal_files():
+        if manifest.journal == "partials":
+            tensors = load_accumulator_file(run_dir / entry.file, specs, entry.bytes, entry.crc32)
+            part = StreamingStats.from_tensors(specs, tensors)
+        else:
+            check_shard(run_dir, entry, specs, manifest.dtype)
+            arrays = read_shard_tensors(run_dir, entry, specs, range(len(specs)))
+            part = state.partial()
+            for j, step in enumerate(entry.steps):
+                if step not in nonfinite:
+                    part.add(step, [a[j] for a in arrays])
+        state.merge(part)
+    return path, state
 
 
 class Run:
-    """A recorded run opened for reading; gradients are read lazily, one module and one shard at a time."""
+    """A recorded run opened for reading; gradients are read lazily, one module and one shard at a time.
 
-    def __init__(self, path: Path, manifest: dict[str, Any], skipped: list[tuple[str, str]]) -> None:
+    ``meta`` is the manifest's JSON as a plain dict; ``manifest`` the validated :class:`Manifest`.
+    """
+
+    def __init__(self, path: Path, manifest: Manifest, meta: dict[str, Any], skipped: list[tuple[str, str]]) -> None:
         self.path = path
-        self.specs: list[ModuleSpec] = manifest["_specs"]
-        self.meta = public_manifest(manifest)
+        self.manifest = manifest
+        self.specs: list[ModuleSpec] = manifest.modules
+        self.meta = meta
         self.skipped = skipped
-        self._manifest = manifest
         bad = {file for file, _ in skipped}
-        self.step_records: list[dict[str, Any]] = [r for r in manifest["steps"] if r.get("shard") not in bad]
+        self.step_records: list[dict[str, Any]] = [r for r in manifest.steps if r.get("shard") not in bad]
         self.steps: list[int] = [r["step"] for r in self.step_records]
         self._where = {r["step"]: (r["shard"], r["offset"]) for r in self.step_records}
-        self._shards = [s for s in manifest["shards"] if s["file"] not in bad]
+        self._shards = {s.file: s for s in manifest.shards if s.file not in bad}
 
     @property
     def modules(self) -> list[str]:
@@ -44,29 +107,13 @@ class Run:
             raise GradlensError(f"{self.path / MANIFEST}: no module named {module!r}") from None
 
     def _require_raw(self) -> None:
-        if not self._manifest["save_raw"]:
+        if not self.manifest.save_raw:
             raise GradlensError(f"{self.path / MANIFEST}: raw shards were not saved (save_raw=False); "
                                 "only accumulators are available")
 
-    def _read(self, file: str, keys: list[str], offsets: list[int] | None = None) -> list[np.ndarray]:
-        """Read tensors of one shard as float32: whole, or only the given step offsets (reading just their span)."""
-        import torch  # here, not at import: bf16 shards need torch to read, the report's import must not
-
-        path = self.path / file
-        try:
-            with safetensors.safe_open(path, framework="pt") as f:
-                if offsets is None:
-                    tensors = [f.get_tensor(k) for k in keys]
-                else:
-                    lo, hi = min(offsets), max(offsets) + 1
-                    rel = [o - lo for o in offsets]
-                    tensors = [f.get_slice(k)[lo:hi][rel] for k in keys]
-        except (OSError, safetensors.SafetensorError) as e:
-            raise GradlensError(f"{path}: cannot read shard ({e})") from None
-        return [t.to(torch.float32).numpy() for t in tensors]
-
     def gradients(self, module: str, steps: Sequence[int] | None = None) -> np.ndarray:
-        """Float32 ``(T, d_out, r)`` gradients of one module for ``steps`` (default: all), read shard by shard."""
+        """Float32 ``(T, d_out, r)`` gradients of one module for ``steps`` (default: all), read shard by shard (each
+        shard's whole tensor, so its checksum can be checked)."""
         self._require_raw()
         i = self._module_index(module)
         steps = self.steps if steps is None else [int(s) for s in steps]
@@ -78,7 +125,8 @@ class Run:
         for row, s in enumerate(steps):
             rows_by_shard.setdefault(self._where[s][0], []).append(row)
         for file, rows in rows_by_shard.items():
-            (out[rows],) = self._read(file, [f"m{i}"], [self._where[steps[row]][1] for row in rows])
+            (array,) = read_shard_tensors(self.path, self._shards[file], self.specs, [i])
+            out[rows] = array[[self._where[steps[row]][1] for row in rows]]
         return out
 
     def iter_steps(self, modules: Sequence[str] | None = None) -> Iterator[tuple[list[int], list[np.ndarray]]]:
@@ -88,8 +136,8 @@ class Run:
         """
         self._require_raw()
         idx = [self._module_index(m) for m in modules] if modules is not None else list(range(len(self.specs)))
-        for shard in self._shards:
-            yield list(shard["steps"]), self._read(shard["file"], [f"m{i}" for i in idx])
+        for shard in self._shards.values():
+            yield list(shard.steps), read_shard_tensors(self.path, shard, self.specs, idx)
 
     def step_vector(self, step: int) -> np.ndarray:
         """All modules' gradients at one step, flattened and concatenated in manifest order (float32)."""
@@ -97,36 +145,99 @@ class Run:
         if step not in self._where:
             raise GradlensError(f"{self.path / MANIFEST}: step {step} is not among the run's readable steps")
         file, offset = self._where[step]
-        arrays = self._read(file, [f"m{i}" for i in range(len(self.specs))], [offset])
-        return np.concatenate([a.ravel() for a in arrays])
+        arrays = read_shard_tensors(self.path, self._shards[file], self.specs, range(len(self.specs)))
+        return np.concatenate([a[offset].ravel() for a in arrays])
 
     def accumulators(self) -> Accumulators:
-        """The float64 accumulators consistent with the manifest (finite steps only)."""
-        found, t = load_accumulator_tensors(self.path, self._manifest)
-        modules = {
-            spec.name: ModuleAccumulator(
-                count=int(t[f"m{i}.count"]), sum=t[f"m{i}.sum"], sumsq=t[f"m{i}.sumsq"], sumabs=t[f"m{i}.sumabs"],
-                sumsign=t[f"m{i}.sumsign"], nonzero=t[f"m{i}.nonzero"], sqnorm=t[f"m{i}.sqnorm"],
-                dot_prev=t[f"m{i}.dot_prev"])
-            for i, spec in enumerate(self.specs)
-        }
-        return Accumulators(path=found, steps=t["steps"], modules=modules)
+        """The float64 accumulators of every committed step (finite steps only), merged from base and journal."""
+        path, state = accumulator_state(self.path, self.manifest)
+        return state.accumulators(path)
 
 
 def open_run(path: str | os.PathLike[str], *, skip_bad: bool = False) -> Run:
     """Open a run directory for reading, validating every listed shard's framing up front.
 
     With ``skip_bad`` a missing or corrupt shard does not raise: its steps are dropped and ``(file, reason)`` is
-    recorded in ``Run.skipped``. Accumulators cover all committed steps either way.
+    recorded in ``Run.skipped``. (Checksums are checked as tensors are read: :func:`verify_run` reads them all.)
     """
     run_dir = Path(path)
-    manifest = load_manifest(run_dir)
+    meta = read_manifest_json(run_dir)
+    manifest = parse_manifest(meta, run_dir)
     skipped: list[tuple[str, str]] = []
-    for shard in manifest["shards"]:
+    for shard in manifest.shards:
         try:
-            check_shard(run_dir, shard, manifest["_specs"], manifest["dtype"])
+            check_shard(run_dir, shard, manifest.modules, manifest.dtype)
         except GradlensError as e:
             if not skip_bad:
                 raise
-            skipped.append((shard["file"], str(e)))
-    return Run(run_dir, manifest, skipped)
+            skipped.append((shard.file, str(e)))
+    return Run(run_dir, manifest, meta, skipped)
+
+
+@dataclass
+class Checked:
+    """One tensor (or, where a whole file failed its framing, one file: ``tensor`` "*") that :func:`verify_run`
+    read: ``checksum`` says whether a crc32 was there to compare (format-1 runs have none); ``error`` is None if ok."""
+
+    file: str
+    tensor: str
+    bytes: int
+    checksum: bool
+    error: str | None = None
+
+
+def verify_run(path: str | os.PathLike[str]) -> tuple[Manifest, list[Checked]]:
+    """Read every byte of every shard and accumulator file the manifest lists, checking every tensor's crc32."""
+    run_dir = Path(path)
+    manifest = parse_manifest(read_manifest_json(run_dir), run_dir)
+    checked: list[Checked] = []
+    for shard in manifest.shards:
+        try:
+            header = check_shard(run_dir, shard, manifest.modules, manifest.dtype)
+        except GradlensError as e:
+            checked.append(Checked(shard.file, "*", 0, False, str(e)))
+            continue
+        for i in range(len(manifest.modules)):
+            size = header[f"m{i}"]["data_offsets"][1] - header[f"m{i}"]["data_offsets"][0]
+            try:
+                read_shard_tensors(run_dir, shard, manifest.modules, [i])
+                checked.append(Checked(shard.file, f"m{i}", size, shard.crc32 is not None))
+            except GradlensError as e:
+                checked.append(Checked(shard.file, f"m{i}", size, True, str(e)))
+    files: list[tuple[Path | None, int | None, dict[str, int] | None]] = []
+    if manifest.base is not None:
+        try:
+            files.append((find_base(run_dir, manifest.base), manifest.base.bytes, manifest.base.crc32))
+        except GradlensError as e:
+            checked.append(Checked(ACCUMULATORS, "*", 0, False, str(e)))
+    files += [(run_dir / p.file, p.bytes, p.crc32) for p in manifest.partials]
+    for file, size, crcs in files:
+        checked += _verify_accumulator_file(run_dir, file, manifest.modules, size, crcs)
+    return manifest, checked
+
+
+def _verify_accumulator_file(run_dir: Path, path: Path, specs: list[ModuleSpec], size: int | None,
+                             crcs: dict[str, int] | None) -> list[Checked]:
+    name = str(path.relative_to(run_dir))
+    try:
+        safetensors_header(path, "accumulators")
+        if size is not None and path.stat().st_size != size:
+            raise GradlensError(f"{path}: size {path.stat().st_size} bytes differs from the manifest's {size}")
+        tensors = safetensors.numpy.load_file(path)
+    except (GradlensError, safetensors.SafetensorError, OSError) as e:
+        return [Checked(name, "*", 0, False, str(e))]
+    out = []
+    for key, array in tensors.items():
+        try:
+            check_crc(path, key, array, crcs, "accumulators")
+            out.append(Checked(name, key, array.nbytes, crcs is not None))
+        except GradlensError as e:
+            out.append(Checked(name, key, array.nbytes, True, str(e)))
+    try:
+        missing = sorted(set(crcs or ()) - set(tensors))
+        if missing:
+            raise GradlensError(f"{path}: tensor(s) {missing[:3]} the manifest lists are missing")
+        check_accumulators(path, tensors, specs)
+    except GradlensError as e:
+        out.append(Checked(name, "*", 0, False, str(e)))
+    return out

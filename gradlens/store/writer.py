@@ -2,18 +2,20 @@
 :class:`AsyncRunWriter` feeds it from a background thread so disk I/O and float64 accumulation stay off the training
 step.
 
-Every file is replaced atomically, in the order shard -> accumulators -> manifest, so a process killed at any moment
-leaves a directory that reads back fully up to its last manifest.
+Every file is written atomically, in the order shard -> partial statistics (or a compacted base) -> manifest, so a
+process killed at any moment leaves a directory that reads back fully up to its last manifest. A commit writes only
+its own steps: the statistics of the whole run are rewritten (compacted into the base) only once the journal since the
+last compaction outweighs them :data:`COMPACT_RATIO` times, and at close.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import os
 import queue
 import threading
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -29,28 +31,35 @@ from gradlens.modules import ModuleSpec
 from gradlens.provenance import package_versions
 from gradlens.stats.streaming import StreamingStats
 from gradlens.store.format import (
+    ACC_FORMAT,
     ACCUMULATORS,
     ACCUMULATORS_PREV,
     DTYPES,
-    FORMAT,
     FORMAT_VERSION,
     LOCK,
     MANIFEST,
+    PARTIAL_DIR,
     RESERVED_META,
     SHARD_DIR,
     SHARD_FORMAT,
-    load_accumulator_tensors,
+    Base,
+    Manifest,
+    TensorFile,
+    crc32,
+    find_base,
     load_manifest,
-    public_manifest,
-    spec_to_json,
     write_failure,
 )
+from gradlens.store.reader import accumulator_state
 
-# A shard is committed with the whole float64 accumulators file (44 bytes per B entry), so shards must be large
-# against it (256 MiB: at most ~2x write amplification for a 1.5B adapter) yet bounded, since the steps of a shard
-# are buffered in host memory and a hard kill loses them: at most this many steps and this many bytes.
+# The steps of a shard are buffered in host memory and a hard kill loses them: at most this many steps and bytes.
 MAX_STEPS_PER_SHARD = 64
 SHARD_BYTES = 256 * 2**20
+# Compaction rewrites the whole run's statistics (~36 bytes per B entry); it waits until the journal since the last
+# one (float32 shards, or partial sums of half-precision shards) holds this many times that, which bounds both the
+# extra bytes written per shard byte and what a reader of an unfinished run merges.
+COMPACT_RATIO = 4
+BASE_BYTES_PER_ENTRY = 36
 
 
 def default_steps_per_shard(modules: list[ModuleSpec], dtype: str, shard_bytes: int = SHARD_BYTES) -> int:
@@ -63,9 +72,10 @@ def default_steps_per_shard(modules: list[ModuleSpec], dtype: str, shard_bytes: 
 class RunWriter:
     """Synchronous writer of one run directory; holds ``.lock`` for its lifetime so two writers never interleave.
 
-    ``add_step`` buffers a step and folds it into the float64 accumulators; every ``steps_per_shard`` steps the buffer
-    becomes a shard and the accumulators and manifest are committed. With ``resume=True`` an existing run is continued
-    and steps it already holds are skipped, so a trainer restarted from an older checkpoint can replay them.
+    ``add_step`` buffers a step and folds it into a float64 partial of the pending commit; every ``steps_per_shard``
+    steps the buffer becomes a shard and the commit's statistics and the manifest are committed. With ``resume=True``
+    an existing run is continued and steps it already holds are skipped, so a trainer restarted from an older
+    checkpoint can replay them.
     """
 
     def __init__(self, path: str | os.PathLike[str], modules: list[ModuleSpec], *, dtype: str = "float32",
@@ -97,66 +107,77 @@ class RunWriter:
         except BaseException:
             self._release_lock()
             raise
+        self._part = self._acc.partial()  # the statistics of the pending steps
 
     def _start(self, config: dict[str, Any] | None, seed: int | None) -> None:
-        self._acc = StreamingStats(self.specs)
+        self._acc = StreamingStats(self.specs)  # the statistics of every committed step
         self._resumed_through: int | None = None
-        self._manifest: dict[str, Any] = {
-            "format": FORMAT, "format_version": FORMAT_VERSION,
-            "modules": [spec_to_json(s) for s in self.specs], "dtype": self.dtype, "save_raw": self.save_raw,
-            "steps_per_shard": self.steps_per_shard, "shards": [], "steps": [], "nonfinite_steps": [],
-            "accumulators": {"file": ACCUMULATORS, "generation": 0},
-            "config": config or {}, "seed": seed, "versions": package_versions(),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "complete": False,
-        }
-        self._write_accumulators(0)
-        json_dump(self._manifest, self.path / MANIFEST)
+        # float32 shards hold the accumulators' exact input, so they are the journal; half precision needs partials
+        journal = "shards" if self.save_raw and self.dtype == "float32" else "partials"
+        self._manifest = Manifest(modules=self.specs, dtype=self.dtype, save_raw=self.save_raw,
+                                  steps_per_shard=self.steps_per_shard, journal=journal, config=config or {},
+                                  seed=seed)
+        json_dump(self._manifest.to_json(), self.path / MANIFEST)
 
     def _resume(self, resume: bool, config: dict[str, Any] | None, seed: int | None) -> None:
         if not resume:
             raise GradlensError(f"{self.path}: already holds a run; pass --resume or choose another --out")
         manifest = load_manifest(self.path)
+        if manifest.format_version != FORMAT_VERSION:
+            raise GradlensError(f"{self.path / MANIFEST}: a format_version {manifest.format_version} run can be read "
+                                f"but not resumed (this gradlens writes format {FORMAT_VERSION}); record a new run")
         self._check_compatible(manifest)
-        found, tensors = load_accumulator_tensors(self.path, manifest)
-        if found.name == ACCUMULATORS_PREV:  # killed mid-commit: make the committed file current again
-            os.replace(found, self.path / ACCUMULATORS)
-        self._acc = StreamingStats.from_tensors(self.specs, tensors)
-        self._manifest = public_manifest(manifest)
-        self._manifest.update(steps_per_shard=self.steps_per_shard, complete=False, versions=package_versions())
+        self._tidy(manifest)
+        _, self._acc = accumulator_state(self.path, manifest)
+        manifest.steps_per_shard, manifest.complete = self.steps_per_shard, False
+        manifest.versions = package_versions()
         if config is not None:
-            self._manifest["config"] = config
+            manifest.config = config
         if seed is not None:
-            self._manifest["seed"] = seed
-        steps = self._manifest["steps"]
-        self._resumed_through = steps[-1]["step"] if steps else None
+            manifest.seed = seed
+        self._manifest = manifest
+        self._resumed_through = manifest.steps[-1]["step"] if manifest.steps else None
 
-    def _check_compatible(self, manifest: dict[str, Any]) -> None:
+    def _check_compatible(self, manifest: Manifest) -> None:
         where = self.path / MANIFEST
-        old: list[ModuleSpec] = manifest["_specs"]
+        old = manifest.modules
         if len(old) != len(self.specs):
             raise GradlensError(f"{where}: run has {len(old)} modules, this writer {len(self.specs)}; cannot resume")
         for i, (a, b) in enumerate(zip(old, self.specs, strict=True)):
             if (a.name, a.shape) != (b.name, b.shape):
                 raise GradlensError(f"{where}: module {i} is {a.name} {a.shape} in the run but {b.name} {b.shape} "
                                     "in this writer; cannot resume")
-        if manifest["dtype"] != self.dtype:
-            raise GradlensError(f"{where}: run stores {manifest['dtype']}, this writer {self.dtype}; cannot resume")
-        if bool(manifest["save_raw"]) != self.save_raw:
-            raise GradlensError(f"{where}: run has save_raw={manifest['save_raw']}, this writer {self.save_raw}; "
+        if manifest.dtype != self.dtype:
+            raise GradlensError(f"{where}: run stores {manifest.dtype}, this writer {self.dtype}; cannot resume")
+        if manifest.save_raw != self.save_raw:
+            raise GradlensError(f"{where}: run has save_raw={manifest.save_raw}, this writer {self.save_raw}; "
                                 "cannot resume")
 
+    def _tidy(self, manifest: Manifest) -> None:
+        """Undo what a kill inside a commit or compaction left: make the committed base current again and remove
+        base and partial files the manifest does not name."""
+        current, prev = self.path / ACCUMULATORS, self.path / ACCUMULATORS_PREV
+        if manifest.base is None:
+            current.unlink(missing_ok=True)
+        elif find_base(self.path, manifest.base) == prev:
+            os.replace(prev, current)
+        prev.unlink(missing_ok=True)
+        listed = {p.file for p in manifest.partials}
+        for path in (self.path / PARTIAL_DIR).glob("*"):
+            if f"{PARTIAL_DIR}/{path.name}" not in listed:
+                path.unlink()
 
     @property
     def last_step(self) -> int | None:
         """The last step added (buffered or committed), or None before the first."""
         if self._pending:
             return self._pending[-1][0]["step"]
-        steps = self._manifest["steps"]
+        steps = self._manifest.steps
         return steps[-1]["step"] if steps else None
 
     def live_summary(self) -> dict[str, float]:
         """Whole-adapter diagnostics of the steps added so far (see :meth:`StreamingStats.live_summary`)."""
-        return self._acc.live_summary()
+        return self._acc.live_summary(self._part)
 
     def add_step(self, step: int, grads: list[np.ndarray], meta: dict[str, Any]) -> None:
         """Record one optimizer step: ``grads`` in module order, float32 ``(d_out, r)``; ``meta`` must be JSON-able."""
@@ -174,7 +195,7 @@ class RunWriter:
         nonfinite = not all(np.isfinite(g).all() for g in grads)
         record["nonfinite"] = nonfinite
         if not nonfinite:
-            self._acc.add(step, grads)
+            self._part.add(step, grads)
         torch_dtype = getattr(torch, self.dtype)
         stored = [torch.from_numpy(g).to(torch_dtype, copy=True) for g in grads] if self.save_raw else None
         self._pending.append((record, stored))
@@ -182,19 +203,17 @@ class RunWriter:
             self._commit()
 
     def flush(self) -> None:
-        """Commit the buffered steps as a (short) shard, then accumulators and manifest."""
+        """Commit the buffered steps as a (short) shard, with their statistics and the manifest."""
         if self._pending and not self._broken:
             self._commit()
 
     def close(self) -> None:
-        """Flush, mark the run complete and release the lock; closing twice is harmless."""
+        """Flush, compact the statistics, mark the run complete and release the lock; closing twice is harmless."""
         if self._closed:
             return
         try:
             if not self._broken:
-                self.flush()
-                self._manifest["complete"] = True
-                json_dump(self._manifest, self.path / MANIFEST)
+                self._commit(final=True)
         finally:
             self._closed = True
             self._release_lock()
@@ -229,59 +248,85 @@ class RunWriter:
             raise GradlensError(f"{self.path}: step {step} meta is not JSON-serialisable ({e})") from None
         return record
 
-    def _commit(self) -> None:
-        """Write shard -> accumulators -> manifest, each atomically; the manifest rename is the commit point.
+    def _commit(self, final: bool = False) -> None:
+        """Write shard -> partial statistics or compacted base -> manifest, each atomically; the manifest rename is
+        the commit point. ``final``: also compact and mark the run complete.
 
-        The in-memory manifest changes only after all three writes succeed; if one fails the writer stops writing,
+        The in-memory manifest changes only after every write succeeds; if one fails the writer stops writing,
         leaving the directory exactly as a kill at that moment would (readable, resumable).
         """
         records = [dict(rec) for rec, _ in self._pending]
         steps = [rec["step"] for rec in records]
-        shards = list(self._manifest["shards"])
-        generation = self._manifest["accumulators"]["generation"] + 1
+        old = self._manifest
+        manifest = dataclasses.replace(old, shards=list(old.shards), steps=old.steps + records,
+                                       partials=list(old.partials), complete=final)
         target = ""
         try:
-            if self.save_raw:
-                target = f"{SHARD_DIR}/shard-{len(shards):06d}.safetensors"
-                shards.append({"file": target, "steps": steps, "bytes": self._write_shard(self.path / target)})
+            if self.save_raw and records:
+                target = f"{SHARD_DIR}/shard-{len(old.shards):06d}.safetensors"
+                manifest.shards.append(self._write_shard(target, steps))
                 for offset, rec in enumerate(records):
                     rec.update(shard=target, offset=offset)
-            target = ACCUMULATORS
-            self._write_accumulators(generation)
-            manifest = {**self._manifest, "shards": shards, "steps": self._manifest["steps"] + records,
-                        "nonfinite_steps": self._manifest["nonfinite_steps"] + [r["step"] for r in records
-                                                                                if r["nonfinite"]],
-                        "accumulators": {"file": ACCUMULATORS, "generation": generation}}
+            journal_bytes = sum(f.bytes for f in manifest.journal_files())
+            compact = journal_bytes >= COMPACT_RATIO * BASE_BYTES_PER_ENTRY * sum(s.size for s in self.specs) or (
+                final and (manifest.base is None or manifest.base.n_steps < len(manifest.steps)))
+            if manifest.journal == "partials" and records and not compact:
+                target = f"{PARTIAL_DIR}/partial-{steps[0]:09d}.accumulators.safetensors"
+                manifest.partials.append(self._write_partial(target, steps))
+            self._acc.merge(self._part)
+            self._part = self._acc.partial()
+            if compact:
+                target = ACCUMULATORS
+                manifest.base, manifest.partials = self._write_base(manifest), []
             target = MANIFEST
-            json_dump(manifest, self.path / MANIFEST)
+            json_dump(manifest.to_json(), self.path / MANIFEST)
         except (OSError, safetensors.SafetensorError) as e:
             self._broken = True
-            committed = self._manifest["steps"]
+            committed = old.steps
             kept = f"through step {committed[-1]['step']}" if committed else "none yet"
-            raise GradlensError(f"{self.path / target}: cannot write it: {write_failure(e)}; recording stopped at "
-                                f"step {steps[0]}, the run keeps its {len(committed)} committed step(s) ({kept}); "
-                                "free space and continue with --resume") from e
+            stopped = f"recording stopped at step {steps[0]}, " if steps else ""
+            raise GradlensError(f"{self.path / target}: cannot write it: {write_failure(e)}; {stopped}the run keeps "
+                                f"its {len(committed)} committed step(s) ({kept}); free space and continue with "
+                                "--resume") from e
         except BaseException:
             self._broken = True
             raise
         self._manifest = manifest
         self._pending.clear()
+        if manifest.base is not old.base:  # compacted: the previous base and the partials are no longer named
+            for file in [ACCUMULATORS_PREV, *(p.file for p in old.partials)]:
+                (self.path / file).unlink(missing_ok=True)
 
-    def _write_shard(self, path: Path) -> int:
+    def _write_shard(self, target: str, steps: list[int]) -> TensorFile:
+        path = self.path / target
         path.parent.mkdir(exist_ok=True)
         tensors = {f"m{i}": torch.stack([stored[i] for _, stored in self._pending]) for i in range(len(self.specs))}
-        meta = {"format": SHARD_FORMAT, "steps": json.dumps([rec["step"] for rec, _ in self._pending])}
+        crcs = {key: crc32(t.view(torch.uint8).numpy()) for key, t in tensors.items()}
+        meta = {"format": SHARD_FORMAT, "steps": json.dumps(steps)}
         atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=meta))
-        return path.stat().st_size
+        return TensorFile(target, steps, path.stat().st_size, crcs)
 
-    def _write_accumulators(self, generation: int) -> None:
-        """Replace the accumulators, keeping the committed ones as the fallback until the manifest names the new."""
-        meta = {"format": "gradlens-accumulators", "generation": str(generation)}
+    def _write_partial(self, target: str, steps: list[int]) -> TensorFile:
+        """The pending commit's own sums (zero-based), its per-step series and its last gradient."""
+        path = self.path / target
+        path.parent.mkdir(exist_ok=True)
+        tensors = self._part.to_tensors()
+        meta = {"format": ACC_FORMAT, "steps": json.dumps(steps)}
+        atomic_write(path, lambda tmp: safetensors.numpy.save_file(tensors, tmp, metadata=meta))
+        return TensorFile(target, steps, path.stat().st_size, {key: crc32(a) for key, a in tensors.items()})
+
+    def _write_base(self, manifest: Manifest) -> Base:
+        """Write the statistics of every step of ``manifest`` as the next base; the committed base stays readable as
+        ``.prev`` until the manifest names the new one."""
+        generation = manifest.base.generation + 1 if manifest.base else 1
         tensors = self._acc.to_tensors()
+        meta = {"format": ACC_FORMAT, "generation": str(generation)}
         current = self.path / ACCUMULATORS
         if current.exists():
             os.replace(current, self.path / ACCUMULATORS_PREV)
         atomic_write(current, lambda tmp: safetensors.numpy.save_file(tensors, tmp, metadata=meta))
+        return Base(generation, len(manifest.steps), current.stat().st_size,
+                    {key: crc32(a) for key, a in tensors.items()})
 
     def _release_lock(self) -> None:
         if self._lock_fd is not None:
