@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from gradlens.errors import GradlensError
+from gradlens.errors import GradlensError, GradlensWarning
 from gradlens.models import unwrap
 
 
@@ -91,7 +91,7 @@ class DriftGuard(TrainerCallback):
                            changed_layers=len(changed) if self.keep_copy else None,
                            first_changed=changed[0] if changed else None)
         if drifted:
-            warnings.warn(describe(self.report), stacklevel=2)
+            warnings.warn(describe(self.report), GradlensWarning, stacklevel=2)
         return self.report
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):

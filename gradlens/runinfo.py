@@ -34,6 +34,7 @@ def run_info(path: str | os.PathLike[str]) -> dict[str, Any]:
         "last_step": run.steps[-1] if run.steps else None,
         "nonfinite_steps": len(run.meta.get("nonfinite_steps", [])),
         "clipped_steps": len(clipped),
+        "no_signal_steps": sum(1 for r in records if r.get("zero_gradient") or r.get("zero_reward_std")),
         "loss_first_last": (losses[0], losses[-1]) if losses else None,
         "dtype": run.meta["dtype"],
         "save_raw": run.meta["save_raw"],
@@ -55,6 +56,9 @@ def format_run_info(info: dict[str, Any]) -> str:
         f"  storage:  {info['dtype']}, raw shards {'on' if info['save_raw'] else 'off'}, "
         f"{info['bytes'] / 2**20:.1f} MiB, seed {info['seed']}, format {info['format_version']}",
     ]
+    if info["no_signal_steps"]:  # complete is not the same as informative: say it
+        lines.append(f"  WARNING:  {info['no_signal_steps']} of {info['steps']} steps had no learning signal "
+                     "(zero_gradient / zero_reward_std in their step records)")
     if loss:
         lines.append(f"  loss:     {loss[0]:.4f} -> {loss[1]:.4f}")
     return "\n".join(lines)

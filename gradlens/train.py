@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from gradlens.config import RecordConfig, TrainConfig
-from gradlens.errors import GradlensError
+from gradlens.errors import GradlensError, GradlensWarning
 from gradlens.record.command import Prepared, prepare
 
 TRAIN_FILE = "train.json"
@@ -119,7 +119,7 @@ def _attach(trainer: Any, config: TrainConfig, out: Path, mask: dict[str, Any] |
 
 def _warn(notes: list[str], note: str) -> None:
     notes.append(note)
-    warnings.warn(note, stacklevel=1)
+    warnings.warn(note, GradlensWarning, stacklevel=1)
 
 
 def train(config: TrainConfig, *, progress: bool = True, callbacks: Sequence[Any] = ()) -> TrainResult:
@@ -144,7 +144,7 @@ def train(config: TrainConfig, *, progress: bool = True, callbacks: Sequence[Any
 
         check_mask_fits(mask, {n: tuple(p.shape) for n, p in lora_b_parameters(prep.model)}, f"--mask {config.mask}")
     for note in notes:
-        warnings.warn(note, stacklevel=1)
+        warnings.warn(note, GradlensWarning, stacklevel=1)
     settings = trl_settings(config, prep.task, prep.device, prep.model_dtype)
     created = not out.exists()
     try:

@@ -94,7 +94,7 @@ def test_generation_batch_follows_trls_micro_batch_counter(tmp_path: Path, setti
     if shared:  # names the settings to change
         for name in ("steps_per_generation", "num_iterations", "gradient_accumulation_steps", "generation_batch_size"):
             assert name in reuse[0]
-        assert run.meta["config"]["recorder"]["warnings"] == [m.removeprefix("gradlens record: ") for m in reuse]
+        assert run.meta["config"]["recorder"]["warnings"] == reuse
     if n_train == 3:
         assert trl.seen == [2, 3, 5, 6, 8]  # the counter TRL keeps across epochs, partial steps included
 
@@ -161,7 +161,7 @@ def test_zero_reward_grpo_run_is_flagged_and_warned(tmp_path: Path) -> None:
     assert len(said) == 3, said  # the first step of each reason, then the summary; nothing per later step
     assert "step 1 learns nothing: every GRPO group" in said[0]
     assert "step 1 learns nothing: every recorded LoRA-B gradient is exactly zero" in said[1]
-    assert said[2].startswith("gradlens record: 3 of 3 recorded steps (100%) had no learning signal")
+    assert said[2].startswith("3 of 3 recorded steps (100%) had no learning signal")
     run = open_run(tmp_path / "run")
     for r in run.meta["steps"]:  # the step records of the manifest
         assert r["zero_reward_std"] is True and r["zero_gradient"] is True
@@ -266,7 +266,7 @@ def test_missing_loss_state_is_said_once_and_leaves_loss_empty(tmp_path: Path, n
     said = messages(caught)
     assert len(said) == 1 and name in said[0] and "step field(s) loss stay empty" in said[0], said
     run = open_run(tmp_path / "run")
-    assert run.meta["config"]["recorder"]["warnings"] == [said[0].removeprefix("gradlens record: ")]
+    assert run.meta["config"]["recorder"]["warnings"] == [said[0]]
     assert [r["loss"] for r in run.step_records] == [None] * 3
     assert all(r["grad_norm"] > 0 for r in run.step_records)  # everything else is recorded
 

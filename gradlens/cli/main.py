@@ -7,13 +7,15 @@ Subcommand modules are imported only when they are needed (and they import torch
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import re
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from typing import NoReturn
 
-from gradlens.errors import GradlensError
+from gradlens.errors import GradlensError, GradlensWarning
 
 # name -> (module, one-line help). Each module defines ``add_arguments(parser)`` and ``run(args) -> int``; a module
 # with ``FORWARDS_UNKNOWN_FLAGS = True`` receives flags it does not declare as ``args.extra`` (e.g. TRL fields).
@@ -68,6 +70,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def console_warnings(command: str) -> Iterator[None]:
+    """Show each :class:`GradlensWarning` as one ``gradlens COMMAND: warning: ...`` line; other warnings as usual."""
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if issubclass(category, GradlensWarning):
+            print(one_line(f"gradlens {command}: warning: {message}"), file=sys.stderr)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("default", GradlensWarning)  # each distinct warning once, also under python -W ignore
+        warnings.showwarning = show
+        yield
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand; bad input of any kind ends as one line on stderr and exit code 2, never a traceback."""
     parser = build_parser()
@@ -81,7 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     args.extra = extra
     try:
-        return int(module.run(args) or 0)
+        with console_warnings(args.command):
+            return int(module.run(args) or 0)
     except GradlensError as e:
         print(one_line(f"gradlens {args.command}: error: {e}"), file=sys.stderr)
         return 2

@@ -36,6 +36,9 @@ def run(args: argparse.Namespace) -> int:
     result = record(config)
     print(f"gradlens record: {result.path}: {result.steps} steps, {_human_bytes(result.bytes)} "
           f"({config.regime}, model {config.model})")
+    if result.no_signal_share:
+        print(f"gradlens record: {result.no_signal_share:.0%} of recorded steps had no learning signal (see the "
+              "warnings above, and zero_gradient / zero_reward_std in the manifest's step records)")
     if result.eval is not None:
         print(f"gradlens record: greedy accuracy {result.eval['accuracy']:.3f} on {result.eval['n']} "
               f"{config.eval_split} examples ({result.path / EVAL_FILE})")

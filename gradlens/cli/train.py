@@ -8,11 +8,6 @@ that drifted, an adapter that learned nothing) are printed as ``gradlens train: 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import sys
-import warnings
-from collections.abc import Iterator
-from pathlib import Path
 
 from gradlens.cli.dataclass_args import add_dataclass_arguments, config_from_args, parse_extra_flags
 
@@ -27,33 +22,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_dataclass_arguments(parser, TrainConfig)
 
 
-@contextlib.contextmanager
-def console_warnings(command: str) -> Iterator[None]:
-    """Show warnings raised inside gradlens as one ``gradlens COMMAND: warning: ...`` line each; others as usual."""
-    from gradlens.cli.main import one_line
-
-    package = Path(__file__).resolve().parent.parent
-    shown = warnings.showwarning
-
-    def show(message, category, filename, lineno, file=None, line=None) -> None:
-        if category is UserWarning and Path(filename).resolve().is_relative_to(package):
-            print(one_line(f"gradlens {command}: warning: {message}"), file=sys.stderr)
-        else:
-            shown(message, category, filename, lineno, file, line)
-
-    with warnings.catch_warnings():
-        warnings.showwarning = show
-        yield
-
-
 def run(args: argparse.Namespace) -> int:
     from gradlens.config import TrainConfig
     from gradlens.drift import describe
     from gradlens.train import train
 
     config = config_from_args(TrainConfig, args, parse_extra_flags(args.extra), extra_field="trl")
-    with console_warnings("train"):
-        result = train(config)
+    result = train(config)
     info = result.info
     kind = (f"sparse-B, {info['mask']['k']} of {info['mask']['entries']} B entries" if info["mask"]
             else f"full-B LoRA-FA, {info['b_entries']} B entries")

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from gradlens.errors import GradlensWarning
+
 # TRL's per-generation-batch reward metrics (GRPOTrainer._metrics["train"]) the recorder copies into each step.
 REWARD_METRICS = ("reward", "reward_std", "frac_reward_zero_std")
 REWARD_FIELDS = "reward_mean, reward_std, zero_reward_std"
@@ -44,7 +46,7 @@ def sharded_training(args: Any, trainer: Any, params: Sequence[torch.nn.Paramete
     return None
 
 
-class RecorderWarning(UserWarning):
+class RecorderWarning(GradlensWarning):
     """A recorded run that may not mean what it seems: missing Trainer state, shared generation batches, or steps
     without a learning signal."""
 
@@ -178,4 +180,4 @@ class SignalCounter:
 
 def warn(message: str) -> None:
     """Say ``message`` on the console (stderr) as a :class:`RecorderWarning`."""
-    warnings.warn(f"gradlens record: {message}", RecorderWarning, stacklevel=3)
+    warnings.warn(message, RecorderWarning, stacklevel=3)

@@ -154,7 +154,8 @@ class StreamingStats:
         ``pending``, of this state followed by that uncommitted partial (without merging them).
 
         ``cos_prev``: cosine between the last two added steps; ``sign_stability``: mean over entries of
-        ``|sum sign(g)| / count`` (1: every entry kept one sign, ~0: random signs); ``b_grad_norm``: the last norm.
+        ``|sum sign(g)| / n`` over each entry's n non-zero steps (1: every entry kept one sign, ~0: random signs;
+        entries never non-zero left out); ``b_grad_norm``: the last norm.
         """
         parts = [self] if pending is None else [self, pending]
         count = sum(len(p.steps) for p in parts)
@@ -169,8 +170,12 @@ class StreamingStats:
             denom = math.sqrt(last * sum(s[-2] for s in sq))
             dots = sum(_tail([p.dot_prev[i] for p in parts], 1)[0] for i in modules)
             out["cos_prev"] = dots / denom if denom > 0 else math.nan
-        signs = sum(float(np.abs(sum(p.sums[i]["sumsign"] for p in parts)).sum()) for i in modules)
-        out["sign_stability"] = signs / (sum(spec.size for spec in self.specs) * count)
+        stab = []  # each entry over its own non-zero steps: all-zero steps neither dilute it nor carry signal
+        for i in modules:
+            n = sum(p.nonzero[i] for p in parts)
+            stab.append((np.abs(sum(p.sums[i]["sumsign"] for p in parts)) / np.maximum(n, 1))[n > 0])
+        live = np.concatenate([x.ravel() for x in stab])
+        out["sign_stability"] = float(live.mean()) if live.size else math.nan
         return out
 
 
