@@ -10,7 +10,7 @@ _LAZY = {
     "ModuleAccumulator": "gradlens.stats.streaming", "DTYPES": "gradlens.store.format",
     "MANIFEST": "gradlens.store.format", "Manifest": "gradlens.store.format",
     "writer_leftovers_only": "gradlens.store.format", "verify_run": "gradlens.store.reader",
-    "Run": "gradlens.store.reader", "open_run": "gradlens.store.reader", "AsyncRunWriter": "gradlens.store.writer",
+    "Run": "gradlens.store.reader", "open_run": "gradlens.store.reader", "AsyncRunWriter": "gradlens.store.background",
     "RunWriter": "gradlens.store.writer", "default_steps_per_shard": "gradlens.store.writer",
 }
 

@@ -1,0 +1,67 @@
+"""What every command config shares: the vocabularies (regimes, dtypes, devices, placement methods), the help
+metadata of a field, and the checks of seeds, methods and budgets. A leaf: no numpy, no torch."""
+
+from __future__ import annotations
+
+from dataclasses import field
+from typing import Any
+
+from gradlens.errors import GradlensError
+from gradlens.placement.budget import SCOPES, Budget
+
+REGIMES: tuple[str, ...] = ("sft", "grpo")
+STORAGE_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
+MODEL_DTYPES: tuple[str, ...] = ("auto", *STORAGE_DTYPES)
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+PROMPT_FORMATS: tuple[str, ...] = ("auto", "plain", "chat")
+MATH_PREFIX = "gsm8k"  # --task gsm8k (the hub's openai/gsm8k) or gsm8k:SOURCE (hub id, local file or directory)
+
+TOY_PREFIX = "toy:"
+
+# Selector names, kept here (light) so flags are checked without importing numpy; gradlens.placement uses the same.
+PLACEMENT_METHODS: tuple[str, ...] = ("random", "random_matched", "magnitude", "fisher", "sign", "sign_magnitude",
+                                      "modules")
+INFORMED_METHODS: tuple[str, ...] = ("magnitude", "fisher", "sign", "sign_magnitude")
+
+SELECT_METHODS: tuple[str, ...] = tuple(m for m in PLACEMENT_METHODS if m != "random_matched")
+
+# The informed selectors ``gradlens diagnose`` sets random placement against by default.
+DIAGNOSE_METHODS: tuple[str, ...] = ("sign", "sign_magnitude", "fisher")
+
+
+def field_help(help_text: str, **extra: Any) -> dict[str, Any]:
+    """A field's ``metadata``: its command-line help and any argparse extras (``choices``, ``cli=False``)."""
+    return {"help": help_text, **extra}
+
+def check_seed(name: str, seed: int) -> None:
+    """Seeds in 0..2**32-1, what numpy's and torch's seeding accept (a larger one fails deep inside a run)."""
+    if not 0 <= seed < 2**32:
+        raise GradlensError(f"{name} must be in 0..2**32-1, got {seed}")
+
+
+def budgets_field(default: list[str]) -> Any:
+    """The ``budgets`` flag shared by probe, select and compare."""
+    return field(default_factory=lambda: list(default), metadata=field_help(
+        "budgets: a share of all B entries ('1%', '0.001') or a count ('5000')"))
+
+
+def scope_field() -> Any:
+    """The ``scope`` flag shared by probe, select and compare."""
+    return field(default="global", metadata=field_help(
+        "'global': top-k over the whole adapter; 'per_module': the same share in every matrix", choices=SCOPES))
+
+
+def check_methods(methods: list[str], allowed: tuple[str, ...]) -> None:
+    unknown = [m for m in methods if m not in allowed]
+    if unknown or not methods:
+        raise GradlensError(f"unknown or no placement method(s) {', '.join(unknown) or '(none)'}; "
+                            f"choose from: {', '.join(allowed)}")
+
+
+def check_budgets(budgets: list[str], scope: str) -> None:
+    if not budgets:
+        raise GradlensError("no budgets given (e.g. --budgets 1% 0.1%)")
+    if scope not in SCOPES:
+        raise GradlensError(f"unknown budget scope {scope!r}; choose one of: {', '.join(SCOPES)}")
+    for b in budgets:
+        Budget.parse(str(b), scope)
