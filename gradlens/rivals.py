@@ -30,6 +30,7 @@ from gradlens.fsio import atomic_write, json_dump
 from gradlens.placement.budget import Budget
 
 PHASE_BUDGETS = ["0.03%", "0.1%", "0.3%", "1%", "3%", "10%"]
+GAP_AXIS = (-1.0, 1.5)
 WRONG_AT = 0.5  # a prediction is wrong when it puts random on the other side of half of informed's gain
 
 
@@ -171,20 +172,26 @@ def cell_tables(out: Path, model: str, steps: int, budgets: Sequence[str], metho
     return df
 
 
-def run_phase(config: PhaseConfig) -> dict[str, Any]:
+def run_phase(config: PhaseConfig, train: bool = True) -> dict[str, Any]:
     """Every cell's comparison (finished ones reused with ``resume``), then the tables, agreement and figure in
-    ``config.out``: ``phase.csv``, ``phase.json``, ``phase.png``."""
+    ``config.out``: ``phase.csv``, ``phase.json``, ``phase.png``. ``train=False`` trains nothing: the tables of the
+    cells already in ``out`` (each with its own seeds), e.g. after cells ran as separate processes."""
     from gradlens.compare import compare
 
     out = Path(config.out)
-    if out.exists() and any(out.glob("*/placement.csv")) and not config.resume:
+    if train and out.exists() and any(out.glob("*/placement.csv")) and not config.resume:
         raise GradlensError(f"{out} already holds phase-diagram cells; pass --resume to continue or choose another "
                             "--out")
     configs = [(m, s, config.compare_config(m, s, r, cell_dir(out, m, s, r)))
                for m, s in config.cells() for r in config.regimes]
+    if not train:
+        configs = [c for c in configs if (Path(c[2].out) / "placement.csv").is_file()]
+        if not configs:
+            raise GradlensError(f"{out}: no finished cells to tabulate")
     frames = []
     for model, steps, cc in configs:
-        compare(cc)
+        if train:
+            compare(cc)
         frames.append(cell_tables(Path(cc.out), model, steps, config.budgets, config.method))
         table = pd.concat(frames, ignore_index=True)
         result = {"config": asdict(config), "agreement": agreement(table), "rows": table.to_dict("records")}
@@ -196,7 +203,8 @@ def run_phase(config: PhaseConfig) -> dict[str, Any]:
 
 def phase_plot(table: pd.DataFrame, agree: dict[str, Any], path: Path) -> Path:
     """Left: the gap (informed minus random, share of the full-LoRA gain, paired per seed) against the budget on a
-    log axis, one line per regime and cell, 95% intervals shaded. Right: diagnose's predicted recovery against the
+    log axis, one line per regime and cell, 95% intervals shaded (clipped by the axis at :data:`GAP_AXIS`; the table
+    keeps them whole). Right: diagnose's predicted recovery against the
     measured one, one point per cell, with the rank correlation."""
     from gradlens.figures import new_figure
 
@@ -215,6 +223,10 @@ def phase_plot(table: pd.DataFrame, agree: dict[str, Any], path: Path) -> Path:
                    label=f"{regime.upper()} {cell}")
     ax.axhline(0, color="0.4", lw=1)
     ax.set_xscale("log")
+    ticks = sorted(set(table["budget_share"].dropna() * 100))
+    ax.set_xticks(ticks, [f"{t:g}%" for t in ticks])
+    ax.minorticks_off()
+    ax.set_ylim(*GAP_AXIS)
     ax.set_xlabel("budget (% of B entries trained)")
     ax.set_ylabel("gap: informed - random (share of full-LoRA gain)")
     ax.set_title("Placement gap against budget")
@@ -263,7 +275,8 @@ def rank_table(stats: Any, scopes: Sequence[str] = ("adapter", "proj"), draws: i
                seed: int = 0) -> pd.DataFrame:
     """Per scope of one analysed run (:class:`gradlens.stats.driver.RunStats`): the mean per-step erank of each G_t
     (mean over the scope's modules, as ``analyze`` pools it), the trajectory erank raw and with unit rows, each next
-    to the Gaussian reference of the same module shapes, steps and (raw) per-step norms, and the ratio."""
+    to the Gaussian reference of the same module shapes, steps and (raw) per-step norms, and the ratio; and the mean
+    lag-1 step cosine next to the spread of that of independent Gaussian steps (mean 0, sd ``1/sqrt(dim)``)."""
     rng = np.random.default_rng(seed)
     shapes = {s.name: tuple(s.shape) for s in stats.specs}
     step_ref = {shape: gaussian_step_erank(shape, draws, rng) for shape in dict.fromkeys(shapes.values())}
@@ -278,7 +291,8 @@ def rank_table(stats: Any, scopes: Sequence[str] = ("adapter", "proj"), draws: i
                "erank_step": sc.row["erank_step_mean"],
                "erank_step_gaussian": float(np.mean([step_ref[shapes[m]] for m in sc.modules])),
                "erank_traj": sc.row["erank_traj"], "erank_traj_gaussian": traj["erank_traj"],
-               "erank_traj_unit": sc.row["erank_traj_unit"], "erank_traj_unit_gaussian": traj["erank_traj_unit"]}
+               "erank_traj_unit": sc.row["erank_traj_unit"], "erank_traj_unit_gaussian": traj["erank_traj_unit"],
+               "cos_lag1": sc.row["cos_lag1_mean"], "cos_lag1_gaussian_sd": 1 / math.sqrt(dim)}
         for key in ("erank_step", "erank_traj", "erank_traj_unit"):
             row[f"{key}_ratio"] = row[key] / row[f"{key}_gaussian"]
         rows.append(row)

@@ -25,7 +25,7 @@ from gradlens.errors import GradlensError
 from gradlens.rivals import PhaseConfig, run_phase
 
 
-def parse(argv: list[str]) -> tuple[PhaseConfig, Path | None]:
+def parse(argv: list[str]) -> tuple[PhaseConfig, Path | None, bool]:
     d = PhaseConfig(out="")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/phase")
@@ -44,23 +44,25 @@ def parse(argv: list[str]) -> tuple[PhaseConfig, Path | None]:
     p.add_argument("--n_val", type=int, default=d.n_val)
     p.add_argument("--n_eval", type=int, default=d.n_eval)
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--tables_only", action="store_true",
+                   help="train nothing: tabulate and draw the cells already in --out (each with the seeds it ran)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     a = p.parse_args(argv)
     config = PhaseConfig(out=a.out, widths=a.widths, steps=a.steps, regimes=a.regimes, budgets=a.budgets,
                          method=a.method, seeds=a.seeds, probe_steps=a.probe_steps, full_lrs=a.full_lrs or None,
                          sparse_lrs=a.sparse_lrs, sweep_seeds=a.sweep_seeds, grid_extensions=a.grid_extensions,
                          n_val=a.n_val, n_eval=a.n_eval, resume=a.resume, progress=a.progress)
-    return config, Path(a.figure) if a.figure else None
+    return config, Path(a.figure) if a.figure else None, a.tables_only
 
 
 def main(argv: list[str]) -> int:
     try:
-        config, figure = parse(argv)
+        config, figure, tables_only = parse(argv)
         for model, steps in config.cells():  # refuse a missing preset before hours of training
             for regime in config.regimes:
                 config.compare_config(model, steps, regime, Path(config.out))
         wall = time.time()
-        result = run_phase(config)
+        result = run_phase(config, train=not tables_only)
     except GradlensError as e:
         print(f"phase_diagram: error: {e}", file=sys.stderr)
         return 2
