@@ -40,6 +40,7 @@ class PhaseConfig:
 
     out: str
     widths: list[str] = field(default_factory=lambda: ["toy:small", "toy:wide"])
+    task: str = "addition"
     steps: list[int] = field(default_factory=lambda: [60, 240])
     regimes: list[str] = field(default_factory=lambda: ["sft", "grpo"])
     budgets: list[str] = field(default_factory=lambda: list(PHASE_BUDGETS))
@@ -66,7 +67,7 @@ class PhaseConfig:
         from gradlens.trainers import config_fields
 
         trl = {k: v for k, v in self.trl.items() if k in config_fields(regime)}
-        return CompareConfig(out=str(out), model=model, max_steps=steps, regimes=[regime],
+        return CompareConfig(out=str(out), model=model, task=self.task, max_steps=steps, regimes=[regime],
                              methods=["random", self.method], budgets=list(self.budgets), seeds=list(self.seeds),
                              probe_steps=self.probe_steps, full_lrs=self.full_lrs, sparse_lrs=list(self.sparse_lrs),
                              sweep_seeds=list(self.sweep_seeds), grid_extensions=self.grid_extensions,
@@ -287,7 +288,8 @@ def rank_table(stats: Any, scopes: Sequence[str] = ("adapter", "proj"), draws: i
         dim = sum(int(np.prod(shapes[m])) for m in sc.modules)
         traj = gaussian_traj_erank(sc.series["grad_norm"], dim, draws, rng)
         row = {"regime": stats.regime, "seed": stats.seed, "scope": sc.scope, "name": sc.name,
-               "steps": int(sc.row["steps"]), "rank_cap": int(min(min(shapes[m]) for m in sc.modules)),
+               "steps": int(sc.row["steps"]), "steps_with_gradient": int(np.count_nonzero(sc.series["grad_norm"])),
+               "rank_cap": int(min(min(shapes[m]) for m in sc.modules)),
                "erank_step": sc.row["erank_step_mean"],
                "erank_step_gaussian": float(np.mean([step_ref[shapes[m]] for m in sc.modules])),
                "erank_traj": sc.row["erank_traj"], "erank_traj_gaussian": traj["erank_traj"],

@@ -31,6 +31,7 @@ def parse(argv: list[str]) -> tuple[PhaseConfig, Path | None, bool]:
     p.add_argument("--out", default="runs/phase")
     p.add_argument("--figure", default="figures/04_phase.png", help="copy of the figure ('' for none)")
     p.add_argument("--widths", nargs="+", default=d.widths, help="models; the first one also runs every --steps")
+    p.add_argument("--task", default=d.task, help="as gradlens compare --task (e.g. gsm8k:FILE on a real model)")
     p.add_argument("--steps", nargs="+", type=int, default=d.steps)
     p.add_argument("--regimes", nargs="+", default=d.regimes)
     p.add_argument("--budgets", nargs="+", default=d.budgets)
@@ -48,7 +49,7 @@ def parse(argv: list[str]) -> tuple[PhaseConfig, Path | None, bool]:
                    help="train nothing: tabulate and draw the cells already in --out (each with the seeds it ran)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     a = p.parse_args(argv)
-    config = PhaseConfig(out=a.out, widths=a.widths, steps=a.steps, regimes=a.regimes, budgets=a.budgets,
+    config = PhaseConfig(out=a.out, widths=a.widths, task=a.task, steps=a.steps, regimes=a.regimes, budgets=a.budgets,
                          method=a.method, seeds=a.seeds, probe_steps=a.probe_steps, full_lrs=a.full_lrs or None,
                          sparse_lrs=a.sparse_lrs, sweep_seeds=a.sweep_seeds, grid_extensions=a.grid_extensions,
                          n_val=a.n_val, n_eval=a.n_eval, resume=a.resume, progress=a.progress)

@@ -31,7 +31,8 @@ from gradlens.errors import GradlensError
 from gradlens.rivals import PHASE_BUDGETS, persistence, rank_table, record_like_probe, update_sparsity
 
 HEADLINE = {"rank": ("erank_step", "erank_step_gaussian", "erank_traj", "erank_traj_gaussian", "erank_traj_unit",
-                     "erank_traj_unit_gaussian", "cos_lag1", "cos_lag1_gaussian_sd"),
+                     "erank_traj_unit_gaussian", "erank_step_ratio", "erank_traj_ratio", "erank_traj_unit_ratio",
+                     "steps_with_gradient", "cos_lag1", "cos_lag1_gaussian_sd"),
             "sparsity": ("moved_1e-05", "energy90_share", "energy90_share_gaussian"),
             "persistence": ("share", "jaccard", "share_chance")}
 KEYS = {"rank": ["cell", "regime", "scope", "name"], "sparsity": ["cell", "regime", "group"],
