@@ -1,7 +1,7 @@
 # gradlens developer Makefile (pip + venv only).
 #   make venv   create $(VENV) and install torch (CPU) + the package with [dev] extras
 #   make test   ruff check + pytest   (extra pytest args: make test PYTEST_ARGS="-k store -x")
-#   make demo   toy task -> record SFT and GRPO -> analyze, under $(DEMO_OUT)
+#   make demo   toy task -> record SFT and GRPO -> analyze -> placement contrast -> report.html, under $(DEMO_OUT)
 #   make lint   ruff check
 #   make clean  remove $(VENV) and build junk (keeps runs/)
 
@@ -41,13 +41,21 @@ test: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
-# Re-running replaces the previous demo runs (record refuses to overwrite a run without --resume).
+# Re-running replaces the previous demo runs (record refuses to overwrite a run without --resume). The demo ends with
+# the headline: random against sign-consistent placement at one budget, both regimes, 3 seeds, on the tiny toy model
+# (gradlens compare), then one HTML page of everything (gradlens report). About 4-5 minutes on 2 cores.
+DEMO_COMPARE_FLAGS ?= --model toy:tiny --methods random sign --budgets 2% --seeds 0 1 2 --max_steps 40 \
+	--probe_steps 8 --full_lrs 0.003 --sparse_lrs 0.1 --n_val 50 --n_eval 200 --eval_samples 0 --no-export
 demo: venv
 	$(VENV)/bin/gradlens toy base
-	rm -rf $(DEMO_OUT)/sft $(DEMO_OUT)/grpo $(DEMO_OUT)/analysis
+	rm -rf $(DEMO_OUT)/sft $(DEMO_OUT)/grpo $(DEMO_OUT)/analysis $(DEMO_OUT)/compare $(DEMO_OUT)/report.html
 	$(VENV)/bin/gradlens record --regime sft --out $(DEMO_OUT)/sft --max_steps 40
 	$(VENV)/bin/gradlens record --regime grpo --out $(DEMO_OUT)/grpo --max_steps 40
 	$(VENV)/bin/gradlens analyze $(DEMO_OUT)/sft $(DEMO_OUT)/grpo --out $(DEMO_OUT)/analysis
+	$(VENV)/bin/gradlens compare --out $(DEMO_OUT)/compare $(DEMO_COMPARE_FLAGS)
+	$(VENV)/bin/gradlens report $(DEMO_OUT)/sft $(DEMO_OUT)/grpo $(DEMO_OUT)/compare --out $(DEMO_OUT)/report.html \
+		--title "gradlens demo"
+	$(VENV)/bin/python scripts/demo_headline.py $(DEMO_OUT)/compare $(DEMO_OUT)/report.html
 
 # make figures: run notebooks/*.ipynb headless in the full setting (see notebooks/README.md); the PNGs go to figures/,
 # runs and tables to runs/notebooks/full/<notebook> (finished ones are reused), executed copies of the notebooks to

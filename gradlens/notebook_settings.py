@@ -230,3 +230,36 @@ def mask_overlaps(masks):
                          "method_a": a["method"], "method_b": b["method"], "jaccard": jac[i, j],
                          "chance": expected_inter / (counts[i] + counts[j] - expected_inter)})
     return matrix, pd.DataFrame(rows)
+
+
+# The phase diagram of notebook 04 (gradlens.rivals.PhaseConfig): the gap against the budget, SFT and GRPO.
+PHASE: dict[str, dict[str, Any]] = {
+    "small": dict(widths=["toy:tiny"], steps=[4], budgets=["1%", "10%"], seeds=[0, 1], probe_steps=3, full_lrs=None,
+                  sparse_lrs=[3e-2], sweep_seeds=[1000], n_val=20, n_eval=40, progress=False,
+                  trl={"per_device_train_batch_size": 8, "num_generations": 4}),
+    # PhaseConfig's defaults (six budgets from 0.03% to 10%, 5 seeds, swept rates, toy:small at 60 and 240 steps)
+    # without the wider preset, which gradlens/toy/presets.py does not define yet: several hours on 2 cores.
+    "full": dict(widths=["toy:small"], progress=False),
+}
+
+
+def phase_config(out: str | os.PathLike[str]):
+    """The :class:`~gradlens.rivals.PhaseConfig` of the current setting (:data:`PHASE`), writing to ``out``."""
+    from gradlens.rivals import PhaseConfig
+
+    return PhaseConfig(out=str(out), **PHASE[setting()])
+
+
+def phase_or_load(config) -> dict[str, Any]:
+    """Run the phase diagram of ``config`` (:func:`gradlens.rivals.run_phase`), or read back the finished one in
+    ``config.out`` if it was made with the same settings (an interrupted one is resumed)."""
+    from gradlens.rivals import run_phase
+
+    out = Path(config.out)
+    if (out / "phase.json").is_file():
+        saved = json.loads((out / "phase.json").read_text())
+        if _comparable(saved.get("config", {})) != _comparable(asdict(config)):
+            raise GradlensError(f"{out} holds a phase diagram made with other settings; delete it or set {OUT_ENV}")
+        if len(saved.get("rows", [])) == len(config.cells()) * len(config.regimes) * len(config.budgets):
+            return saved
+    return run_phase(replace(config, resume=True))

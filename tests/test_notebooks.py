@@ -24,6 +24,7 @@ EXPECTED = {
     "02_placement": ["placement.csv", "summary.csv", "where.csv", "probes.csv", "curves.csv", "placement.png",
                      "provenance.json", "curves.png"],
     "03_where_entries_live": ["where.png", "jaccard.png", "overlap.csv"],
+    "04_regime_diagnosis": ["phase.csv", "phase.json", "phase.png"],
 }
 
 
@@ -120,6 +121,16 @@ def test_notebook_executes_in_the_small_setting(path: Path, out_base: Path, monk
         curves = pd.read_csv(out / "curves.csv")
         assert set(curves["step"]) == set(range(p["curve_every"], p["max_steps"] + 1, p["curve_every"]))
         assert json.loads((out / "provenance.json").read_text())["findings"]
+    elif path.stem == "04_regime_diagnosis":
+        from gradlens.notebook_settings import PHASE
+
+        p = PHASE["small"]
+        phase = pd.read_csv(out / "phase.csv", dtype={"budget": str})
+        assert len(phase) == 2 * len(p["budgets"]) and set(phase["regime"]) == {"sft", "grpo"}
+        assert set(phase["n_probes"]) == {len(p["seeds"])} and phase["predicted_recovery"].notna().all()
+        assert (phase["n_pairs"] + phase["n_excluded"] == len(p["seeds"])).all()
+        agree = json.loads((out / "phase.json").read_text())["agreement"]
+        assert {"wrong", "spearman_predicted_recovery"} <= set(agree)
     else:
         overlap = pd.read_csv(out / "overlap.csv")
         assert {"seeds", "selectors", "regimes"} <= set(overlap["relation"])
