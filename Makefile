@@ -42,19 +42,23 @@ test: venv
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
 # Re-running replaces the previous demo runs (record refuses to overwrite a run without --resume). The demo ends with
-# the headline: random against sign-consistent placement at one budget, both regimes, 3 seeds, on the tiny toy model
-# (gradlens compare), then one HTML page of everything (gradlens report). About 4-5 minutes on 2 cores.
+# the headline: random against sign-consistent placement at one budget, both regimes, 3 seeds, rates swept on a fourth
+# seed, on the tiny toy model (gradlens compare), then one HTML page of everything (gradlens report). One OpenMP
+# thread per process: the toy models gain nothing from a second one, and oversubscribed threads slow them several-fold
+# on a shared machine. About 3 minutes on 2 cores.
+DEMO_ENV ?= OMP_NUM_THREADS=1
 DEMO_COMPARE_FLAGS ?= --model toy:tiny --methods random sign --budgets 2% --seeds 0 1 2 --max_steps 40 \
-	--probe_steps 8 --full_lrs 0.003 --sparse_lrs 0.1 --n_val 50 --n_eval 200 --eval_samples 0 --no-export
+	--probe_steps 8 --full_lrs 0.003 --sparse_lrs 0.03 0.1 --sweep_seeds 1000 --grid_extensions 0 --n_val 50 \
+	--n_eval 200 --eval_samples 0 --no-export
 demo: venv
-	$(VENV)/bin/gradlens toy base
+	$(DEMO_ENV) $(VENV)/bin/gradlens toy base
 	rm -rf $(DEMO_OUT)/sft $(DEMO_OUT)/grpo $(DEMO_OUT)/analysis $(DEMO_OUT)/compare $(DEMO_OUT)/report.html
-	$(VENV)/bin/gradlens record --regime sft --out $(DEMO_OUT)/sft --max_steps 40
-	$(VENV)/bin/gradlens record --regime grpo --out $(DEMO_OUT)/grpo --max_steps 40
-	$(VENV)/bin/gradlens analyze $(DEMO_OUT)/sft $(DEMO_OUT)/grpo --out $(DEMO_OUT)/analysis
-	$(VENV)/bin/gradlens compare --out $(DEMO_OUT)/compare $(DEMO_COMPARE_FLAGS)
-	$(VENV)/bin/gradlens report $(DEMO_OUT)/sft $(DEMO_OUT)/grpo $(DEMO_OUT)/compare --out $(DEMO_OUT)/report.html \
-		--title "gradlens demo"
+	$(DEMO_ENV) $(VENV)/bin/gradlens record --regime sft --out $(DEMO_OUT)/sft --max_steps 40
+	$(DEMO_ENV) $(VENV)/bin/gradlens record --regime grpo --out $(DEMO_OUT)/grpo --max_steps 40
+	$(DEMO_ENV) $(VENV)/bin/gradlens analyze $(DEMO_OUT)/sft $(DEMO_OUT)/grpo --out $(DEMO_OUT)/analysis
+	$(DEMO_ENV) $(VENV)/bin/gradlens compare --out $(DEMO_OUT)/compare $(DEMO_COMPARE_FLAGS)
+	$(DEMO_ENV) $(VENV)/bin/gradlens report $(DEMO_OUT)/sft $(DEMO_OUT)/grpo $(DEMO_OUT)/compare \
+		--out $(DEMO_OUT)/report.html --title "gradlens demo"
 	$(VENV)/bin/python scripts/demo_headline.py $(DEMO_OUT)/compare $(DEMO_OUT)/report.html
 
 # make figures: run notebooks/*.ipynb headless in the full setting (see notebooks/README.md); the PNGs go to figures/,
