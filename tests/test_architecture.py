@@ -26,7 +26,7 @@ STAGES: dict[str, float] = {
     "gradlens.record": 3,
     "gradlens.stats": 4, "gradlens.analyze": 4, "gradlens.figures": 4, "gradlens.runinfo": 4,
     "gradlens.placement": 5, "gradlens.train": 5.5,
-    "gradlens.compare": 6,
+    "gradlens.compare": 6, "gradlens.rivals": 6.5,
     "gradlens.report": 7, "gradlens.notebook_settings": 7,
     "gradlens.cli": 8,
 }

@@ -31,6 +31,10 @@ PRESETS: dict[str, ToyPreset] = {
     # every matrix.
     "small": ToyPreset(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=4, pretrain_steps=1500, learning_rate=1e-3),
+    # The width axis of scripts/phase_diagram.py: twice toy:small's width, B matrices of 512 x r and 1024 x r (built
+    # on first use by the seeded recipe, not shipped).
+    "wide": ToyPreset(hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=8,
+                      num_key_value_heads=8, pretrain_steps=1500, learning_rate=1e-3),
 }
 
 
