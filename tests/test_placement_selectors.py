@@ -244,7 +244,8 @@ def test_sign_tie_break_by_magnitude_never_crosses_levels():
 
 
 def test_ties_at_the_threshold_go_to_the_lower_index():
-    grads = {name: np.ones((2, *shape)) for name, shape in SHAPES.items()}  # every magnitude equal
+    grads = {name: np.ones((2, *shape)) for name, shape in SHAPES.items()}  # every magnitude equal...
+    grads[list(SHAPES)[-1]][:, -1, -1] = 0.0  # ...but one (all tying would be refused: no signal)
     mask = select("magnitude", Budget(k=50), SHAPES, accumulators=accumulators_of(grads))
     assert selected_set(mask) == set(range(50))
 
@@ -473,3 +474,13 @@ def test_where_table_shares_and_enrichment():
 def test_placement_imports_without_torch():
     code = "import sys, gradlens.placement; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+@pytest.mark.parametrize("method", sorted(INFORMED))
+def test_informed_selectors_refuse_statistics_in_which_every_score_ties(method):
+    """A run whose reward was always 0 has all-zero gradients: a 'sign' mask would be the first k entries of the
+    first module (ties go to the lowest index). That is refused in one line, not written as a mask."""
+    zero = {name: np.zeros_like(g) for name, g in make_grads().items()}
+    with pytest.raises(GradlensError, match=f"every entry has the same {method!r} score"):
+        select(method, Budget(k=10), SHAPES, accumulators=accumulators_of(zero))
+    select(method, Budget(k=10), SHAPES, accumulators=accumulators_of(make_grads()))  # real statistics still work

@@ -119,6 +119,10 @@ def _informed(method: str, budget: Budget, shapes: Shapes, accumulators: Accumul
     if not np.isfinite(flat).all():
         bad = next(name for name in shapes if not np.isfinite(per_module[name]).all())
         raise GradlensError(f"{accumulators.path}: selector {method!r} scores of module {bad} are not finite")
+    if flat.size and flat.min() == flat.max():  # e.g. a run whose every gradient was 0: top-k would be index order
+        raise GradlensError(f"{accumulators.path}: every entry has the same {method!r} score ({flat[0]:g}), so an "
+                            "informed mask would only be the first entries in module order; the run carries no "
+                            "gradient signal (check its rewards and `gradlens info`)")
     counts = budget.counts(shapes)
     if isinstance(counts, int):
         return _split(_top_k(flat, counts), shapes)
