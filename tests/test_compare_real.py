@@ -46,19 +46,27 @@ def test_compare_on_a_local_model_and_gsm8k_files(local_world, tmp_path: Path, c
 
     model, data = local_world
     out = tmp_path / "cmp"
+    common = ["--model", str(model), "--task", f"gsm8k:{data}", "--methods", "random", "sign", "--budgets", "10%",
+              "--seeds", "0", "--max_steps", "2", "--probe_steps", "2", "--full_lrs", "1e-2", "--sparse_lrs", "1e-1",
+              "--n_val", "2", "--n_eval", "3", "--eval_samples", "0", "--eval_max_new_tokens", "6", "--lora_r", "2",
+              "--no-progress", "--no-export", "--per_device_train_batch_size", "4", "--num_generations", "4",
+              "--max_completion_length", "6"]
+    # GRPO on a random model: no completion ever earns the reward, so the probe's gradients are all zero and a
+    # "sign" mask would be index order. compare says so in one line instead of training on it.
+    assert main(["compare", "--out", str(tmp_path / "grpo"), "--regimes", "grpo", *common]) == 2
+    assert "every entry has the same 'sign' score" in capsys.readouterr().err
     rc = main(["compare", "--model", str(model), "--task", f"gsm8k:{data}", "--out", str(out),
-               "--regimes", "sft", "grpo", "--methods", "random", "sign", "--budgets", "10%", "--seeds", "0",
+               "--regimes", "sft", "--methods", "random", "sign", "--budgets", "10%", "--seeds", "0",
                "--max_steps", "2", "--probe_steps", "2", "--full_lrs", "1e-2", "--sparse_lrs", "1e-1", "--n_val", "2",
                "--n_eval", "3", "--eval_samples", "0", "--eval_max_new_tokens", "6", "--lora_r", "2",
-               "--no-progress", "--no-export", "--per_device_train_batch_size", "4", "--num_generations", "4",
-               "--max_completion_length", "6", "--max_length", "128"])
+               "--no-progress", "--no-export", "--per_device_train_batch_size", "4", "--max_length", "128"])
     assert rc == 0, capsys.readouterr().err[-3000:]
     for name in ("placement.csv", "summary.csv", "where.csv", "probes.csv", "placement.png", "provenance.json"):
         assert (out / name).is_file(), name
     assert not (out / "sweep.csv").exists()  # one rate each: nothing swept
     placement = pd.read_csv(out / "placement.csv", dtype={"budget": str})
     assert {(r, m) for r, m in zip(placement.regime, placement.method, strict=True)} == {
-        (r, m) for r in ("sft", "grpo") for m in ("base", "full", "random", "sign")}
+        ("sft", m) for m in ("base", "full", "random", "sign")}
     assert (placement.n_prompts == 3).all()  # the eval split's first n_eval rows, never training rows
     prov = json.loads((out / "provenance.json").read_text())
     assert prov["task"]["task"] == f"gsm8k:{data}" and prov["task"]["eval_split"] == "test"
@@ -68,7 +76,7 @@ def test_compare_on_a_local_model_and_gsm8k_files(local_world, tmp_path: Path, c
     fmt, reason = resolve_prompt_format("auto", str(model), loaded, tok)  # decided from the tokenizer, not the name
     assert (prov["task"]["prompt_format"], prov["task"]["prompt_format_reason"]) == (fmt, reason)
     assert prov["config"]["model"] == str(model)
-    probe = json.loads((out / "probes" / "grpo-seed0" / "probe.json").read_text())
+    probe = json.loads((out / "probes" / "sft-seed0" / "probe.json").read_text())
     assert probe["config"]["task"] == f"gsm8k:{data}" and probe["config"]["model"] == str(model)
 
 
