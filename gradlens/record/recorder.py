@@ -7,7 +7,9 @@ gradients before any all-reduce or clipping), averages it over processes, and co
 about to see: the ratio of their norms is the clip coefficient ``c`` and the pre-clip global norm is
 ``||g_post|| / c``. The stored gradient is ``g_post`` (what the optimizer used); the raw gradient is ``g_post / c``.
 
-Only the main process writes, through a background writer, so a training step waits only for the device-to-host copy.
+Only the main process writes, through a background writer: a training step pays for the clip statistics (one host
+sync) and one copy of the gradients into a reusable buffer on their own device; the statistics (on that device), the
+cast to the storage dtype, the copy to the host and the disk I/O run on the writer's thread.
 A run that learns nothing is said: steps whose recorded gradients are all zero (``zero_gradient``) or, under GRPO,
 whose every group has equal rewards (``zero_reward_std``) are flagged in their step records and warned about.
 """
@@ -179,7 +181,6 @@ class GradientRecorder(TrainerCallback):
                 sums = torch.cat([sums, loss.to(device, torch.float64).reshape(1)])
             values = sums.tolist()  # the step's one host sync (before the gradients' copy)
         coef, pre_norm, post_norm, b_norm = clip_statistics(args.max_grad_norm, *values[:3])
-        grads = [g.detach().to("cpu", torch.float32, copy=True).numpy() for g in post]
         meta: dict[str, Any] = {
             "loss": values[3] if loss is not None else None,
             "learning_rate": float(optimizer.param_groups[0]["lr"]) if optimizer is not None else None,
@@ -193,7 +194,7 @@ class GradientRecorder(TrainerCallback):
         self._last_b_norm = b_norm
         meta.update(grpo_meta)
         self.signal.note(step, meta)
-        self.writer.submit(step, grads, meta)
+        self.writer.submit(step, post, meta)  # copied into the writer's ring on their device; the rest is its thread
         self.steps_recorded += 1
 
     def on_optimizer_step(self, args, state, control, **kwargs):

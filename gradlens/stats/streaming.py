@@ -1,9 +1,9 @@
-"""Exact streaming statistics of recorded gradients: float64 per-entry sums and per-step norms, updated one step at a
-time, so analyses that need only moments (selectors, sign stability, norms) never read the raw shards.
+"""Exact streaming statistics of recorded gradients: float64 per-entry sums and per-step norms, so analyses that need
+only moments (selectors, sign stability, norms) never read the raw shards.
 
-A leaf: numpy only. The store persists :class:`StreamingStats` as tensors (``to_tensors``): one partial per commit of
-a few steps, merged in commit order (:meth:`StreamingStats.merge`), and reads the merged result back as
-:class:`Accumulators`.
+A leaf: numpy only (the per-step update runs in torch, on the gradients' device: :mod:`.device`). The store
+persists :class:`StreamingStats` as tensors (``to_tensors``): one partial per commit of a few steps, merged
+in commit order (:meth:`StreamingStats.merge`), and reads the merged result back as :class:`Accumulators`.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def count_dtype(n: int) -> type[np.signedinteger]:
 
 
 class StreamingStats:
-    """Running float64 sums per module, fed the float32 gradient before any cast to the storage dtype.
+    """Float64 sums per module of the float32 gradients (before any cast to the storage dtype), as host arrays.
 
     ``to_tensors``/``from_tensors`` give the exact state as safetensors arrays. A run's statistics are defined as the
     in-order :meth:`merge` of one partial per commit (each summed from zero over its steps), so merging the committed
@@ -75,31 +75,8 @@ class StreamingStats:
         self.dot_prev: list[list[float]] = [[] for _ in specs]
         self.prev: list[np.ndarray | None] = [None for _ in specs]
 
-    def add(self, step: int, grads: list[np.ndarray]) -> None:
-        self.steps.append(step)
-        for i, g in enumerate(grads):
-            g64 = g.astype(np.float64)
-            sums = self.sums[i]
-            sums["sum"] += g64
-            sums["sumsq"] += g64 * g64
-            sums["sumabs"] += np.abs(g64)
-            sums["sumsign"] += np.sign(g64)
-            self.nonzero[i] += g64 != 0
-            flat = g64.ravel()
-            self.sqnorm[i].append(float(flat @ flat))
-            prev = self.prev[i]
-            self.dot_prev[i].append(math.nan if prev is None else float(flat @ prev.astype(np.float64).ravel()))
-            self.prev[i] = g.copy()
-
-    def partial(self) -> StreamingStats:
-        """An empty accumulator that continues this one: zero sums, no steps, but this one's last gradient, so the
-        first dot product of the next commit chains onto the last of this one."""
-        part = StreamingStats(self.specs)
-        part.prev = list(self.prev)
-        return part
-
     def merge(self, part: StreamingStats) -> None:
-        """Fold in a partial of the steps that follow (from :meth:`partial`, or read back from its tensors)."""
+        """Fold in a partial of the steps that follow (:meth:`DeviceStats.host`, or read back from its tensors)."""
         self.steps += part.steps
         for i in range(len(self.specs)):
             for key in ACC_SUMS:
@@ -149,13 +126,14 @@ class StreamingStats:
         }
         return Accumulators(path=path, steps=np.asarray(self.steps, np.int64), modules=modules)
 
-    def live_summary(self, pending: StreamingStats | None = None) -> dict[str, float]:
-        """Whole-adapter diagnostics of the steps added so far, cheap enough to compute after every step; with
-        ``pending``, of this state followed by that uncommitted partial (without merging them).
+    def live_summary(self, pending: StreamingStats | None = None, signs: bool = True) -> dict[str, float]:
+        """Whole-adapter diagnostics of the steps added so far; with ``pending``, of this state followed by that
+        uncommitted partial (without merging them).
 
-        ``cos_prev``: cosine between the last two added steps; ``sign_stability``: mean over entries of
-        ``|sum sign(g)| / n`` over each entry's n non-zero steps (1: every entry kept one sign, ~0: random signs;
-        entries never non-zero left out); ``b_grad_norm``: the last norm.
+        ``cos_prev``: cosine between the last two added steps; ``b_grad_norm``: the last norm (both cost a few
+        operations per module); with ``signs``, also ``sign_stability`` (a pass over every entry): the mean over
+        entries of ``|sum sign(g)| / n`` over each entry's n non-zero steps (1: every entry kept one sign, ~0: random
+        signs; entries never non-zero left out).
         """
         parts = [self] if pending is None else [self, pending]
         count = sum(len(p.steps) for p in parts)
@@ -170,12 +148,14 @@ class StreamingStats:
             denom = math.sqrt(last * sum(s[-2] for s in sq))
             dots = sum(_tail([p.dot_prev[i] for p in parts], 1)[0] for i in modules)
             out["cos_prev"] = dots / denom if denom > 0 else math.nan
-        stab = []  # each entry over its own non-zero steps: all-zero steps neither dilute it nor carry signal
-        for i in modules:
-            n = sum(p.nonzero[i] for p in parts)
-            stab.append((np.abs(sum(p.sums[i]["sumsign"] for p in parts)) / np.maximum(n, 1))[n > 0])
-        live = np.concatenate([x.ravel() for x in stab])
-        out["sign_stability"] = float(live.mean()) if live.size else math.nan
+        if signs:
+            total, live = 0.0, 0  # each entry over its own non-zero steps: all-zero steps neither dilute nor count
+            for i in modules:
+                n = sum(p.nonzero[i] for p in parts)
+                seen = n > 0
+                total += float((np.abs(sum(p.sums[i]["sumsign"] for p in parts))[seen] / n[seen]).sum())
+                live += int(seen.sum())
+            out["sign_stability"] = total / live if live else math.nan
         return out
 
 

@@ -69,11 +69,16 @@ def accumulator_state(run_dir: Path, manifest: Manifest) -> tuple[Path, Streamin
             part = StreamingStats.from_tensors(specs, tensors)
         else:
             check_shard(run_dir, entry, specs, manifest.dtype)
+            import torch
+
+            from gradlens.stats.device import DeviceStats  # torch, as the writer: the same sums, bitwise
+
             arrays = read_shard_tensors(run_dir, entry, specs, range(len(specs)))
-            part = state.partial()
+            summed = DeviceStats(specs, prev=state.prev)
             for j, step in enumerate(entry.steps):
                 if step not in nonfinite:
-                    part.add(step, [a[j] for a in arrays])
+                    summed.add(step, [torch.from_numpy(a[j]) for a in arrays])
+            part = summed.host()
         state.merge(part)
     return path, state
 

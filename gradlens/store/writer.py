@@ -26,6 +26,7 @@ from gradlens.errors import GradlensError
 from gradlens.fsio import ITEMSIZE, atomic_write, json_dump
 from gradlens.modules import ModuleSpec
 from gradlens.provenance import package_versions
+from gradlens.stats.device import DeviceStats
 from gradlens.stats.streaming import StreamingStats
 from gradlens.store.format import (
     ACC_FORMAT,
@@ -69,8 +70,10 @@ def default_steps_per_shard(modules: list[ModuleSpec], dtype: str, shard_bytes: 
 class RunWriter:
     """Synchronous writer of one run directory; holds ``.lock`` for its lifetime so two writers never interleave.
 
-    ``add_step`` buffers a step and folds it into a float64 partial of the pending commit; every ``steps_per_shard``
-    steps the buffer becomes a shard and the commit's statistics and the manifest are committed. With ``resume=True``
+    ``add_step`` folds a step into the float64 statistics of the pending commit (:class:`DeviceStats`, on the
+    gradients' device) and casts it into a reusable shard buffer (pinned host memory when the gradients are on a GPU);
+    every ``steps_per_shard`` steps the buffer becomes a shard and the commit's statistics and the manifest are
+    committed. With ``resume=True``
     an existing run is continued and steps it already holds are skipped, so a trainer restarted from an older
     checkpoint can replay them.
     """
@@ -95,7 +98,8 @@ class RunWriter:
         self._lock_fd = acquire_lock(self.path)
         self._closed = False
         self._broken = False  # a commit failed: the directory is as a kill would leave it, so write nothing more
-        self._pending: list[tuple[dict[str, Any], list[torch.Tensor] | None]] = []  # (step record, stored grads)
+        self._pending: list[dict[str, Any]] = []  # step records of the buffered steps
+        self._buffers: list[torch.Tensor] = []  # per module (steps_per_shard, d_out, r) in the storage dtype
         try:
             if (self.path / MANIFEST).exists():
                 self._resume(resume, config, seed)
@@ -104,7 +108,7 @@ class RunWriter:
         except BaseException:
             self._release_lock()
             raise
-        self._part = self._acc.partial()  # the statistics of the pending steps
+        self._part = DeviceStats(self.specs, prev=self._acc.prev)  # the statistics of the pending steps
 
     def _start(self, config: dict[str, Any] | None, seed: int | None) -> None:
         self._acc = StreamingStats(self.specs)  # the statistics of every committed step
@@ -168,16 +172,18 @@ class RunWriter:
     def last_step(self) -> int | None:
         """The last step added (buffered or committed), or None before the first."""
         if self._pending:
-            return self._pending[-1][0]["step"]
+            return self._pending[-1]["step"]
         steps = self._manifest.steps
         return steps[-1]["step"] if steps else None
 
-    def live_summary(self) -> dict[str, float]:
-        """Whole-adapter diagnostics of the steps added so far (see :meth:`StreamingStats.live_summary`)."""
-        return self._acc.live_summary(self._part)
+    def live_summary(self, signs: bool = True) -> dict[str, float]:
+        """Whole-adapter diagnostics of the steps added so far (see :meth:`StreamingStats.live_summary`); with the
+        statistics on an accelerator, of the committed steps (reading the device sums every step would copy them)."""
+        return self._acc.live_summary(self._part.host() if self._part.on_host else None, signs=signs)
 
-    def add_step(self, step: int, grads: list[np.ndarray], meta: dict[str, Any]) -> None:
-        """Record one optimizer step: ``grads`` in module order, float32 ``(d_out, r)``; ``meta`` must be JSON-able."""
+    def add_step(self, step: int, grads: list[np.ndarray | torch.Tensor], meta: dict[str, Any]) -> None:
+        """Record one optimizer step: ``grads`` in module order, ``(d_out, r)`` arrays or tensors (on one device, taken
+        as float32); ``meta`` must be JSON-able. The gradients are read, not kept: the caller may reuse them."""
         if self._closed or self._broken:
             state = "closed" if self._closed else "broken by an earlier write error (resume to continue)"
             raise GradlensError(f"{self.path}: writer is {state}; cannot add step {step}")
@@ -189,13 +195,10 @@ class RunWriter:
             raise GradlensError(f"{self.path}: step {step} is not after the last recorded step {last}")
         grads = self._check_grads(step, grads)
         record = self._check_meta(step, meta)
-        nonfinite = not all(np.isfinite(g).all() for g in grads)
-        record["nonfinite"] = nonfinite
-        if not nonfinite:
-            self._part.add(step, grads)
-        torch_dtype = getattr(torch, self.dtype)
-        stored = [torch.from_numpy(g).to(torch_dtype, copy=True) for g in grads] if self.save_raw else None
-        self._pending.append((record, stored))
+        record["nonfinite"] = not self._part.add(step, grads)
+        if self.save_raw:
+            self._store(grads)
+        self._pending.append(record)
         if len(self._pending) >= self.steps_per_shard:
             self._commit()
 
@@ -221,14 +224,24 @@ class RunWriter:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _check_grads(self, step: int, grads: list[np.ndarray]) -> list[np.ndarray]:
+    def _store(self, grads: list[torch.Tensor]) -> None:
+        """Cast each gradient to the storage dtype where it lives and copy it into its row of the shard buffer."""
+        dtype, row = getattr(torch, self.dtype), len(self._pending)
+        if not self._buffers:
+            pin = grads[0].device.type == "cuda"
+            self._buffers = [torch.empty((self.steps_per_shard, *s.shape), dtype=dtype, pin_memory=pin)
+                             for s in self.specs]
+        for buf, g in zip(self._buffers, grads, strict=True):
+            buf[row].copy_(g.to(dtype), non_blocking=True)
+
+    def _check_grads(self, step: int, grads: list[np.ndarray | torch.Tensor]) -> list[torch.Tensor]:
         if len(grads) != len(self.specs):
             raise GradlensError(f"{self.path}: step {step} has {len(grads)} gradients, expected {len(self.specs)}")
         out = []
         for spec, g in zip(self.specs, grads, strict=True):
-            g = np.asarray(g, dtype=np.float32)
-            if g.shape != spec.shape:
-                raise GradlensError(f"{self.path}: step {step}, module {spec.name}: gradient shape {g.shape}, "
+            g = torch.as_tensor(g).detach().to(torch.float32)
+            if tuple(g.shape) != spec.shape:
+                raise GradlensError(f"{self.path}: step {step}, module {spec.name}: gradient shape {tuple(g.shape)}, "
                                     f"expected {spec.shape}")
             out.append(g)
         return out
@@ -252,7 +265,11 @@ class RunWriter:
         The in-memory manifest changes only after every write succeeds; if one fails the writer stops writing,
         leaving the directory exactly as a kill at that moment would (readable, resumable).
         """
-        records = [dict(rec) for rec, _ in self._pending]
+        if self._part.device is not None and self._part.device.type == "cuda":
+            # The statistics and the rows' copies were queued on the writer thread's stream; a commit may also run
+            # on the thread that closes the writer, so wait for the whole device rather than for one stream.
+            torch.cuda.synchronize(self._part.device)
+        records = [dict(rec) for rec in self._pending]
         steps = [rec["step"] for rec in records]
         old = self._manifest
         manifest = dataclasses.replace(old, shards=list(old.shards), steps=old.steps + records,
@@ -267,11 +284,12 @@ class RunWriter:
             journal_bytes = sum(f.bytes for f in manifest.journal_files())
             compact = journal_bytes >= COMPACT_RATIO * BASE_BYTES_PER_ENTRY * sum(s.size for s in self.specs) or (
                 final and (manifest.base is None or manifest.base.n_steps < len(manifest.steps)))
+            part = self._part.host()
             if manifest.journal == "partials" and records and not compact:
                 target = f"{PARTIAL_DIR}/partial-{steps[0]:09d}.accumulators.safetensors"
-                manifest.partials.append(self._write_partial(target, steps))
-            self._acc.merge(self._part)
-            self._part = self._acc.partial()
+                manifest.partials.append(self._write_partial(target, steps, part))
+            self._acc.merge(part)
+            self._part = DeviceStats(self.specs, prev=self._acc.prev)
             if compact:
                 target = ACCUMULATORS
                 manifest.base, manifest.partials = self._write_base(manifest), []
@@ -297,17 +315,18 @@ class RunWriter:
     def _write_shard(self, target: str, steps: list[int]) -> TensorFile:
         path = self.path / target
         path.parent.mkdir(exist_ok=True)
-        tensors = {f"m{i}": torch.stack([stored[i] for _, stored in self._pending]) for i in range(len(self.specs))}
+        n = len(self._pending)
+        tensors = {f"m{i}": buf[:n] for i, buf in enumerate(self._buffers)}
         crcs = {key: crc32(t.view(torch.uint8).numpy()) for key, t in tensors.items()}
         meta = {"format": SHARD_FORMAT, "steps": json.dumps(steps)}
         atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=meta))
         return TensorFile(target, steps, path.stat().st_size, crcs)
 
-    def _write_partial(self, target: str, steps: list[int]) -> TensorFile:
+    def _write_partial(self, target: str, steps: list[int], part: StreamingStats) -> TensorFile:
         """The pending commit's own sums (zero-based), its per-step series and its last gradient."""
         path = self.path / target
         path.parent.mkdir(exist_ok=True)
-        tensors = self._part.to_tensors()
+        tensors = part.to_tensors()
         meta = {"format": ACC_FORMAT, "steps": json.dumps(steps)}
         atomic_write(path, lambda tmp: safetensors.numpy.save_file(tensors, tmp, metadata=meta))
         return TensorFile(target, steps, path.stat().st_size, {key: crc32(a) for key, a in tensors.items()})
