@@ -20,13 +20,16 @@ queue, float64 accumulators, shards, manifest. For each storage dtype:
    gradients, committed (``flush``) at the 1.5B adapter's steps per shard whatever ``--layers`` (so a shard weighs
    against the statistics as it does at full size): shard bytes per second of commit time (``flush`` and ``close``:
    shard, statistics, manifest; ``add_step``'s accumulation is timed apart), its ratio to raw disk, and the bytes
-   actually written (``/proc/self/io`` ``wchar``) per shard byte, the final compaction at close included. With
-   ``--baseline REV`` the same runs on the gradlens of git revision REV, side by side (each in a fresh process).
+   actually written (``/proc/self/io`` ``wchar``) per shard byte, the final compaction at close included.
+
+With ``--baseline REV`` every measurement also runs on the gradlens of git revision REV, side by side (each code in
+a fresh process, the old one first).
 
 Bytes written per shard byte in 2 are measured the same way (the whole process's ``wchar``).
 
     python benchmarks/bench_recording.py [--steps 50] [--dtypes float32 bfloat16] [--layers 28] [--dir /tmp]
     python benchmarks/bench_recording.py --writer-only --layers 4 --steps 96 --baseline b7a7f9c
+    python benchmarks/bench_recording.py --layers 4 --baseline eec7250
 """
 
 from __future__ import annotations
@@ -169,17 +172,31 @@ def writer_row(dtype: str, shapes: dict[str, tuple[int, int]], steps: int, per_s
             "add_step_s": adding / steps, "commit_s": committing, "writer_mb_s": shard_bytes / committing / 1e6}
 
 
-def writer_rows(args: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
-    """4. for each dtype: this tree's writer and (``--baseline``) revision REV's, each in a fresh process, with the
-    raw-disk time of the same shard bytes."""
+def code_trees(args: argparse.Namespace, root: Path) -> list[tuple[str, Path]]:
+    """This tree, after (``--baseline``) revision REV's gradlens unpacked under ``root``."""
     trees = [("worktree", REPO)]
     if args.baseline:
         old = root / "baseline"
-        old.mkdir()
-        archive = subprocess.run(["git", "-C", str(REPO), "archive", args.baseline, "gradlens"], capture_output=True,
-                                 check=True).stdout
-        subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
+        if not old.exists():
+            old.mkdir()
+            archive = subprocess.run(["git", "-C", str(REPO), "archive", args.baseline, "gradlens"],
+                                     capture_output=True, check=True).stdout
+            subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
         trees.insert(0, (args.baseline, old))
+    return trees
+
+
+def child(tree: Path, argv: list[str]) -> dict[str, Any]:
+    """Run this script with ``argv`` in a fresh process importing gradlens from ``tree``; its last line's JSON."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), str(Path(__file__).parent)])}
+    out = subprocess.run([sys.executable, __file__, *argv], env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+def writer_rows(args: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
+    """4. for each dtype: this tree's writer and (``--baseline``) revision REV's, each in a fresh process, with the
+    raw-disk time of the same shard bytes."""
+    trees = code_trees(args, root)
     from gradlens.modules import ModuleSpec
     from gradlens.store import default_steps_per_shard
 
@@ -188,11 +205,9 @@ def writer_rows(args: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
     for dtype in args.dtypes:
         per_shard = default_steps_per_shard([ModuleSpec.from_name(f"m.{i}", s) for i, s in enumerate(full)], dtype)
         for label, tree in trees:
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), str(Path(__file__).parent)])}
-            cmd = [sys.executable, __file__, "--child-writer", dtype, "--per-shard", str(per_shard), "--layers",
-                   str(args.layers), "--rank", str(args.rank), "--steps", str(args.steps), "--dir", str(root)]
-            out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
-            row = {"code": label, **json.loads(out.splitlines()[-1])}
+            row = {"code": label, **child(tree, ["--child-writer", dtype, "--per-shard", str(per_shard), "--layers",
+                                                 str(args.layers), "--rank", str(args.rank), "--steps",
+                                                 str(args.steps), "--dir", str(root)])}
             step_bytes = row["shard_bytes"] // args.steps
             row["raw_disk_s"] = median(raw_disk_seconds(root / "raw", step_bytes, args.steps, per_shard)
                                        for _ in range(args.disk_repeats))
@@ -266,8 +281,9 @@ def main() -> int:
     parser.add_argument("--dir", default=tempfile.gettempdir(), help="where the temporary runs are written")
     parser.add_argument("--writer", action="store_true", help="also measure shard writing alone (4.)")
     parser.add_argument("--writer-only", action="store_true", help="measure only shard writing (4.)")
-    parser.add_argument("--baseline", metavar="REV", help="git revision whose writer 4. also measures")
+    parser.add_argument("--baseline", metavar="REV", help="git revision measured too, side by side (1.-4.)")
     parser.add_argument("--child-writer", metavar="DTYPE", help=argparse.SUPPRESS)  # 4. in a fresh process
+    parser.add_argument("--child-recorder", metavar="DTYPE", help=argparse.SUPPRESS)  # 1.-3. in a fresh process
     parser.add_argument("--per-shard", type=int, help=argparse.SUPPRESS)
     add_output_argument(parser, "recording")
     args = parser.parse_args()
@@ -276,6 +292,10 @@ def main() -> int:
     if args.child_writer:
         print(json.dumps(writer_row(args.child_writer, shapes, args.steps, args.per_shard, Path(args.dir))))
         return 0
+    if args.child_recorder:
+        print(json.dumps(bench_dtype(args.child_recorder, shapes, args.rank, args.steps, args.disk_repeats,
+                                     Path(args.dir))))
+        return 0
     n = sum(d * r for d, r in shapes.values())
     check_free_disk(args.dir, 3 * 4 * n * args.steps, "bench_recording")
     rows, writer = [], []
@@ -283,7 +303,11 @@ def main() -> int:
     try:
         for dtype in args.dtypes if not args.writer_only else ():
             print(f"{dtype}: {len(shapes)} modules, {n:,} B entries, {args.steps} steps ...", flush=True)
-            rows.append(bench_dtype(dtype, shapes, args.rank, args.steps, args.disk_repeats, root))
+            for label, tree in code_trees(args, root):  # each in a fresh process, one after the other
+                rows.append({"code": label, **child(tree, ["--child-recorder", dtype, "--layers", str(args.layers),
+                                                           "--rank", str(args.rank), "--steps", str(args.steps),
+                                                           "--disk-repeats", str(args.disk_repeats),
+                                                           "--dir", str(root)])})
         if args.writer or args.writer_only:
             print(f"shard writing: {len(shapes)} modules, {n:,} B entries, {args.steps} steps ...", flush=True)
             writer = writer_rows(args, root)
@@ -301,9 +325,9 @@ def main() -> int:
                                "rows": writer, "writer": writer}, disk=args.dir)
         return 0
     print(markdown_table(
-        ["storage", "MB/step", "bare copy ms", "blocked ms (ratio)", "saturated step ms (ratio)",
+        ["storage", "code", "MB/step", "bare copy ms", "blocked ms (ratio)", "saturated step ms (ratio)",
          "raw disk MB/s", "recorder MB/s (ratio)", "steps/shard", "bytes written / shard byte"],
-        [(r["dtype"], f"{r['shard_bytes_per_step'] / 1e6:.1f}", f"{1e3 * r['bare_copy_s']:.1f}",
+        [(r["dtype"], r["code"], f"{r['shard_bytes_per_step'] / 1e6:.1f}", f"{1e3 * r['bare_copy_s']:.1f}",
           f"{1e3 * r['blocked_s']:.0f} ({r['blocked_ratio']:.1f}x)",
           f"{1e3 * r['saturated_step_s']:.0f} ({r['saturated_ratio']:.1f}x)", f"{r['raw_disk_mb_s']:.0f}",
           f"{r['recorder_mb_s']:.0f} ({r['throughput_ratio']:.2f})", r["steps_per_shard"],

@@ -1,7 +1,8 @@
 """The per-step update of the streaming statistics, in torch, on the device that holds the gradients.
 
-One step adds its float32 gradient, cast once to float64, into per-entry sums (g, g^2, |g|, sign g and the count of
-non-zero steps) and appends the per-module squared norm and dot product with the previous step. On a GPU the sums stay
+One step adds its float32 gradient into per-entry float64 sums (g, g^2, |g|) and integer counts (positive and
+non-zero steps, which give the sign sum) and appends the per-module squared norm and dot product with the previous
+step. On a GPU the sums stay
 in device memory and cost microseconds a step; only a commit copies them to the host. Float64 is used throughout:
 it is cheap wherever these memory-bound passes run, and it makes the sums exact to float64 rounding after any number
 of steps (the float32 inputs are exact in float64, so each elementwise sum has one rounding per step).
@@ -42,7 +43,7 @@ class DeviceStats:
         self._prev_host = list(prev) if prev is not None else [None] * len(specs)
         self.prev: list[torch.Tensor | None] = []
         self.sums: list[dict[str, torch.Tensor]] = []
-        self.sumsign: list[torch.Tensor] = []
+        self.positive: list[torch.Tensor] = []  # steps with g > 0; sum sign g = 2 * positive - nonzero
         self.nonzero: list[torch.Tensor] = []
 
     @property
@@ -54,7 +55,7 @@ class DeviceStats:
         self.device = device
         zeros = [lambda s, dt=dt: torch.zeros(s.shape, dtype=dt, device=device) for dt in (torch.float64, torch.int32)]
         self.sums = [{k: zeros[0](s) for k in SUMS} for s in self.specs]
-        self.sumsign = [zeros[1](s) for s in self.specs]
+        self.positive = [zeros[1](s) for s in self.specs]
         self.nonzero = [zeros[1](s) for s in self.specs]
         self.prev = [None if p is None else torch.as_tensor(p).to(device, torch.float64) for p in self._prev_host]
 
@@ -62,41 +63,43 @@ class DeviceStats:
         """Add one step's gradients (module order, any float dtype, all on one device); returns False, adding
         nothing, if any entry is NaN or infinite: such a step carries no usable statistics.
 
-        Two host syncs (the squared norms, which also tell whether the step is finite, and the dot products with the
-        previous step): run it off the training thread, as the background writer does.
+        Two host syncs (whether the step is finite; its squared norms and dot products with the previous step): run
+        it off the training thread, as the background writer does.
         """
         if len(grads) != len(self.specs):
             raise GradlensError(f"DeviceStats: step {step} has {len(grads)} gradients, expected {len(self.specs)}")
         if self.device is None:
             self._allocate(grads[0].device)
         with torch.no_grad():
-            xs = [g.detach().to(self.device, torch.float64).reshape(s.shape) for g, s in zip(grads, self.specs,
-                                                                                             strict=True)]
-            squares = [x * x for x in xs]
-            # Reductions as sums, not BLAS dot products: those would start BLAS threads next to the training's.
-            # float64 squares of float32 values cannot overflow: the norm is finite exactly when every entry is.
-            sq = torch.stack([xx.sum() for xx in squares]).tolist()
-            if not all(np.isfinite(sq)):
+            flat = [g.detach().to(self.device, torch.float32).reshape(s.shape) for g, s in zip(grads, self.specs,
+                                                                                               strict=True)]
+            if not bool(torch.stack([torch.isfinite(g).all() for g in flat]).all()):
                 return False
             nan = torch.full((), np.nan, dtype=torch.float64, device=self.device)
-            dots = torch.stack([(x * p).sum() if p is not None else nan for x, p in zip(xs, self.prev, strict=True)])
-            for i, (x, xx) in enumerate(zip(xs, squares, strict=True)):
+            sq, dots = [], []
+            for i, g in enumerate(flat):
+                x = g.to(torch.float64)  # a new tensor, exactly the float32 values: the caller may reuse its buffers
+                # Reductions as sums, not BLAS dot products, which would start BLAS threads next to the training's.
+                sq.append((x * x).sum())
+                dots.append(nan if self.prev[i] is None else (x * self.prev[i]).sum())
+                # float32 operands into float64 sums: each computed in float64 (a float32 product is exact there)
                 sums = self.sums[i]
-                sums["sum"].add_(x)
-                sums["sumsq"].add_(xx)
-                sums["sumabs"].add_(x.abs())
-                self.sumsign[i].add_(x.sign().to(torch.int32))
-                self.nonzero[i].add_(x != 0)
-                self.prev[i] = x  # float64, exactly the float32 gradient; a new tensor, so callers may reuse theirs
-                self.sqnorm[i].append(sq[i])
-            for i, d in enumerate(dots.tolist()):
-                self.dot_prev[i].append(d)
+                sums["sum"].add_(g)
+                sums["sumsq"].addcmul_(g, g)
+                sums["sumabs"].add_(g.abs())
+                self.positive[i].add_(g > 0)
+                self.nonzero[i].add_(g != 0)
+                self.prev[i] = x
+            values = torch.stack(sq + dots).tolist()
+        for i in range(len(self.specs)):
+            self.sqnorm[i].append(values[i])
+            self.dot_prev[i].append(values[len(self.specs) + i])
         self.steps.append(int(step))
         return True
 
     def host(self) -> StreamingStats:
         """These steps as a numpy partial; on CPU it shares the sums (do not add to this object afterwards)."""
-        part = StreamingStats(self.specs)
+        part = StreamingStats(self.specs, zeros=self.device is None)
         part.steps = list(self.steps)
         part.sqnorm = [list(s) for s in self.sqnorm]
         part.dot_prev = [list(d) for d in self.dot_prev]
@@ -104,8 +107,8 @@ class DeviceStats:
             part.prev = list(self._prev_host)
             return part
         part.sums = [{k: t.cpu().numpy() for k, t in sums.items()} for sums in self.sums]
-        for i in range(len(self.specs)):  # int32 counts: exact, and merged into the float64/int64 totals as they are
-            part.sums[i]["sumsign"] = self.sumsign[i].cpu().numpy()
         part.nonzero = [t.cpu().numpy() for t in self.nonzero]
+        for i, pos in enumerate(self.positive):  # int32 counts: exact, merged into float64/int64 totals as they are
+            part.sums[i]["sumsign"] = 2 * pos.cpu().numpy() - part.nonzero[i]
         part.prev = [None if p is None else p.to(torch.float32).cpu().numpy() for p in self.prev]
         return part

@@ -66,11 +66,12 @@ class StreamingStats:
     partials again (a reader, a resumed writer) gives the writer's in-memory state bitwise.
     """
 
-    def __init__(self, specs: list[ModuleSpec]) -> None:
+    def __init__(self, specs: list[ModuleSpec], zeros: bool = True) -> None:
+        """Empty statistics of ``specs``; ``zeros=False`` leaves the per-entry sums for the caller to set."""
         self.specs = specs
         self.steps: list[int] = []
-        self.sums = [{k: np.zeros(s.shape, np.float64) for k in ACC_SUMS} for s in specs]
-        self.nonzero = [np.zeros(s.shape, np.int64) for s in specs]
+        self.sums = [{k: np.zeros(s.shape, np.float64) for k in ACC_SUMS} for s in specs] if zeros else []
+        self.nonzero = [np.zeros(s.shape, np.int64) for s in specs] if zeros else []
         self.sqnorm: list[list[float]] = [[] for _ in specs]
         self.dot_prev: list[list[float]] = [[] for _ in specs]
         self.prev: list[np.ndarray | None] = [None for _ in specs]

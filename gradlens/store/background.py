@@ -26,24 +26,30 @@ _STOP = object()
 
 
 class Slot:
-    """One reusable buffer of the ring: a float32 copy of every module's gradient, and on a GPU the events that order
-    the training stream's copy into it before the writer's reads, and those reads before the next copy."""
+    """One reusable buffer of the ring: a float32 copy of every module's gradient. With the gradients on one GPU, two
+    events order the training stream's copy into it before the writer's reads, and those reads before the next copy;
+    spread over several GPUs, the copy is simply waited for."""
 
     def __init__(self, like: Sequence[torch.Tensor]) -> None:
         self.tensors = [torch.empty(t.shape, dtype=torch.float32, device=t.device) for t in like]
-        cuda = self.tensors[0].device.type == "cuda"
-        self.filled = torch.cuda.Event() if cuda else None
-        self.read = torch.cuda.Event() if cuda else None
+        devices = {t.device for t in like}
+        self.device = devices.pop() if len(devices) == 1 and like[0].device.type == "cuda" else None
+        self.gpus = sorted({t.device.index for t in like if t.device.type == "cuda"})
+        self.filled = torch.cuda.Event() if self.device is not None else None
+        self.read = torch.cuda.Event() if self.device is not None else None
         self.used = False  # whether self.read has been recorded (an unrecorded event must not be waited on)
 
     def fill(self, grads: Sequence[torch.Tensor]) -> None:
         """Copy ``grads`` in, on the current stream: after the writer's last reads of this slot, before its next."""
-        if self.read is not None and self.used:
-            torch.cuda.current_stream().wait_event(self.read)
+        stream = torch.cuda.current_stream(self.device) if self.device is not None else None
+        if stream is not None and self.used:
+            stream.wait_event(self.read)
         with torch.no_grad():
             torch._foreach_copy_(self.tensors, [g.detach() for g in grads])
-        if self.filled is not None:
-            self.filled.record()
+        if stream is not None:
+            self.filled.record(stream)
+        for gpu in self.gpus if stream is None else ():
+            torch.cuda.synchronize(gpu)
 
 
 class AsyncRunWriter:
