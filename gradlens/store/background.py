@@ -31,8 +31,10 @@ class Slot:
     spread over several GPUs, the copy is simply waited for."""
 
     def __init__(self, like: Sequence[torch.Tensor]) -> None:
-        self.tensors = [torch.empty(t.shape, dtype=torch.float32, device=t.device) for t in like]
         devices = {t.device for t in like}
+        self.flat = torch.empty(sum(t.numel() for t in like), dtype=torch.float32, device=like[0].device)
+        self.tensors = [v.view(t.shape) for v, t in zip(self.flat.split([t.numel() for t in like]), like,
+                                                         strict=True)]
         self.device = devices.pop() if len(devices) == 1 and like[0].device.type == "cuda" else None
         self.gpus = sorted({t.device.index for t in like if t.device.type == "cuda"})
         self.filled = torch.cuda.Event() if self.device is not None else None
@@ -143,7 +145,7 @@ class AsyncRunWriter:
             return
         slot = self._take_slot(tensors)
         slot.fill(tensors)
-        self._queue.put((step, slot, slot.tensors, meta))
+        self._queue.put((step, slot, slot.flat, meta))
 
     def close(self) -> None:
         """Drain the queue, close the RunWriter (releasing its lock) and re-raise any error from the thread."""

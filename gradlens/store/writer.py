@@ -13,6 +13,7 @@ import dataclasses
 import fcntl
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -181,9 +182,11 @@ class RunWriter:
         statistics on an accelerator, of the committed steps (reading the device sums every step would copy them)."""
         return self._acc.live_summary(self._part.host() if self._part.on_host else None, signs=signs)
 
-    def add_step(self, step: int, grads: list[np.ndarray | torch.Tensor], meta: dict[str, Any]) -> None:
-        """Record one optimizer step: ``grads`` in module order, ``(d_out, r)`` arrays or tensors (on one device, taken
-        as float32); ``meta`` must be JSON-able. The gradients are read, not kept: the caller may reuse them."""
+    def add_step(self, step: int, grads: Sequence[np.ndarray | torch.Tensor] | torch.Tensor,
+                 meta: dict[str, Any]) -> None:
+        """Record one optimizer step: ``grads`` in module order, ``(d_out, r)`` arrays or tensors, or one flat vector
+        of all modules concatenated (on one device, taken as float32); ``meta`` must be JSON-able. The gradients are
+        read, not kept: the caller may reuse them."""
         if self._closed or self._broken:
             state = "closed" if self._closed else "broken by an earlier write error (resume to continue)"
             raise GradlensError(f"{self.path}: writer is {state}; cannot add step {step}")
@@ -193,11 +196,11 @@ class RunWriter:
         last = self.last_step
         if last is not None and step <= last:
             raise GradlensError(f"{self.path}: step {step} is not after the last recorded step {last}")
-        grads = self._check_grads(step, grads)
+        flat = self._flat_grads(step, grads)
         record = self._check_meta(step, meta)
-        record["nonfinite"] = not self._part.add(step, grads)
+        record["nonfinite"] = not self._part.add(step, flat)
         if self.save_raw:
-            self._store(grads)
+            self._store(flat)
         self._pending.append(record)
         if len(self._pending) >= self.steps_per_shard:
             self._commit()
@@ -224,27 +227,35 @@ class RunWriter:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _store(self, grads: list[torch.Tensor]) -> None:
-        """Cast each gradient to the storage dtype where it lives and copy it into its row of the shard buffer."""
+    def _store(self, flat: torch.Tensor) -> None:
+        """Cast the step to the storage dtype where it lives and copy each module into its row of the shard buffer
+        (one fused copy; from a GPU, asynchronous into pinned memory: the commit waits for it)."""
         dtype, row = getattr(torch, self.dtype), len(self._pending)
         if not self._buffers:
-            pin = grads[0].device.type == "cuda"
+            pin = flat.device.type == "cuda"
             self._buffers = [torch.empty((self.steps_per_shard, *s.shape), dtype=dtype, pin_memory=pin)
                              for s in self.specs]
-        for buf, g in zip(self._buffers, grads, strict=True):
-            buf[row].copy_(g.to(dtype), non_blocking=True)
+        torch._foreach_copy_([buf[row].view(-1) for buf in self._buffers],
+                             list(flat.to(dtype).split([s.size for s in self.specs])), non_blocking=True)
 
-    def _check_grads(self, step: int, grads: list[np.ndarray | torch.Tensor]) -> list[torch.Tensor]:
+    def _flat_grads(self, step: int, grads: Sequence[np.ndarray | torch.Tensor] | torch.Tensor) -> torch.Tensor:
+        """The step as one flat float32 vector, after checking the count and shape of its gradients."""
+        if isinstance(grads, torch.Tensor):
+            total = sum(s.size for s in self.specs)
+            if grads.dim() != 1 or grads.numel() != total:
+                raise GradlensError(f"{self.path}: step {step} is a tensor of shape {tuple(grads.shape)}, expected "
+                                    f"one gradient per module or a flat vector of {total}")
+            return grads.detach().to(torch.float32)
         if len(grads) != len(self.specs):
             raise GradlensError(f"{self.path}: step {step} has {len(grads)} gradients, expected {len(self.specs)}")
         out = []
         for spec, g in zip(self.specs, grads, strict=True):
-            g = torch.as_tensor(g).detach().to(torch.float32)
+            g = torch.as_tensor(g).detach()
             if tuple(g.shape) != spec.shape:
                 raise GradlensError(f"{self.path}: step {step}, module {spec.name}: gradient shape {tuple(g.shape)}, "
                                     f"expected {spec.shape}")
-            out.append(g)
-        return out
+            out.append(g.reshape(-1).to(torch.float32))
+        return torch.cat(out)
 
     def _check_meta(self, step: int, meta: dict[str, Any]) -> dict[str, Any]:
         clash = [k for k in meta if k in RESERVED_META]
