@@ -9,6 +9,10 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import subprocess
+import sys
+import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -246,6 +250,42 @@ def test_gram_spectrum_equals_dense_svd(rank):
         assert got["erank_traj"] == pytest.approx(1.0, abs=1e-12)
 
 
+def test_gram_product_is_within_its_float32_error_bound():
+    """Each entry of the float32 block product is within gamma_B sum_k |x_tk x_sk| of the float64 Gram
+    (gamma_B = B u / (1 - B u), u = 2^-24, B = GRAM_BLOCK) however many columns: rows of mixed scales, and a row of
+    1 then 2^20 entries of 2^-17. Each later block of that row sums to 2^-25, less than half an ulp of 1 in
+    float32: accumulated in float32 the 2^11 blocks would lose 2^-14, beyond the bound; in float64 nothing."""
+    rng = np.random.default_rng(21)
+    T, D = 7, 3 * stats.GRAM_BLOCK + 77
+    x = (rng.standard_normal((T, D)) * rng.uniform(1e-3, 1e3, (T, 1)) * rng.uniform(0.5, 2, D)).astype(np.float32)
+    big = np.full((2, 1 + 2**20), 2.0**-17, np.float32)
+    big[:, 0] = 1.0
+    bound = stats.gram_error_bound(stats.GRAM_BLOCK)
+    for a, b in ((x, None), (x, x[::-1].copy()), (big, None)):
+        a64, b64 = a.astype(np.float64), (a if b is None else b).astype(np.float64)
+        want, scale = a64 @ b64.T, np.abs(a64) @ np.abs(b64).T
+        got = stats.gram_product(a, b)
+        assert got.dtype == np.float64
+        assert (np.abs(got - want) <= (bound + 1e-15) * scale).all()
+    assert 2.0**-14 > bound * (1 + 2.0**-14)  # what float32 accumulation across the blocks would lose
+
+
+def test_rank_deficient_trajectory_through_a_float32_gram():
+    """A rank-2 trajectory: with the Gram's error bound the float32 Gram gives the dense SVD's spectrum; without it
+    its rounding noise would count as T - 2 more (tiny) singular values."""
+    rng = np.random.default_rng(22)
+    T, D = 12, 4000
+    x = (rng.standard_normal((T, 2)) @ rng.standard_normal((2, D))).astype(np.float32)
+    gram = stats.gram_product(x)
+    err = stats.gram_error_bound(stats.GRAM_BLOCK)
+    got = stats.trajectory_stats(gram, err)
+    e, sr, k = _ref_spectrum(x.astype(np.float64))
+    assert got["erank_traj"] == pytest.approx(e, rel=1e-4) and got["energy90_traj"] == k
+    assert got["stable_rank_traj"] == pytest.approx(sr, rel=1e-4)
+    assert (stats.gram_singular_values(gram, err) > 0).sum() == 2
+    assert (stats.gram_singular_values(gram) > 0).sum() > 2  # the float64 eigensolver's floor alone keeps noise
+
+
 def test_cosines_from_gram_equal_loops():
     rng = np.random.default_rng(2)
     T = 9
@@ -326,7 +366,9 @@ def test_random_signs_near_null_constant_signs_one(tmp_path):
     assert row["sign_stability_mean"] == 1.0 and row["sign_stable_frac_0.8"] == 1.0
 
 
-@pytest.mark.parametrize("memory_mb", [64, 0.003])  # one group in memory; panels of a few steps per module
+# One pass (everything fits the budget); a step pass and a Gram pass of three groups; panels of 3 steps for the
+# large modules (4 bytes x 11 steps x 48 entries plus their 11 x 11 Gram exceed 0.0015 MB).
+@pytest.mark.parametrize("memory_mb", [64, 0.005, 0.0015])
 def test_every_scope_matches_reference(tmp_path, memory_mb):
     T = 11
     grads = random_grads(T)
@@ -348,6 +390,67 @@ def test_every_scope_matches_reference(tmp_path, memory_mb):
     np.testing.assert_allclose(adapter.series["cos_lag2"], [ref_cos(v[t], v[t + 2]) for t in range(T - 2)],
                                rtol=0, atol=3 * g)
     np.testing.assert_allclose(adapter.series["grad_norm"], np.linalg.norm(v, axis=1), rtol=g)
+
+
+def test_a_run_within_the_budget_is_read_once(tmp_path, monkeypatch):
+    """Within the memory budget the step pass also fills the Gram buffers: every shard is read exactly once. Over
+    it, a Gram pass reads the modules that did not fit again, with the same statistics."""
+    from gradlens.store.reader import Run
+
+    reads: list[str] = []
+    read = Run._read
+
+    def counted(self, file, keys, offsets=None):
+        reads.append(file)
+        return read(self, file, keys, offsets)
+
+    monkeypatch.setattr(Run, "_read", counted)
+    T = 9
+    path = write(tmp_path / "run", list(range(T)), random_grads(T, seed=23))
+    shards = [s["file"] for s in json.loads((path / "manifest.json").read_text())["shards"]]
+    once = analyze_run(path, lags=LAGS, memory_mb=64)
+    assert sorted(reads) == sorted(shards) and len(shards) == 3
+    reads.clear()
+    twice = analyze_run(path, lags=LAGS, memory_mb=0.005)
+    assert len(reads) > len(shards)
+    for a, b in zip(once.scopes, twice.scopes, strict=True):
+        assert_row(a.row, b.row, rtol=1e-12)
+
+
+def test_prefetch_reads_one_item_ahead_and_raises_the_readers_error():
+    from gradlens.stats.passes import prefetch
+
+    produced: list[int] = []
+
+    def items():
+        for k in range(6):
+            produced.append(k)
+            yield k
+
+    for k in prefetch(items()):
+        time.sleep(0.02)  # time for the producer to run ahead, as far as it may
+        assert len(produced) <= k + 2  # the item in use and at most one more: bounded memory
+    assert produced == list(range(6))
+
+    def failing():
+        yield 1
+        raise GradlensError("shards/shard-000001.safetensors: cannot read shard")
+
+    with pytest.raises(GradlensError, match="cannot read shard"):
+        list(prefetch(failing()))
+    early = prefetch(iter(range(100)))
+    assert next(early) == 0
+    early.close()  # the consumer stops: so does the producer
+    assert not [t for t in threading.enumerate() if t.name == "gradlens-prefetch"]
+
+
+def test_the_analysis_needs_no_scipy(tmp_path):
+    """The sign null comes from Pascal's rule, not scipy.stats (1-2 s of imports of every ``gradlens analyze``)."""
+    path = write(tmp_path / "run", list(range(4)), random_grads(4, seed=24))
+    code = f"import sys; from gradlens.stats import analyze_run; analyze_run({str(path)!r}); print(sorted(" \
+           "m for m in sys.modules if m.split('.')[0] == 'scipy'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_window_equals_truncated_run(tmp_path):

@@ -1,11 +1,11 @@
 """The out-of-core driver: every statistic of :mod:`gradlens.stats.core` for one run, read shard by shard.
 
-One pass over the shards when the run fits the memory budget, else a step pass plus a Gram pass over the modules
-that did not fit (:mod:`.passes`). A module Gram is added into the whole-adapter, per-projection and per-layer Grams
-(sums of Grams: the Gram of the concatenated vectors) and dropped once its statistics are taken, so peak memory is
-the budget, two shards, 4 bytes per B entry (8 with a window) for the sign counts and those aggregate ``T x T``
-matrices. Grams are float32 block products accumulated in float64; each statistic taken from one knows the error
-bound of its entries (:func:`.core.gram_error_bound`), and the trajectory spectra discard the eigenvalues within it.
+One pass over the shards when the run fits the memory budget, else a step pass and a Gram pass (:mod:`.passes`).
+A module Gram is added into the whole-adapter, per-projection and per-layer Grams (sums of Grams: the Gram of the
+concatenated vectors) and dropped once its statistics are taken, so peak memory is the budget, two shards, 4 bytes
+per B entry (8 with a window) for the sign counts and those aggregate ``T x T`` matrices. Grams are float32 block
+products accumulated in float64; each statistic taken from one knows the error bound of its entries
+(:func:`.core.gram_error_bound`), and the trajectory spectra discard the eigenvalues within it.
 
 A run recorded without raw shards is analysed from its accumulators instead (:mod:`.accumulated`).
 """
@@ -123,9 +123,9 @@ def _progress(run: Any, enabled: bool) -> Any:
                 unit="shard", leave=False)
 
 
-def _all_grams(run: Any, usable: list[int], fused: dict[int, np.ndarray], arena: np.ndarray, budget: int,
-               bar: Any, parallel: Mapper) -> Iterator[tuple[int, np.ndarray]]:
-    """The Grams of the modules fused into the step pass, then those of a Gram pass over all others."""
+def _all_grams(run: Any, usable: list[int], fused: dict[int, np.ndarray], budget: int, bar: Any,
+               parallel: Mapper) -> Iterator[tuple[int, np.ndarray]]:
+    """The Grams of a run read once (``fused``: every module's steps from the step pass), else of a Gram pass."""
     rest = [i for i in range(len(run.specs)) if i not in fused]
     groups = [([rest[k] for k in group], panel)
               for group, panel in plan_groups([run.specs[i].size for i in rest], len(usable), budget)]
@@ -134,7 +134,7 @@ def _all_grams(run: Any, usable: list[int], fused: dict[int, np.ndarray], arena:
         bar.refresh()
     yield from zip(fused, parallel(core.gram_product, [buf[:len(usable)] for buf in fused.values()]), strict=True)
     fused.clear()
-    yield from gram_pass(run, {s: k for k, s in enumerate(usable)}, groups, arena, bar, parallel)
+    yield from gram_pass(run, {s: k for k, s in enumerate(usable)}, groups, bar, parallel)
 
 
 def _workers() -> int:
@@ -143,23 +143,21 @@ def _workers() -> int:
     return max(1, min(8, len(cpus)))
 
 
-def _fused(sizes: list[int], steps: int, budget: int) -> tuple[np.ndarray, dict[int, np.ndarray]]:
-    """The float32 arena every group reuses, and the step-pass buffers of the first group if it fits whole.
-
-    Every group of either pass fits the budget and a panel holds at least one step, so the arena never grows; its
-    pages are only touched (resident) as they are filled.
-    """
+def _fused(sizes: list[int], steps: int, budget: int) -> dict[int, np.ndarray]:
+    """Float32 ``(steps, size)`` buffers of every module when the whole run fits the budget (the step pass fills
+    them: one read of the shards), else none: a Gram pass then reads the shards' pages without copying them whole,
+    which costs less than copying the part that would fit (and touching that much fresh memory)."""
     groups = plan_groups(sizes, steps, budget)
-    first = groups[0][0] if groups and groups[0][1] >= steps else []
-    arena = np.empty(max(min(budget // 4, steps * sum(sizes)), max(sizes, default=0)), np.float32)
-    return arena, dict(zip(first, buffers(arena, [sizes[i] for i in first], steps), strict=True))
+    if len(groups) != 1 or groups[0][1] < steps:
+        return {}
+    return dict(enumerate(buffers(np.empty(steps * sum(sizes), np.float32), sizes, steps)))
 
 
 def _analyze_raw(run: Any, *, lags: int, window: int | None, bins: int, budget: int, unclip: bool,
                  progress: bool) -> RunStats:
     flagged = {int(r["step"]) for r in run.step_records if r.get("nonfinite")}
     candidates = [s for s in run.steps if s not in flagged]
-    arena, fused = _fused([s.size for s in run.specs], len(candidates), budget)
+    fused = _fused([s.size for s in run.specs], len(candidates), budget)
     bar = _progress(run, progress)
     with one_blas_thread(), ThreadPoolExecutor(_workers(), thread_name_prefix="gradlens-analyze") as pool:
         try:
@@ -175,7 +173,7 @@ def _analyze_raw(run: Any, *, lags: int, window: int | None, bins: int, budget: 
             steps, zero = sums.finish(W, bins), sums.zero
             del sums
             scale = unclip_scale(run.step_records, usable) if unclip else None
-            grams = _all_grams(run, usable, fused, arena, budget, bar, pool.map)
+            grams = _all_grams(run, usable, fused, budget, bar, pool.map)
             scopes = _scopes(run.specs, len(usable), steps, grams, scale, lags, W)
         finally:
             if bar is not None:

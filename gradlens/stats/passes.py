@@ -3,16 +3,15 @@
 1. The *step pass* (:class:`StepSums`) reads every module of one shard at a time. Reading all of a step before
    using any of it finds the non-finite steps (flagged in the manifest or not) before they touch a statistic, so
    nothing is ever undone. It takes what needs one step at a time (per-entry counts of positive and negative signs
-   for the whole run and the leading window, the per-step spectra, which steps are exactly zero), and it copies
-   the usable steps of the first group of modules that fits the budget into a float32 buffer: their Grams need no
-   second read, and a run that fits the budget is read once.
-2. The *Gram pass* (:func:`gram_pass`) reads the other modules in groups (:func:`plan_groups`): as many as fit the
-   budget with all their usable steps (float32) plus their ``T x T`` Gram matrices. A module too large for the
+   for the whole run and the leading window, the per-step spectra, which steps are exactly zero); when the whole
+   run fits the budget it also copies every usable step into float32 buffers, and the run is read once.
+2. Otherwise the *Gram pass* (:func:`gram_pass`) reads the modules in groups (:func:`plan_groups`): as many as fit
+   the budget with all their usable steps (float32) plus their ``T x T`` Gram matrices. A module too large for the
    budget on its own is processed in panels of steps: pass ``a`` holds panel ``a`` and multiplies it with every
    later step as it streams past, which fills the Gram block by block (one extra read per extra panel).
 
 Both read one shard ahead on a thread (:func:`prefetch`, :func:`read_ahead`), so the disk works while the CPU does.
-Grams are float32 products accumulated in float64 (:func:`.core.gram_product`), on one BLAS thread
+Grams are float32 products accumulated in float64 (:func:`.core.gram_product`), on one BLAS thread per worker
 (:func:`one_blas_thread`).
 """
 
@@ -36,6 +35,7 @@ from gradlens.stats.results import STEP_KEYS, SignAgg
 PAGE = 4096
 _DONE = object()
 Mapper = Callable[..., Iterator[Any]]  # builtins.map or ThreadPoolExecutor.map: results in order
+GATHER_BYTES = 8 * 2**20  # the buffer a whole group's module gathers column blocks of its steps into
 
 
 @lru_cache(maxsize=1)
@@ -277,32 +277,71 @@ def buffers(arena: np.ndarray, sizes: Sequence[int], rows: int) -> list[np.ndarr
     return out
 
 
-def gram_pass(run: Any, pos: dict[int, int], groups: list[tuple[list[int], int]], arena: np.ndarray,
-              bar: Any, parallel: Mapper = map) -> Iterator[tuple[int, np.ndarray]]:
+def gram_pass(run: Any, pos: dict[int, int], groups: list[tuple[list[int], int]], bar: Any,
+              parallel: Mapper = map) -> Iterator[tuple[int, np.ndarray]]:
     """Yield ``(module index, its T x T Gram over the usable steps)`` for every module of ``groups``.
 
-    Every group reads its modules from every shard once per panel of ``panel`` steps, one shard ahead on a thread;
-    ``parallel`` maps the block products of a group's modules.
+    Every group reads its modules from every shard once per panel, one shard ahead on a thread; ``parallel`` maps
+    the products of a group's modules. A whole group (all T steps fit) keeps the arrays it read, views of the shard
+    files' pages (resident, at most the budget, never copied whole), and takes each Gram from column blocks gathered
+    into a small buffer (:func:`_gathered_gram`). A panel group copies its panel's steps into a buffer and
+    multiplies the later steps with them as they stream past.
     """
     T, specs = len(pos), run.specs
     passes = [(g, lo, min(T, lo + panel)) for g, (_, panel) in enumerate(groups) for lo in range(0, T, panel)]
+    arena = np.empty(max([panel * specs[g[0]].size for g, panel in groups if panel < T] + [0]), np.float32)
     chunks = prefetch(item for k, (g, _, _) in enumerate(passes)
-                       for item in read_ahead(run.iter_steps([specs[i].name for i in groups[g][0]]), k))
+                      for item in read_ahead(run.iter_steps([specs[i].name for i in groups[g][0]]), k))
     grams: dict[int, np.ndarray] = {}
-    current, buf = -1, []
+    current, held, buf = -1, [], []
     for k, steps, arrays in chunks:
         if k != current:
             if current >= 0:
-                yield from _close_panel(groups, passes[current], buf, grams, T, parallel)
-            current, (g, lo, hi) = k, passes[k]
-            buf = buffers(arena, [specs[i].size for i in groups[g][0]], hi - lo)
-            if lo == 0:
-                grams.update({i: np.zeros((T, T)) for i in groups[g][0]})
+                yield from _finish(groups, passes[current], held, buf, grams, T, parallel)
+            current, (g, lo, hi), held = k, passes[k], []
+            if groups[g][1] < T:
+                buf = buffers(arena, [specs[groups[g][0][0]].size], hi - lo)
+                grams.update({i: np.zeros((T, T)) for i in groups[g][0] if lo == 0})
         if bar is not None:
             bar.update(1)
-        _fill_panel(steps, arrays, pos, lo, hi, buf, [grams[i] for i in groups[g][0]])
+        if groups[g][1] >= T:
+            rows = [k for k, s in enumerate(steps) if s in pos]
+            index = slice(rows[0], rows[-1] + 1) if rows and rows[-1] - rows[0] == len(rows) - 1 else rows
+            held.append((index, [a.reshape(len(steps), -1) for a in arrays]))
+        else:
+            _fill_panel(steps, arrays, pos, lo, hi, buf, [grams[i] for i in groups[g][0]])
     if current >= 0:
-        yield from _close_panel(groups, passes[current], buf, grams, T, parallel)
+        yield from _finish(groups, passes[current], held, buf, grams, T, parallel)
+
+
+def _finish(groups: list[tuple[list[int], int]], panel: tuple[int, int, int], held: list[tuple[Any, list]],
+            buf: list[np.ndarray], grams: dict[int, np.ndarray], T: int,
+            parallel: Mapper) -> Iterator[tuple[int, np.ndarray]]:
+    """The end of one read of a group: its whole Grams, or the panel's block of them."""
+    members = groups[panel[0]][0]
+    if groups[panel[0]][1] >= T:
+        yield from zip(members, parallel(lambda m: _gathered_gram([(arrays[m], rows) for rows, arrays in held], T),
+                                         range(len(members))), strict=True)
+    else:
+        yield from _close_panel(groups, panel, buf, grams, T, parallel)
+
+
+def _gathered_gram(parts: list[tuple[Any, np.ndarray]], T: int) -> np.ndarray:
+    """The Gram of the rows ``flat[rows]`` of every part, stacked in order (T in all), by column blocks gathered
+    into one buffer of about :data:`GATHER_BYTES` (a multiple of GRAM_BLOCK columns: the same blocks as one
+    :func:`.core.gram_product` of the whole matrix)."""
+    size = parts[0][0].shape[1]
+    width = max(1, GATHER_BYTES // (4 * T * core.GRAM_BLOCK)) * core.GRAM_BLOCK
+    hot = np.empty((T, min(width, size)), np.float32)
+    out = np.zeros((T, T))
+    for lo in range(0, size, width):
+        block, r = hot[:, :min(width, size - lo)], 0
+        for flat, rows in parts:
+            part = flat[rows, lo:lo + block.shape[1]]
+            block[r:r + len(part)] = part
+            r += len(part)
+        out += core.gram_product(block)
+    return out
 
 
 def _fill_panel(steps: list[int], arrays: list[np.ndarray], pos: dict[int, int], lo: int, hi: int,
@@ -324,10 +363,10 @@ def _fill_panel(steps: list[int], arrays: list[np.ndarray], pos: dict[int, int],
 
 def _close_panel(groups: list[tuple[list[int], int]], panel: tuple[int, int, int], buf: list[np.ndarray],
                  grams: dict[int, np.ndarray], T: int, parallel: Mapper) -> Iterator[tuple[int, np.ndarray]]:
-    """Add the panel's own block to its modules' Grams; yield those complete after their last panel."""
+    """Add the panel's own block to its module's Gram; yield it, complete, after its last panel."""
     g, lo, hi = panel
     for i, block in zip(groups[g][0], parallel(core.gram_product, buf), strict=True):
         grams[i][lo:hi, lo:hi] += block
         if hi == T:
             gram = grams.pop(i)
-            yield i, (gram if groups[g][1] >= T else np.triu(gram) + np.triu(gram, 1).T)
+            yield i, np.triu(gram) + np.triu(gram, 1).T
