@@ -52,12 +52,10 @@ def _openblas_threads() -> list[tuple[Callable[[], int], Callable[[int], None]]]
             lib = ctypes.CDLL(path)
         except OSError:
             continue
-        for prefix in ("scipy_openblas", "openblas"):
-            for suffix in ("64_", ""):
-                get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
-                put = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
-                if get is not None and put is not None:
-                    found.append((get, put))
+        names = [(f"{p}_get_num_threads{s}", f"{p}_set_num_threads{s}") for p in ("scipy_openblas", "openblas")
+                 for s in ("64_", "")]
+        found += [(getattr(lib, get), getattr(lib, put)) for get, put in names
+                  if hasattr(lib, get) and hasattr(lib, put)][:1]
     return found
 
 
@@ -66,7 +64,7 @@ def one_blas_thread() -> Iterator[None]:
     """Run BLAS on one thread inside (restored after): the analysis makes thousands of small products (a ``T x T``
     block from 512 columns, a 16 x 16 step Gram, eigenvalues of ``T x T``), and waking OpenBLAS's threads for each
     costs more than they gain: 5-10x slower on a shared 2-core machine (``benchmarks/bench_analysis.py``). The
-    parallelism is the reading thread instead."""
+    parallelism comes from the reading thread and the per-module workers instead."""
     libs = _openblas_threads()
     before = [get() for get, _ in libs]
     for _, put in libs:
@@ -97,7 +95,7 @@ def prefetch(items: Iterator[Any], ahead: int = 1) -> Iterator[Any]:
                 out.put(item)
                 if item is _DONE:
                     return
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
+        except BaseException as e:  # handed to the consumer, which raises it
             out.put(_Raised(e))
 
     thread = threading.Thread(target=produce, name="gradlens-prefetch", daemon=True)
