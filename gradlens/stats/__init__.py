@@ -21,7 +21,6 @@ from gradlens.stats.core import (
     cosine_to_mean,
     energy_count,
     erank,
-    gram_error_bound,
     gram_norms,
     gram_product,
     gram_singular_values,
@@ -49,7 +48,7 @@ from gradlens.stats.results import ACC_SOURCE, RAW_SOURCE, RunStats, ScopeStats,
 
 __all__ = [
     "ACC_SOURCE", "GRAM_BLOCK", "RAW_SOURCE", "RunStats", "ScopeStats", "SignNull", "analyze_run", "cosine_matrix",
-    "cosine_to_mean", "energy_count", "erank", "gram_error_bound", "gram_norms", "gram_product",
+    "cosine_to_mean", "energy_count", "erank", "gram_norms", "gram_product",
     "gram_singular_values", "histogram_edges", "lag_cosine_means", "lag_cosines", "null_histogram", "run_regime",
     "sign_null_mean", "sign_null_pmf", "sign_null_share", "sign_null_table", "sign_stability", "spectrum_rows",
     "spectrum_stats", "stability_histogram", "stable_rank", "stable_share", "stat_columns", "step_grams",

@@ -4,9 +4,12 @@ Notation: ``g_t`` (t = 0..T-1) is the vectorised gradient of one module (or the 
 t-th usable recorded step, ``G_ts = g_t . g_s`` the ``T x T`` Gram matrix, ``s_1 >= s_2 >= ...`` singular values.
 Nothing here reads files; :mod:`gradlens.stats.driver` feeds these functions from a run, shard by shard.
 
-Trajectory Grams are float32 products accumulated in float64 (:func:`gram_product`): the stored gradients are
-float32, so the inputs are exact and the only error is the float32 summation inside each block of
-:data:`GRAM_BLOCK` columns, at most :func:`gram_error_bound` times ``sum_k |x_tk x_sk| <= ||x_t|| ||x_s||``.
+Trajectory Grams are float64 (:func:`gram_product`): the stored gradients are float32, so every product
+``x_tk x_sk`` is exact in float64 and an entry is off by at most ``gamma_D sum_k |x_tk x_sk| <= gamma_D ||x_t||
+||x_s||`` with ``gamma_D = D eps / (1 - D eps)`` (Higham 2002, eq. 3.5), so each eigenvalue by at most
+``gamma_D trace(G)`` (Weyl): float64 rounding. Float32 products would be twice as fast but off by ``2^-24`` per
+term instead of ``2^-53``, which moves the small eigenvalues of a near-low-rank trajectory (the case under study) and
+with them its effective rank by percents.
 """
 
 from __future__ import annotations
@@ -20,8 +23,7 @@ from functools import lru_cache
 import numpy as np
 
 EPS = float(np.finfo(np.float64).eps)
-U32 = 2.0**-24  # unit roundoff of float32
-GRAM_BLOCK = 512  # columns per float32 block product of a Gram (float64 accumulation across blocks)
+GRAM_BLOCK = 512  # columns per float64 block product of a Gram (a T x 512 float64 block stays in the CPU's L2 cache)
 STABLE_THRESHOLDS: tuple[float, ...] = (0.5, 0.8)
 ENERGY_FRACTION = 0.9
 
@@ -30,25 +32,29 @@ ENERGY_FRACTION = 0.9
 # Gram matrices and cosines
 
 
-def gram_error_bound(block: int) -> float:
-    """``gamma_B = B u / (1 - B u)`` (``u = 2^-24``): the relative error bound of a float32 dot product of B terms.
-
-    A :func:`gram_product` entry over blocks of at most B columns is off by at most ``gamma_B sum_k |x_tk x_sk|``
-    (Higham 2002, eq. 3.5) plus the float64 sum of the blocks (``~1e-16`` relative, negligible).
-    """
-    return block * U32 / (1 - block * U32)
-
-
 def gram_product(a: np.ndarray, b: np.ndarray | None = None, block: int = GRAM_BLOCK) -> np.ndarray:
-    """``a @ b.T`` (``b`` None: ``a @ a.T``, by syrk) as float64, from float32 products of ``block`` columns each.
+    """``a @ b.T`` (``b`` None: ``a @ a.T``) in float64, ``block`` columns at a time.
 
-    Float32 doubles the BLAS rate of float64 and halves the buffer; the float64 accumulation keeps the error of
-    each entry within :func:`gram_error_bound` of ``block`` whatever the number of columns.
+    Float32 rows are cast block by block into a small float64 buffer (cache-resident, never a float64 copy of the
+    whole matrix); float64 rows are multiplied in place. The products and every sum are float64.
     """
     out = np.zeros((len(a), len(a) if b is None else len(b)))
+    width = min(block, a.shape[1])
+    buf_a = None if a.dtype == np.float64 else np.empty((len(a), width))
+    buf_b = None if b is None or b.dtype == np.float64 else np.empty((len(b), width))
     for lo in range(0, a.shape[1], block):
-        x = a[:, lo:lo + block]
-        out += x @ (x if b is None else b[:, lo:lo + block]).T
+        x = _block64(a, buf_a, lo, block)
+        out += x @ (x if b is None else _block64(b, buf_b, lo, block)).T
+    return out
+
+
+def _block64(m: np.ndarray, buf: np.ndarray | None, lo: int, block: int) -> np.ndarray:
+    """Columns ``lo:lo+block`` of ``m`` as float64: a view of ``m`` if it is float64, else cast into ``buf``."""
+    cols = m[:, lo:lo + block]
+    if buf is None:
+        return cols
+    out = buf[:, :cols.shape[1]]
+    np.copyto(out, cols)
     return out
 
 
@@ -114,20 +120,19 @@ def unit_gram(gram: np.ndarray) -> np.ndarray:
     return gram[np.ix_(keep, keep)] / np.outer(n[keep], n[keep])
 
 
-def gram_singular_values(gram: np.ndarray, rel_error: float = 0.0) -> np.ndarray:
+def gram_singular_values(gram: np.ndarray) -> np.ndarray:
     """Singular values of the ``T x D`` matrix with rows ``g_t``, from its Gram: ``s_i = sqrt(max(lambda_i, 0))``.
 
     ``lambda_i`` are the eigenvalues of ``G`` (``numpy.linalg.eigvalsh``), in descending order. Eigenvalues below
-    ``10 T eps lambda_max`` (the eigensolver's rounding) or ``rel_error trace(G)`` are noise of a rank-deficient
-    ``G`` and are set to zero: a Gram whose entries are off by at most ``rel_error ||x_t|| ||x_s||`` has an error
-    matrix ``E`` with ``||E||_2 <= ||E||_F <= rel_error trace(G)``, so by Weyl's inequality no eigenvalue moved more.
+    ``10 T eps lambda_max`` are rounding noise of a rank-deficient ``G`` (the eigensolver's own error) and are set
+    to zero; everything above is kept.
     """
     if gram.size == 0:
         return np.zeros(0)
     lam = np.linalg.eigvalsh(np.asarray(gram, np.float64))[::-1]
     if lam[0] <= 0:
         return np.zeros_like(lam)
-    lam[lam <= max(10 * len(lam) * EPS * lam[0], rel_error * float(np.trace(gram)))] = 0.0
+    lam[lam <= 10 * len(lam) * EPS * lam[0]] = 0.0
     return np.sqrt(lam)
 
 
@@ -184,17 +189,16 @@ def spectrum_stats(s: np.ndarray, rtol: float = 0.0) -> dict[str, float]:
     return {k: float(v[0]) for k, v in spectrum_rows(s, rtol).items()}
 
 
-def trajectory_stats(gram: np.ndarray, rel_error: float = 0.0) -> dict[str, float]:
+def trajectory_stats(gram: np.ndarray) -> dict[str, float]:
     """Spectral statistics of the trajectory matrix (rows ``g_t``), raw and with rows scaled to unit norm.
 
-    Both come from the ``T x T`` Gram matrix (:func:`gram_singular_values`, :func:`unit_gram`), never from an SVD of
-    the tall matrix. ``rel_error``: the bound on the Gram's entries relative to ``||x_t|| ||x_s||`` (0 for an exact
-    Gram; :func:`gram_error_bound` for a :func:`gram_product`); the unit Gram's is twice that (its norms carry the
-    error too). Keys: ``erank_traj``, ``stable_rank_traj``, ``energy90_traj`` and the same with ``_unit``.
+    Both come from the ``T x T`` float64 Gram matrix (:func:`gram_singular_values`, :func:`unit_gram`), never from
+    an SVD of the tall matrix. Keys: ``erank_traj``, ``stable_rank_traj``, ``energy90_traj`` and the same with
+    ``_unit``.
     """
     out = {}
-    for suffix, g, err in (("", gram, rel_error), ("_unit", unit_gram(gram), 2 * rel_error)):
-        for key, value in spectrum_stats(gram_singular_values(g, err)).items():
+    for suffix, g in (("", gram), ("_unit", unit_gram(gram))):
+        for key, value in spectrum_stats(gram_singular_values(g)).items():
             out[f"{key}_traj{suffix}"] = value
     return out
 

@@ -3,9 +3,9 @@
 One pass over the shards when the run fits the memory budget, else a step pass and a Gram pass (:mod:`.passes`).
 A module Gram is added into the whole-adapter, per-projection and per-layer Grams (sums of Grams: the Gram of the
 concatenated vectors) and dropped once its statistics are taken, so peak memory is the budget, two shards, 4 bytes
-per B entry (8 with a window) for the sign counts and those aggregate ``T x T`` matrices. Grams are float32 block
-products accumulated in float64; each statistic taken from one knows the error bound of its entries
-(:func:`.core.gram_error_bound`), and the trajectory spectra discard the eigenvalues within it.
+per B entry (8 with a window) for the sign counts and those aggregate ``T x T`` matrices. Grams are float64
+(:func:`.core.gram_product`: float32 steps cast a cache-sized block at a time), so every statistic taken from one is
+exact to float64 rounding, the small eigenvalues of a near-low-rank trajectory included.
 
 A run recorded without raw shards is analysed from its accumulators instead (:mod:`.accumulated`).
 """
@@ -50,13 +50,12 @@ from gradlens.stats.results import (
 )
 
 
-def _gram_row(gram: np.ndarray, sign: SignAgg, step: dict[str, np.ndarray], lags: int,
-              rel_error: float) -> dict[str, float]:
+def _gram_row(gram: np.ndarray, sign: SignAgg, step: dict[str, np.ndarray], lags: int) -> dict[str, float]:
     row: dict[str, float] = {"steps": len(gram), "nonzero_steps": int((core.gram_norms(gram) > 0).sum())}
     for lag, mean in enumerate(core.lag_cosine_means(gram, lags), start=1):
         row[f"cos_lag{lag}_mean"] = float(mean)
     row["cos_to_mean_mean"] = core.nanmean(core.cosine_to_mean(gram))
-    row.update(core.trajectory_stats(gram, rel_error))
+    row.update(core.trajectory_stats(gram))
     for key in STEP_KEYS:
         row[f"{key}_step_mean"] = core.nanmean(step[key][: len(gram)])
     row.update(sign.row())
@@ -64,15 +63,15 @@ def _gram_row(gram: np.ndarray, sign: SignAgg, step: dict[str, np.ndarray], lags
 
 
 def _gram_scope(scope: str, name: str, modules: list[str], gram: np.ndarray, sign: SignAgg, sign_w: SignAgg | None,
-                step: dict[str, np.ndarray], lags: int, window: int | None, rel_error: float) -> ScopeStats:
+                step: dict[str, np.ndarray], lags: int, window: int | None) -> ScopeStats:
     series = {f"cos_lag{lag}": s for lag, s in enumerate(core.lag_cosines(gram, lags), start=1)}
     series["cos_to_mean"] = core.cosine_to_mean(gram)
     series["grad_norm"] = core.gram_norms(gram)
     series.update({f"{k}_step": step[k] for k in STEP_KEYS})
     window_row = None
     if window is not None and sign_w is not None:
-        window_row = _gram_row(gram[:window, :window], sign_w, step, lags, rel_error)
-    return ScopeStats(scope=scope, name=name, modules=modules, row=_gram_row(gram, sign, step, lags, rel_error),
+        window_row = _gram_row(gram[:window, :window], sign_w, step, lags)
+    return ScopeStats(scope=scope, name=name, modules=modules, row=_gram_row(gram, sign, step, lags),
                       window_row=window_row, series=series, hist=sign.hist, null_hist=sign.null()[2])
 
 
@@ -82,11 +81,6 @@ def _nanmean_rows(x: np.ndarray) -> np.ndarray:
     n = finite.sum(axis=0)
     total = np.where(finite, x, 0.0).sum(axis=0)
     return np.where(n > 0, total / np.maximum(n, 1), np.nan)
-
-
-def _rel_error(specs: Sequence[Any], members: Sequence[int]) -> float:
-    """The Gram error bound of a scope: float32 blocks of at most GRAM_BLOCK columns of one module each."""
-    return core.gram_error_bound(min(core.GRAM_BLOCK, max(specs[i].size for i in members)))
 
 
 def _scopes(specs: Sequence[Any], T: int, steps: list[ModuleSteps], grams: Iterator[tuple[int, np.ndarray]],
@@ -102,7 +96,7 @@ def _scopes(specs: Sequence[Any], T: int, steps: list[ModuleSteps], grams: Itera
             pooled[k][3][...] += gram
         ms = steps[i]
         modules[i] = _gram_scope("module", specs[i].name, [specs[i].name], gram, ms.sign, ms.sign_w, ms.spectra,
-                                 lags, window, _rel_error(specs, [i]))
+                                 lags, window)
     out = [modules[i] for i in range(len(specs))]
     for scope, name, members, gram in pooled:
         sign = pooled_sign([steps[i].sign for i in members])
@@ -110,7 +104,7 @@ def _scopes(specs: Sequence[Any], T: int, steps: list[ModuleSteps], grams: Itera
         with np.errstate(all="ignore"):
             step = {k: _nanmean_rows(np.stack([steps[i].spectra[k] for i in members])) for k in STEP_KEYS}
         out.append(_gram_scope(scope, name, [specs[i].name for i in members], gram, sign, sign_w, step, lags,
-                               window, _rel_error(specs, members)))
+                               window))
     return out
 
 

@@ -11,8 +11,8 @@
    later step as it streams past, which fills the Gram block by block (one extra read per extra panel).
 
 Both read one shard ahead on a thread (:func:`prefetch`, :func:`read_ahead`), so the disk works while the CPU does.
-Grams are float32 products accumulated in float64 (:func:`.core.gram_product`), on one BLAS thread per worker
-(:func:`one_blas_thread`).
+Grams are float64 (:func:`.core.gram_product`; the steps are cast a block at a time as they are copied, never
+whole), on one BLAS thread per worker (:func:`one_blas_thread`).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from gradlens.stats.results import STEP_KEYS, SignAgg
 PAGE = 4096
 _DONE = object()
 Mapper = Callable[..., Iterator[Any]]  # builtins.map or ThreadPoolExecutor.map: results in order
-GATHER_BYTES = 8 * 2**20  # the buffer a whole group's module gathers column blocks of its steps into
+GATHER_BYTES = 4 * 2**20  # the float64 buffer a whole group's module gathers column blocks of its steps into
 
 
 @lru_cache(maxsize=1)
@@ -326,11 +326,10 @@ def _finish(groups: list[tuple[list[int], int]], panel: tuple[int, int, int], he
 
 def _gathered_gram(parts: list[tuple[Any, np.ndarray]], T: int) -> np.ndarray:
     """The Gram of the rows ``flat[rows]`` of every part, stacked in order (T in all), by column blocks gathered
-    into one buffer of about :data:`GATHER_BYTES` (a multiple of GRAM_BLOCK columns: the same blocks as one
-    :func:`.core.gram_product` of the whole matrix)."""
+    into one float64 buffer of about :data:`GATHER_BYTES` (the gather is the cast: no float32 copy in between)."""
     size = parts[0][0].shape[1]
-    width = max(1, GATHER_BYTES // (4 * T * core.GRAM_BLOCK)) * core.GRAM_BLOCK
-    hot = np.empty((T, min(width, size)), np.float32)
+    width = max(1, GATHER_BYTES // (8 * T * core.GRAM_BLOCK)) * core.GRAM_BLOCK
+    hot = np.empty((T, min(width, size)))
     out = np.zeros((T, T))
     for lo in range(0, size, width):
         block, r = hot[:, :min(width, size - lo)], 0
