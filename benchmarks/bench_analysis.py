@@ -8,8 +8,8 @@ disk; ``fincore``, where installed, checks that nothing stayed resident):
 
 - **read**: the baseline, a plain numpy pass that reads every shard file into one reused buffer and nothing else;
 - **analyze**: ``gradlens analyze RUN --out OUT`` (every statistic, tables and figures, as a user runs it) with the
-  code of this checkout, and with ``--old REF`` also with the code of that git revision (``git archive``), in the
-  same invocation, so that old and new meet the same machine load;
+  code of this checkout, and with ``--old REF`` (repeatable) also with the code of each of those git revisions
+  (``git archive``), in the same invocation, so that old and new meet the same machine load;
 - **dense SVD** (unless ``--skip-svd``): the most obvious implementation, ``run.gradients(module)`` as a
   ``T x d_out*r`` matrix and ``np.linalg.svd`` of it, per module (only the per-module trajectory erank).
 
@@ -19,7 +19,7 @@ that ``analyze - imports`` is the cost beyond the imports. Reports medians, rati
 and CPU seconds (user + system, all threads). The runs are deleted afterwards.
 
     python benchmarks/bench_analysis.py [--steps 100] [--layers 28] [--repeats 2] [--memory-mb 512] [--dir /tmp]
-                                        [--old REF] [--skip-svd] [--small-steps 4]
+                                        [--old REF ...] [--skip-svd] [--small-steps 4]
 """
 
 from __future__ import annotations
@@ -187,7 +187,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--memory-mb", type=float, default=512, help="analyze --memory_mb")
     parser.add_argument("--dir", default=tempfile.gettempdir(), help="where the temporary runs are written")
-    parser.add_argument("--old", help="also time analyze with gradlens/ of this git revision (e.g. main)")
+    parser.add_argument("--old", action="append", default=[],
+                        help="also time analyze with gradlens/ of this git revision (e.g. main); repeatable")
     parser.add_argument("--skip-svd", action="store_true", help="leave out the dense SVD pass")
     parser.add_argument("--small-steps", type=int, default=4, help="steps of the small run (fixed cost)")
     parser.add_argument("--worker", choices=("write", "write-small", "read", "svd"), help=argparse.SUPPRESS)
@@ -205,7 +206,7 @@ def main() -> int:
     check_free_disk(args.dir, 2.5 * 4 * n * args.steps, "bench_analysis")
     root = Path(tempfile.mkdtemp(prefix="gradlens-bench-analysis-", dir=args.dir))
     try:
-        trees = {"new": ROOT, **({"old": old_tree(args.old, root / "old")} if args.old else {})}
+        trees = {"new": ROOT, **{ref: old_tree(ref, root / f"old-{k}") for k, ref in enumerate(args.old)}}
         run = root / "run"
         print(f"writing {args.steps} steps x {len(shapes)} modules ({n:,} entries) to {run} ...", flush=True)
         me = [sys.executable, __file__, "--run", str(run), "--steps", str(args.steps), "--layers", str(args.layers),
@@ -215,7 +216,7 @@ def main() -> int:
         size = sum(p.stat().st_size for p in shard_files(run))
         print(f"wrote {size / 1e9:.2f} GB of shards in {write_s:.0f} s", flush=True)
         passes = {"read": (me + ["read"], ROOT)}
-        passes.update({"analyze" if name == "new" else f"analyze ({args.old})":
+        passes.update({"analyze" if name == "new" else f"analyze ({name})":
                        (analyze_cmd(run, root / "analysis", args.memory_mb), tree) for name, tree in trees.items()})
         if not args.skip_svd:
             passes["dense SVD"] = (me + ["svd"], ROOT)

@@ -410,16 +410,16 @@ def test_every_scope_matches_reference(tmp_path, memory_mb):
 def test_a_run_within_the_budget_is_read_once(tmp_path, monkeypatch):
     """Within the memory budget the step pass also fills the Gram buffers: every shard is read exactly once. Over
     it, a Gram pass reads the modules that did not fit again, with the same statistics."""
-    from gradlens.store.reader import Run
+    from gradlens.store import reader
 
     reads: list[str] = []
-    read = Run._read
+    read = reader.read_shard_tensors
 
-    def counted(self, file, keys, offsets=None):
-        reads.append(file)
-        return read(self, file, keys, offsets)
+    def counted(run_dir, shard, specs, indices):
+        reads.append(shard.file)
+        return read(run_dir, shard, specs, indices)
 
-    monkeypatch.setattr(Run, "_read", counted)
+    monkeypatch.setattr(reader, "read_shard_tensors", counted)
     T = 9
     path = write(tmp_path / "run", list(range(T)), random_grads(T, seed=23))
     shards = [s["file"] for s in json.loads((path / "manifest.json").read_text())["shards"]]

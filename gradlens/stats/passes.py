@@ -113,8 +113,8 @@ def prefetch(items: Iterator[Any], ahead: int = 1) -> Iterator[Any]:
 
 
 def read_ahead(chunks: Iterator[tuple[list[int], list[np.ndarray]]], tag: Any = None) -> Iterator[Any]:
-    """Fault in every page of each array on the calling (prefetch) thread: the reader's float32 arrays may be lazy
-    views of the shard file, whose first touch is the actual read."""
+    """Fault in every page of each array on the calling (prefetch) thread: a reader's float32 arrays may be lazy
+    views of the shard file, whose first touch is the actual read (a no-op for arrays already in memory)."""
     for steps, arrays in chunks:
         for a in arrays:
             flat = a.reshape(-1).view(np.uint8)
@@ -280,9 +280,9 @@ def gram_pass(run: Any, pos: dict[int, int], groups: list[tuple[list[int], int]]
     """Yield ``(module index, its T x T Gram over the usable steps)`` for every module of ``groups``.
 
     Every group reads its modules from every shard once per panel, one shard ahead on a thread; ``parallel`` maps
-    the products of a group's modules. A whole group (all T steps fit) keeps the arrays it read, views of the shard
-    files' pages (resident, at most the budget, never copied whole), and takes each Gram from column blocks gathered
-    into a small buffer (:func:`_gathered_gram`). A panel group copies its panel's steps into a buffer and
+    the products of a group's modules. A whole group (all T steps fit) keeps the arrays it read (at most the
+    budget, never copied whole) and takes each Gram from column blocks gathered into a small float64 buffer
+    (:func:`_gathered_gram`). A panel group copies its panel's steps into a buffer and
     multiplies the later steps with them as they stream past.
     """
     T, specs = len(pos), run.specs
