@@ -243,7 +243,8 @@ def main() -> int:
     print(markdown_table(["code", "small run: analyze s", "imports s", "beyond the imports s"],
                          [(f["code"], f"{f['analyze_seconds']:.2f}", f"{f['imports_seconds']:.2f}",
                            f"{f['fixed_seconds']:.2f}") for f in fixed]))
-    write_json(args.json, {"benchmark": "analysis", "steps": args.steps, "modules": len(shapes), "entries": n,
+    write_json(args.json, {"benchmark": "analysis", "steps": args.steps, "layers": args.layers, "modules": len(shapes),
+                           "entries": n,
                            "shard_bytes": size, "write_seconds": write_s, "repeats": args.repeats,
                            "memory_mb": args.memory_mb, "old": args.old, "load_average": os.getloadavg(),
                            "page_cache": "cold (posix_fadvise DONTNEED before each pass; cached_bytes_before: "

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,9 @@ from gradlens.stats.results import (
     stat_columns,
     unclip_scale,
 )
+
+Submit = Callable[..., Future]  # ThreadPoolExecutor.submit
+IN_FLIGHT = 8  # module scopes computed at once, each holding its T x T Gram
 
 
 def _gram_row(gram: np.ndarray, sign: SignAgg, step: dict[str, np.ndarray], lags: int) -> dict[str, float]:
@@ -84,28 +88,37 @@ def _nanmean_rows(x: np.ndarray) -> np.ndarray:
 
 
 def _scopes(specs: Sequence[Any], T: int, steps: list[ModuleSteps], grams: Iterator[tuple[int, np.ndarray]],
-            scale: np.ndarray | None, lags: int, window: int | None) -> list[ScopeStats]:
-    """Every module's scope as its Gram streams in, then the projection, layer and adapter scopes."""
+            scale: np.ndarray | None, lags: int, window: int | None, submit: Submit) -> list[ScopeStats]:
+    """Every module's scope as its Gram streams in, then the projection, layer and adapter scopes.
+
+    Each scope's statistics (two ``T x T`` eigendecompositions: 35 ms at T=400, most of the analysis there) run on
+    the workers (``submit``), at most :data:`IN_FLIGHT` module scopes at a time so that their Grams stay few.
+    """
     pooled = [(scope, name, members, np.zeros((T, T))) for scope, name, members in scope_members(specs)]
     holding = [[k for k, (_, _, members, _) in enumerate(pooled) if i in members] for i in range(len(specs))]
     modules: dict[int, ScopeStats] = {}
+    pending: deque[tuple[int, Future[ScopeStats]]] = deque()
     for i, gram in grams:
         if scale is not None:
             gram *= np.outer(scale, scale)
         for k in holding[i]:
             pooled[k][3][...] += gram
         ms = steps[i]
-        modules[i] = _gram_scope("module", specs[i].name, [specs[i].name], gram, ms.sign, ms.sign_w, ms.spectra,
-                                 lags, window)
-    out = [modules[i] for i in range(len(specs))]
+        pending.append((i, submit(_gram_scope, "module", specs[i].name, [specs[i].name], gram, ms.sign, ms.sign_w,
+                                  ms.spectra, lags, window)))
+        while len(pending) > IN_FLIGHT:
+            j, done = pending.popleft()
+            modules[j] = done.result()
+    modules.update((j, done.result()) for j, done in pending)
+    rest = []
     for scope, name, members, gram in pooled:
         sign = pooled_sign([steps[i].sign for i in members])
         sign_w = pooled_sign([steps[i].sign_w for i in members]) if window is not None else None
         with np.errstate(all="ignore"):
             step = {k: _nanmean_rows(np.stack([steps[i].spectra[k] for i in members])) for k in STEP_KEYS}
-        out.append(_gram_scope(scope, name, [specs[i].name for i in members], gram, sign, sign_w, step, lags,
-                               window))
-    return out
+        rest.append(submit(_gram_scope, scope, name, [specs[i].name for i in members], gram, sign, sign_w, step,
+                           lags, window))
+    return [modules[i] for i in range(len(specs))] + [done.result() for done in rest]
 
 
 def _progress(run: Any, enabled: bool) -> Any:
@@ -168,7 +181,7 @@ def _analyze_raw(run: Any, *, lags: int, window: int | None, bins: int, budget: 
             del sums
             scale = unclip_scale(run.step_records, usable) if unclip else None
             grams = _all_grams(run, usable, fused, budget, bar, pool.map)
-            scopes = _scopes(run.specs, len(usable), steps, grams, scale, lags, W)
+            scopes = _scopes(run.specs, len(usable), steps, grams, scale, lags, W, pool.submit)
         finally:
             if bar is not None:
                 bar.close()
