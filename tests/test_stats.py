@@ -9,6 +9,10 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import subprocess
+import sys
+import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -24,6 +28,7 @@ LAGS = 4
 NAMES_SHAPES = [("model.layers.0.self_attn.q_proj", (12, 4)), ("model.layers.0.mlp.down_proj", (9, 4)),
                 ("model.layers.1.self_attn.q_proj", (12, 4)), ("model.layers.1.self_attn.v_proj", (5, 2))]
 SPECS = [ModuleSpec.from_name(n, s) for n, s in NAMES_SHAPES]
+EPS64 = float(np.finfo(np.float64).eps)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -215,6 +220,89 @@ def test_gram_spectrum_equals_dense_svd(rank):
         assert got["erank_traj"] == pytest.approx(1.0, abs=1e-12)
 
 
+def _gamma64(n: int) -> float:
+    """``gamma_n = n eps / (1 - n eps)``: the relative error bound of a float64 sum of n terms (Higham, eq. 3.5)."""
+    return n * EPS64 / (1 - n * EPS64)
+
+
+def _erank_rtol(m: np.ndarray) -> float:
+    """How far float64 rounding may move the erank of the rows of ``m`` (float32 data) when taken from their Gram.
+
+    Every Gram entry is within ``gamma_D ||x_t|| ||x_s||`` (float32 products are exact in float64) and eigvalsh is
+    backward stable (``~T eps ||G||``), so each eigenvalue moves by at most ``delta = (gamma_D + T eps) trace``
+    (Weyl), each singular value by at most ``Delta_i = sqrt(lambda_i + delta) - sqrt(max(lambda_i - delta, 0))``
+    and ``H = -sum p_i log p_i`` by at most ``sum_i Delta_i (|log p_i| + H) / S`` (``dH = -sum d_i (log p_i + H) /
+    S``, first order; ``p_i`` floored at ``Delta_i / S``, the size of a noise value): 2x that for the higher orders.
+    """
+    s = np.linalg.svd(m.astype(np.float64), compute_uv=False)
+    lam, total = s**2, float(s.sum())
+    delta = (_gamma64(m.shape[1]) + len(m) * EPS64) * lam.sum()
+    width = np.sqrt(lam + delta) - np.sqrt(np.clip(lam - delta, 0.0, None))
+    p = np.maximum(s, width) / total
+    h = -(p * np.log(p)).sum()
+    return float(2 * (width * (np.abs(np.log(p)) + h)).sum() / total)
+
+
+def test_gram_product_is_float64_exact():
+    """``gram_product`` of float32 rows is the float64 Gram: within ``gamma_D sum_k |x_tk x_sk|`` (float64) of the
+    exact one (longdouble), on rows of mixed scales; and exactly ``1 + 2^-14`` for a row of 1 then 2^20 entries of
+    2^-17, where each float32 block of 512 columns would already lose its ``511 * 2^-34`` next to the 1."""
+    rng = np.random.default_rng(21)
+    T, D = 7, 3 * stats.GRAM_BLOCK + 77
+    x = (rng.standard_normal((T, D)) * rng.uniform(1e-3, 1e3, (T, 1)) * rng.uniform(0.5, 2, D)).astype(np.float32)
+    for a, b in ((x, None), (x, x[::-1].copy()), (x.astype(np.float64), None)):
+        a128, b128 = a.astype(np.longdouble), (a if b is None else b).astype(np.longdouble)
+        want, scale = a128 @ b128.T, np.abs(a128) @ np.abs(b128).T
+        got = stats.gram_product(a, b)
+        assert got.dtype == np.float64
+        assert (np.abs(got - want) <= 2 * _gamma64(D) * scale).all()  # 2x: the longdouble reference rounds too
+    big = np.full((2, 1 + 2**20), 2.0**-17, np.float32)
+    big[:, 0] = 1.0
+    assert (stats.gram_product(big) == 1 + 2.0**-14).all()
+
+
+def _near_rank_one(T: int, d: int, r: int, noise: float, seed: int) -> np.ndarray:
+    """Float32 steps ``(1 + 0.01 t) u + noise z_t``: one direction and a small isotropic rest, the low-rank case."""
+    rng = np.random.default_rng(seed)
+    u = rng.standard_normal((d, r))
+    return np.stack([(1 + 0.01 * t) * u + noise * rng.standard_normal((d, r)) for t in range(T)]).astype(np.float32)
+
+
+def test_near_rank_one_trajectory_erank_is_exact(tmp_path):
+    """The small eigenvalues of a near-rank-1 trajectory carry its erank (each ``sqrt(lambda)`` counts); a float32
+    Gram moves them by up to ``2^-24 B trace`` and its erank by percents (1.11-1.14 for 1.23 in tests/test_rivals.py).
+    Through ``analyze_run`` every trajectory erank must match numpy's float64 SVD of the stored float32 steps within
+    what float64 rounding allows (:func:`_erank_rtol`, 1e-9 to 3e-7 here, a worst case)."""
+    T = 40
+    grads = [_near_rank_one(T, 64, 8, 0.01, seed=31), _near_rank_one(T, 96, 8, 0.003, seed=32)]
+    names = ["model.layers.0.mlp.down_proj", "model.layers.0.mlp.up_proj"]
+    specs = [ModuleSpec.from_name(n, g.shape[1:]) for n, g in zip(names, grads, strict=True)]
+    with RunWriter(tmp_path / "run", specs) as w:
+        for t in range(T):
+            w.add_step(t, [g[t] for g in grads], {"loss": 1.0})
+    rs = analyze_run(tmp_path / "run", lags=1)
+    for sc, mats in ((rs.scopes[0], grads[:1]), (rs.scopes[1], grads[1:]), (rs.adapter, grads)):
+        v = np.concatenate([g.reshape(T, -1).astype(np.float64) for g in mats], axis=1)
+        unit = v / np.linalg.norm(v, axis=1, keepdims=True)
+        for key, m in (("erank_traj", v), ("erank_traj_unit", unit)):
+            want, rtol = _ref_erank(np.linalg.svd(m, compute_uv=False)), _erank_rtol(m)
+            assert 1e-12 < rtol < 1e-5, rtol  # float64 rounding (a float32 Gram: delta 2^29 times larger)
+            assert sc.row[key] == pytest.approx(want, rel=rtol), (sc.name, key, sc.row[key], want, rtol)
+        assert sc.row["erank_traj"] < 1.6  # near rank 1 indeed
+
+
+def test_rank_deficient_trajectory_through_the_gram():
+    """A rank-2 float32 trajectory: the float64 Gram's eigenvalue floor (``10 T eps lambda_max``) drops its rounding
+    noise, and what is left of it moves erank no more than float64 rounding allows (:func:`_erank_rtol`)."""
+    rng = np.random.default_rng(22)
+    T, D = 12, 4000
+    x = (rng.standard_normal((T, 2)) @ rng.standard_normal((2, D))).astype(np.float32)
+    got = stats.trajectory_stats(stats.gram_product(x))
+    e, sr, k = _ref_spectrum(x.astype(np.float64))
+    assert got["erank_traj"] == pytest.approx(e, rel=_erank_rtol(x)) and got["energy90_traj"] == k
+    assert got["stable_rank_traj"] == pytest.approx(sr, rel=1e-12)
+
+
 def test_cosines_from_gram_equal_loops():
     rng = np.random.default_rng(2)
     T = 9
@@ -295,7 +383,9 @@ def test_random_signs_near_null_constant_signs_one(tmp_path):
     assert row["sign_stability_mean"] == 1.0 and row["sign_stable_frac_0.8"] == 1.0
 
 
-@pytest.mark.parametrize("memory_mb", [64, 0.003])  # one group in memory; panels of a few steps per module
+# One pass (everything fits the budget); a step pass and a Gram pass of three groups; panels of 3 steps for the
+# large modules (4 bytes x 11 steps x 48 entries plus their 11 x 11 Gram exceed 0.0015 MB).
+@pytest.mark.parametrize("memory_mb", [64, 0.005, 0.0015])
 def test_every_scope_matches_reference(tmp_path, memory_mb):
     T = 11
     grads = random_grads(T)
@@ -315,6 +405,67 @@ def test_every_scope_matches_reference(tmp_path, memory_mb):
     np.testing.assert_allclose(adapter.series["cos_lag2"], [ref_cos(v[t], v[t + 2]) for t in range(T - 2)],
                                rtol=1e-10)
     np.testing.assert_allclose(adapter.series["grad_norm"], np.linalg.norm(v, axis=1), rtol=1e-10)
+
+
+def test_a_run_within_the_budget_is_read_once(tmp_path, monkeypatch):
+    """Within the memory budget the step pass also fills the Gram buffers: every shard is read exactly once. Over
+    it, a Gram pass reads the modules that did not fit again, with the same statistics."""
+    from gradlens.store import reader
+
+    reads: list[str] = []
+    read = reader.read_shard_tensors
+
+    def counted(run_dir, shard, specs, indices):
+        reads.append(shard.file)
+        return read(run_dir, shard, specs, indices)
+
+    monkeypatch.setattr(reader, "read_shard_tensors", counted)
+    T = 9
+    path = write(tmp_path / "run", list(range(T)), random_grads(T, seed=23))
+    shards = [s["file"] for s in json.loads((path / "manifest.json").read_text())["shards"]]
+    once = analyze_run(path, lags=LAGS, memory_mb=64)
+    assert sorted(reads) == sorted(shards) and len(shards) == 3
+    reads.clear()
+    twice = analyze_run(path, lags=LAGS, memory_mb=0.005)
+    assert len(reads) > len(shards)
+    for a, b in zip(once.scopes, twice.scopes, strict=True):
+        assert_row(a.row, b.row, rtol=1e-12)
+
+
+def test_prefetch_reads_one_item_ahead_and_raises_the_readers_error():
+    from gradlens.stats.passes import prefetch
+
+    produced: list[int] = []
+
+    def items():
+        for k in range(6):
+            produced.append(k)
+            yield k
+
+    for k in prefetch(items()):
+        time.sleep(0.02)  # time for the producer to run ahead, as far as it may
+        assert len(produced) <= k + 2  # the item in use and at most one more: bounded memory
+    assert produced == list(range(6))
+
+    def failing():
+        yield 1
+        raise GradlensError("shards/shard-000001.safetensors: cannot read shard")
+
+    with pytest.raises(GradlensError, match="cannot read shard"):
+        list(prefetch(failing()))
+    early = prefetch(iter(range(100)))
+    assert next(early) == 0
+    early.close()  # the consumer stops: so does the producer
+    assert not [t for t in threading.enumerate() if t.name == "gradlens-prefetch"]
+
+
+def test_the_analysis_needs_no_scipy(tmp_path):
+    """The sign null comes from Pascal's rule, not scipy.stats (1-2 s of imports of every ``gradlens analyze``)."""
+    path = write(tmp_path / "run", list(range(4)), random_grads(4, seed=24))
+    code = f"import sys; from gradlens.stats import analyze_run; analyze_run({str(path)!r}); print(sorted(" \
+           "m for m in sys.modules if m.split('.')[0] == 'scipy'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_window_equals_truncated_run(tmp_path):

@@ -15,12 +15,14 @@ whole adapter concatenates all modules, a projection type or a layer concatenate
 """
 
 from gradlens.stats.core import (
+    GRAM_BLOCK,
     SignNull,
     cosine_matrix,
     cosine_to_mean,
     energy_count,
     erank,
     gram_norms,
+    gram_product,
     gram_singular_values,
     histogram_edges,
     lag_cosine_means,
@@ -31,10 +33,12 @@ from gradlens.stats.core import (
     sign_null_share,
     sign_null_table,
     sign_stability,
+    spectrum_rows,
     spectrum_stats,
     stability_histogram,
     stable_rank,
     stable_share,
+    step_grams,
     step_spectrum_stats,
     trajectory_stats,
     unit_gram,
@@ -43,9 +47,10 @@ from gradlens.stats.driver import analyze_run
 from gradlens.stats.results import ACC_SOURCE, RAW_SOURCE, RunStats, ScopeStats, run_regime, stat_columns
 
 __all__ = [
-    "ACC_SOURCE", "RAW_SOURCE", "RunStats", "ScopeStats", "SignNull", "analyze_run", "cosine_matrix",
-    "cosine_to_mean", "energy_count", "erank", "gram_norms", "gram_singular_values", "histogram_edges",
-    "lag_cosine_means", "lag_cosines", "null_histogram", "run_regime", "sign_null_mean", "sign_null_pmf",
-    "sign_null_share", "sign_null_table", "sign_stability", "spectrum_stats", "stability_histogram", "stable_rank",
-    "stable_share", "stat_columns", "step_spectrum_stats", "trajectory_stats", "unit_gram",
+    "ACC_SOURCE", "GRAM_BLOCK", "RAW_SOURCE", "RunStats", "ScopeStats", "SignNull", "analyze_run", "cosine_matrix",
+    "cosine_to_mean", "energy_count", "erank", "gram_norms", "gram_product",
+    "gram_singular_values", "histogram_edges", "lag_cosine_means", "lag_cosines", "null_histogram", "run_regime",
+    "sign_null_mean", "sign_null_pmf", "sign_null_share", "sign_null_table", "sign_stability", "spectrum_rows",
+    "spectrum_stats", "stability_histogram", "stable_rank", "stable_share", "stat_columns", "step_grams",
+    "step_spectrum_stats", "trajectory_stats", "unit_gram",
 ]

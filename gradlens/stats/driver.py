@@ -1,19 +1,11 @@
 """The out-of-core driver: every statistic of :mod:`gradlens.stats.core` for one run, read shard by shard.
 
-Two passes over the shards, each with bounded memory whatever the run's size on disk:
-
-1. The *step pass* reads every module of one shard at a time. Reading all of a step before using any of it finds
-   the non-finite steps (flagged in the manifest or not) before they touch a statistic, so nothing is ever undone.
-   It takes what needs one step at a time: per-entry counts of positive and negative signs (for the whole run and
-   the leading window), the per-step spectra and which steps are exactly zero.
-2. The *Gram pass* reads groups of modules: as many as fit the memory budget with all their usable steps (float64)
-   plus their ``T x T`` Gram matrices. A module too large for the budget on its own is processed in panels of
-   steps: pass ``a`` holds panel ``a`` and multiplies it with every later step as it streams past, which fills the
-   Gram block by block (one extra read of that module per extra panel).
-
+One pass over the shards when the run fits the memory budget, else a step pass and a Gram pass (:mod:`.passes`).
 A module Gram is added into the whole-adapter, per-projection and per-layer Grams (sums of Grams: the Gram of the
-concatenated vectors) and dropped once its statistics are taken, so peak memory is the budget plus those aggregate
-``T x T`` matrices (or, in the step pass, one shard plus 8 bytes per B entry, 16 with a window).
+concatenated vectors) and dropped once its statistics are taken, so peak memory is the budget, two shards, 4 bytes
+per B entry (8 with a window) for the sign counts and those aggregate ``T x T`` matrices. Grams are float64
+(:func:`.core.gram_product`: float32 steps cast a cache-sized block at a time), so every statistic taken from one is
+exact to float64 rounding, the small eigenvalues of a near-low-rank trajectory included.
 
 A run recorded without raw shards is analysed from its accumulators instead (:mod:`.accumulated`).
 """
@@ -22,8 +14,9 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +25,17 @@ import numpy as np
 from gradlens.errors import GradlensError
 from gradlens.stats import core
 from gradlens.stats.accumulated import analyze_accumulators
+from gradlens.stats.passes import (
+    Mapper,
+    ModuleSteps,
+    StepSums,
+    buffers,
+    gram_pass,
+    one_blas_thread,
+    plan_groups,
+    prefetch,
+    read_ahead,
+)
 from gradlens.stats.results import (
     STEP_KEYS,
     RunStats,
@@ -46,142 +50,8 @@ from gradlens.stats.results import (
     unclip_scale,
 )
 
-
-@dataclass
-class _ModuleSteps:
-    """One module's step-pass results over the usable steps: sign statistics (whole run, window) and spectra."""
-
-    sign: SignAgg
-    sign_w: SignAgg | None
-    spectra: dict[str, np.ndarray]
-
-
-class _StepSums:
-    """The step pass: fed every module of one shard at a time (:meth:`add`), in step order."""
-
-    def __init__(self, specs: Sequence[Any], candidates: Sequence[int], window: int | None) -> None:
-        self.candidates = set(candidates)
-        self.window = window
-        self.usable: list[int] = []
-        self.bad: list[int] = []
-        self.zero: list[int] = []
-        self.pos = [np.zeros(s.shape, np.int32) for s in specs]
-        self.neg = [np.zeros(s.shape, np.int32) for s in specs]
-        self.pos_w = [np.zeros(s.shape, np.int32) for s in specs] if window is not None else []
-        self.neg_w = [np.zeros(s.shape, np.int32) for s in specs] if window is not None else []
-        self.spectra: list[dict[str, list[np.ndarray]]] = [{k: [] for k in STEP_KEYS} for _ in specs]
-
-    def add(self, steps: list[int], arrays: list[np.ndarray]) -> None:
-        """One shard: ``arrays[i]`` is module i's float32 ``(len(steps), d_out, r)`` block."""
-        rows = [k for k, s in enumerate(steps) if s in self.candidates]
-        if not rows:
-            return
-        blocks = [a if len(rows) == len(steps) else a[rows] for a in arrays]
-        finite = np.logical_and.reduce([np.isfinite(b).reshape(len(rows), -1).all(axis=1) for b in blocks])
-        self.bad += [steps[rows[k]] for k in np.flatnonzero(~finite)]
-        if not finite.any():
-            return
-        if not finite.all():
-            blocks = [b[finite] for b in blocks]
-        kept = [steps[rows[k]] for k in np.flatnonzero(finite)]
-        in_window = None
-        if self.window is not None:
-            in_window = len(self.usable) + np.arange(len(kept)) < self.window
-        self.usable += kept
-        nonzero = np.zeros(len(kept), bool)
-        for i, block in enumerate(blocks):
-            self._add_module(i, block, in_window)
-            nonzero |= (block.reshape(len(kept), -1) != 0).any(axis=1)
-        self.zero += [s for s, nz in zip(kept, nonzero, strict=True) if not nz]
-
-    def _add_module(self, i: int, block: np.ndarray, in_window: np.ndarray | None) -> None:
-        positive, negative = block > 0, block < 0
-        self.pos[i] += positive.sum(axis=0, dtype=np.int32)
-        self.neg[i] += negative.sum(axis=0, dtype=np.int32)
-        if in_window is not None and in_window.any():
-            self.pos_w[i] += positive[in_window].sum(axis=0, dtype=np.int32)
-            self.neg_w[i] += negative[in_window].sum(axis=0, dtype=np.int32)
-        for key, values in core.step_spectrum_stats(block).items():
-            self.spectra[i][key].append(values)
-
-    def finish(self, window: int | None, bins: int) -> list[_ModuleSteps]:
-        """Per module: sign statistics over the usable steps (and the first ``window``), spectra as arrays."""
-        out = []
-        for i in range(len(self.pos)):
-            sign = SignAgg(len(self.usable), bins)
-            sign.add(self.pos[i] - self.neg[i], self.pos[i] + self.neg[i])
-            sign_w = None
-            if window is not None:
-                sign_w = SignAgg(window, bins)
-                sign_w.add(self.pos_w[i] - self.neg_w[i], self.pos_w[i] + self.neg_w[i])
-            spectra = {k: np.concatenate(v) if v else np.zeros(0) for k, v in self.spectra[i].items()}
-            out.append(_ModuleSteps(sign, sign_w, spectra))
-        return out
-
-
-def _plan_groups(sizes: Sequence[int], steps: int, budget: int) -> list[tuple[list[int], int]]:
-    """Pack modules (in order) into groups of ``(indices, panel_steps)`` that fit ``budget`` bytes.
-
-    A module costs ``8 T D`` (its steps in float64) plus ``8 T^2`` (its Gram). One that alone exceeds the budget
-    forms its own group with panels of as many steps as fit.
-    """
-    gram_bytes = 8 * steps * steps
-    groups: list[tuple[list[int], int]] = []
-    current: list[int] = []
-    used = 0
-    for i, size in enumerate(sizes):
-        cost = 8 * steps * size + gram_bytes
-        if current and (cost > budget or used + cost > budget):
-            groups.append((current, steps))
-            current, used = [], 0
-        if cost > budget:
-            avail = max(budget - gram_bytes, budget // 4)
-            groups.append(([i], max(1, min(steps, avail // (8 * size)))))
-            continue
-        current.append(i)
-        used += cost
-    if current:
-        groups.append((current, steps))
-    return groups
-
-
-def _fill_panel(run: Any, group: list[int], pos: dict[int, int], lo: int, hi: int,
-                grams: dict[int, np.ndarray], bar: Any) -> None:
-    """One read of the group's modules: rows ``lo:hi`` of their Grams, upper triangle (panel x panel and later)."""
-    specs = run.specs
-    buf = {i: np.empty((hi - lo, specs[i].size)) for i in group}
-    for steps, arrays in run.iter_steps([specs[i].name for i in group]):
-        if bar is not None:
-            bar.update(1)
-        rows = [k for k, s in enumerate(steps) if s in pos]
-        if not rows:
-            continue
-        idx = np.array([pos[steps[k]] for k in rows])
-        inside, after = (idx >= lo) & (idx < hi), idx >= hi
-        for i, arr in zip(group, arrays, strict=True):
-            flat = (arr if len(rows) == len(steps) else arr[rows]).reshape(len(rows), -1).astype(np.float64)
-            buf[i][idx[inside] - lo] = flat[inside]
-            if after.any():  # steps arrive in order, so the panel's rows are all in buf by now
-                grams[i][lo:hi, idx[after]] = buf[i] @ flat[after].T
-    for i in group:
-        grams[i][lo:hi, lo:hi] = buf[i] @ buf[i].T
-
-
-def _gram_pass(run: Any, usable: list[int], groups: list[tuple[list[int], int]], scale: np.ndarray | None,
-               bar: Any) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield ``(module index, its T x T Gram over the usable steps)`` for every module, in manifest order."""
-    T = len(usable)
-    pos = {s: i for i, s in enumerate(usable)}
-    for group, panel in groups:
-        grams = {i: np.zeros((T, T)) for i in group}
-        for lo in range(0, T, panel):
-            _fill_panel(run, group, pos, lo, min(T, lo + panel), grams, bar)
-        for i in group:
-            g = np.triu(grams.pop(i))
-            g = g + np.triu(g, 1).T
-            if scale is not None:
-                g *= np.outer(scale, scale)
-            yield i, g
+Submit = Callable[..., Future]  # ThreadPoolExecutor.submit
+IN_FLIGHT = 8  # module scopes computed at once, each holding its T x T Gram
 
 
 def _gram_row(gram: np.ndarray, sign: SignAgg, step: dict[str, np.ndarray], lags: int) -> dict[str, float]:
@@ -217,29 +87,38 @@ def _nanmean_rows(x: np.ndarray) -> np.ndarray:
     return np.where(n > 0, total / np.maximum(n, 1), np.nan)
 
 
-def _scopes(run: Any, usable: list[int], steps: list[_ModuleSteps], grams: Iterator[tuple[int, np.ndarray]],
-            lags: int, window: int | None) -> list[ScopeStats]:
-    """Every module's scope as its Gram streams in, then the projection, layer and adapter scopes."""
-    specs = run.specs
-    T = len(usable)
+def _scopes(specs: Sequence[Any], T: int, steps: list[ModuleSteps], grams: Iterator[tuple[int, np.ndarray]],
+            scale: np.ndarray | None, lags: int, window: int | None, submit: Submit) -> list[ScopeStats]:
+    """Every module's scope as its Gram streams in, then the projection, layer and adapter scopes.
+
+    Each scope's statistics (two ``T x T`` eigendecompositions: 35 ms at T=400, most of the analysis there) run on
+    the workers (``submit``), at most :data:`IN_FLIGHT` module scopes at a time so that their Grams stay few.
+    """
     pooled = [(scope, name, members, np.zeros((T, T))) for scope, name, members in scope_members(specs)]
     holding = [[k for k, (_, _, members, _) in enumerate(pooled) if i in members] for i in range(len(specs))]
     modules: dict[int, ScopeStats] = {}
+    pending: deque[tuple[int, Future[ScopeStats]]] = deque()
     for i, gram in grams:
+        if scale is not None:
+            gram *= np.outer(scale, scale)
         for k in holding[i]:
             pooled[k][3][...] += gram
         ms = steps[i]
-        modules[i] = _gram_scope("module", specs[i].name, [specs[i].name], gram, ms.sign, ms.sign_w, ms.spectra,
-                                 lags, window)
-    out = [modules[i] for i in range(len(specs))]
+        pending.append((i, submit(_gram_scope, "module", specs[i].name, [specs[i].name], gram, ms.sign, ms.sign_w,
+                                  ms.spectra, lags, window)))
+        while len(pending) > IN_FLIGHT:
+            j, done = pending.popleft()
+            modules[j] = done.result()
+    modules.update((j, done.result()) for j, done in pending)
+    rest = []
     for scope, name, members, gram in pooled:
         sign = pooled_sign([steps[i].sign for i in members])
         sign_w = pooled_sign([steps[i].sign_w for i in members]) if window is not None else None
         with np.errstate(all="ignore"):
             step = {k: _nanmean_rows(np.stack([steps[i].spectra[k] for i in members])) for k in STEP_KEYS}
-        out.append(_gram_scope(scope, name, [specs[i].name for i in members], gram, sign, sign_w, step, lags,
-                               window))
-    return out
+        rest.append(submit(_gram_scope, scope, name, [specs[i].name for i in members], gram, sign, sign_w, step,
+                           lags, window))
+    return [modules[i] for i in range(len(specs))] + [done.result() for done in rest]
 
 
 def _progress(run: Any, enabled: bool) -> Any:
@@ -251,31 +130,61 @@ def _progress(run: Any, enabled: bool) -> Any:
                 unit="shard", leave=False)
 
 
+def _all_grams(run: Any, usable: list[int], fused: dict[int, np.ndarray], budget: int, bar: Any,
+               parallel: Mapper) -> Iterator[tuple[int, np.ndarray]]:
+    """The Grams of a run read once (``fused``: every module's steps from the step pass), else of a Gram pass."""
+    rest = [i for i in range(len(run.specs)) if i not in fused]
+    groups = [([rest[k] for k in group], panel)
+              for group, panel in plan_groups([run.specs[i].size for i in rest], len(usable), budget)]
+    if bar is not None:  # the Gram pass reads every shard once per panel of each group
+        bar.total += bar.total * sum(math.ceil(len(usable) / panel) for _, panel in groups)
+        bar.refresh()
+    yield from zip(fused, parallel(core.gram_product, [buf[:len(usable)] for buf in fused.values()]), strict=True)
+    fused.clear()
+    yield from gram_pass(run, {s: k for k, s in enumerate(usable)}, groups, bar, parallel)
+
+
+def _workers() -> int:
+    """Threads for the per-module work (numpy and BLAS release the GIL): one per usable CPU, at most 8."""
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    return max(1, min(8, len(cpus)))
+
+
+def _fused(sizes: list[int], steps: int, budget: int) -> dict[int, np.ndarray]:
+    """Float32 ``(steps, size)`` buffers of every module when the whole run fits the budget (the step pass fills
+    them: one read of the shards), else none: a Gram pass then reads the shards' pages without copying them whole,
+    which costs less than copying the part that would fit (and touching that much fresh memory)."""
+    groups = plan_groups(sizes, steps, budget)
+    if len(groups) != 1 or groups[0][1] < steps:
+        return {}
+    return dict(enumerate(buffers(np.empty(steps * sum(sizes), np.float32), sizes, steps)))
+
+
 def _analyze_raw(run: Any, *, lags: int, window: int | None, bins: int, budget: int, unclip: bool,
                  progress: bool) -> RunStats:
     flagged = {int(r["step"]) for r in run.step_records if r.get("nonfinite")}
+    candidates = [s for s in run.steps if s not in flagged]
+    fused = _fused([s.size for s in run.specs], len(candidates), budget)
     bar = _progress(run, progress)
-    try:
-        sums = _StepSums(run.specs, [s for s in run.steps if s not in flagged], window)
-        for steps, arrays in run.iter_steps():
-            sums.add(steps, arrays)
+    with one_blas_thread(), ThreadPoolExecutor(_workers(), thread_name_prefix="gradlens-analyze") as pool:
+        try:
+            sums = StepSums(run.specs, candidates, window, fused, pool.map)
+            for steps, arrays in prefetch(read_ahead(run.iter_steps())):
+                sums.add(steps, arrays)
+                if bar is not None:
+                    bar.update(1)
+            usable = sums.usable
+            bad = sorted((flagged & set(run.steps)) | set(sums.bad))
+            check_usable(run.path, usable, bad)
+            W = min(window, len(usable)) if window is not None else None
+            steps, zero = sums.finish(W, bins), sums.zero
+            del sums
+            scale = unclip_scale(run.step_records, usable) if unclip else None
+            grams = _all_grams(run, usable, fused, budget, bar, pool.map)
+            scopes = _scopes(run.specs, len(usable), steps, grams, scale, lags, W, pool.submit)
+        finally:
             if bar is not None:
-                bar.update(1)
-        usable = sums.usable
-        bad = sorted((flagged & set(run.steps)) | set(sums.bad))
-        check_usable(run.path, usable, bad)
-        W = min(window, len(usable)) if window is not None else None
-        steps, zero = sums.finish(W, bins), sums.zero
-        del sums
-        groups = _plan_groups([s.size for s in run.specs], len(usable), budget)
-        if bar is not None:  # the Gram pass reads every shard once per panel of each group
-            bar.total *= 1 + sum(math.ceil(len(usable) / panel) for _, panel in groups)
-            bar.refresh()
-        scale = unclip_scale(run.step_records, usable) if unclip else None
-        scopes = _scopes(run, usable, steps, _gram_pass(run, usable, groups, scale, bar), lags, W)
-    finally:
-        if bar is not None:
-            bar.close()
+                bar.close()
     return RunStats(path=Path(run.path), regime=run_regime(run.meta), seed=run.meta.get("seed"), steps=usable,
                     excluded=bad, lags=lags, window=W, bins=bins, scopes=scopes, specs=list(run.specs),
                     meta=run_meta(run.meta), skipped=list(run.skipped), zero_steps=zero)
@@ -284,7 +193,7 @@ def _analyze_raw(run: Any, *, lags: int, window: int | None, bins: int, budget: 
 def analyze_run(path: str | os.PathLike[str], *, lags: int = 10, window: int | None = None, bins: int = 20,
                 memory_mb: float = 512, unclip: bool = False, progress: bool = False,
                 skip_bad: bool = False) -> RunStats:
-    """Compute every statistic of one run in two streaming passes over its shards (see the module docstring).
+    """Compute every statistic of one run in one or two streaming passes over its shards (see the module docstring).
 
     Steps flagged non-finite in the manifest, or found to hold NaN/Inf while reading, are excluded and listed in
     ``RunStats.excluded``; steps whose whole-adapter gradient is exactly zero are listed in ``RunStats.zero_steps``.
