@@ -36,20 +36,31 @@ from gradlens.store.format import (
 
 def read_shard_tensors(run_dir: Path, shard: TensorFile, specs: list[ModuleSpec],
                        indices: Iterable[int]) -> list[np.ndarray]:
-    """Whole tensors ``m{i}`` of one shard as float32 ``(n, d_out, r)``, each checked against its crc32."""
-    import torch  # here, not at import: bf16 shards need torch to read, the report's import must not
+    """Whole tensors ``m{i}`` of one shard as float32 ``(n, d_out, r)``, each checked against its crc32.
 
+    float32 and float16 shards are read with numpy; only bfloat16 ones need torch, whose import would otherwise be
+    most of a small analysis's fixed cost.
+    """
     indices = list(indices)
     path = run_dir / shard.file
+    header = safetensors_header(path, "shard")
+    numpy_dtypes = all(header.get(f"m{i}", {}).get("dtype") in ("F32", "F16") for i in indices)
     try:
-        with safetensors.safe_open(path, framework="pt") as f:
-            tensors = [f.get_tensor(f"m{i}") for i in indices]
+        if numpy_dtypes:
+            with safetensors.safe_open(path, framework="np") as f:
+                tensors = [f.get_tensor(f"m{i}") for i in indices]
+        else:
+            import torch  # here, not at import: bf16 shards need torch to read, the report's import must not
+
+            with safetensors.safe_open(path, framework="pt") as f:
+                tensors = [f.get_tensor(f"m{i}") for i in indices]
     except (OSError, safetensors.SafetensorError) as e:
         raise GradlensError(f"{path}: cannot read shard ({e})") from None
     out = []
     for i, t in zip(indices, tensors, strict=True):
-        check_crc(path, f"m{i}", t.view(torch.uint8).numpy(), shard.crc32, f"module {specs[i].name}, {shard.span}")
-        out.append(t.to(torch.float32).numpy())
+        raw = t.view(np.uint8) if numpy_dtypes else t.view(torch.uint8).numpy()
+        check_crc(path, f"m{i}", raw, shard.crc32, f"module {specs[i].name}, {shard.span}")
+        out.append(t.astype(np.float32, copy=False) if numpy_dtypes else t.to(torch.float32).numpy())
     return out
 
 
