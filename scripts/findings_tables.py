@@ -23,6 +23,15 @@ def ci(mean: float, lo: float, hi: float, signed: bool = False) -> str:
     return f.format(mean) + (f" [{f.format(lo)}, {f.format(hi)}]" if np.isfinite(lo) else "")
 
 
+def budget_order(column: pd.Series) -> pd.Series:
+    """Sort key: budgets by their share of the adapter, other columns as they are."""
+    from gradlens.placement.budget import Budget
+
+    if column.name != "budget":
+        return column
+    return column.map(lambda b: Budget.parse(str(b)).fraction or 0.0)
+
+
 def placement(phase: Path) -> list[str]:
     """Per cell, regime and budget: accuracies, the paired accuracy difference, the gap share and the prediction."""
     rows = pd.read_csv(phase / "phase.csv", dtype={"budget": str})
@@ -31,6 +40,7 @@ def placement(phase: Path) -> list[str]:
     for cell_dir in sorted(p.parent for p in phase.glob("*/summary.csv")):
         summary = pd.read_csv(cell_dir / "summary.csv", dtype={"budget": str}).fillna({"budget": ""})
         paired = pd.read_csv(cell_dir / "paired.csv", dtype={"budget": str})
+        paired = paired.sort_values(["regime", "budget"], key=budget_order, kind="stable")  # resumed cells: any order
         for r in paired.itertuples():
             s = summary[summary["regime"] == r.regime].set_index(["method", "budget"])
             g = rows[(rows["regime"] == r.regime) & (rows["budget"] == r.budget)
