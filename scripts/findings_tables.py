@@ -1,8 +1,9 @@
 """The tables of docs/findings.md, printed as markdown from the outputs of scripts/phase_diagram.py (PHASE),
 scripts/rival_measurements.py (PHASE/rivals) and an optional ``gradlens analyze`` of GRPO runs at several group
-sizes (--groups).
+sizes (--groups); with --grown_grid, the gaps of cells resumed with a larger sparse-rate grid.
 
     python scripts/findings_tables.py --phase runs/phase [--groups runs/groups/analysis]
+    python scripts/findings_tables.py --grown_grid runs/phase-wide-lr4/toy-wide-60steps-sft ...
 """
 
 from __future__ import annotations
@@ -23,6 +24,15 @@ def ci(mean: float, lo: float, hi: float, signed: bool = False) -> str:
     return f.format(mean) + (f" [{f.format(lo)}, {f.format(hi)}]" if np.isfinite(lo) else "")
 
 
+def budget_order(column: pd.Series) -> pd.Series:
+    """Sort key: budgets by their share of the adapter, other columns as they are."""
+    from gradlens.placement.budget import Budget
+
+    if column.name != "budget":
+        return column
+    return column.map(lambda b: Budget.parse(str(b)).fraction or 0.0)
+
+
 def placement(phase: Path) -> list[str]:
     """Per cell, regime and budget: accuracies, the paired accuracy difference, the gap share and the prediction."""
     rows = pd.read_csv(phase / "phase.csv", dtype={"budget": str})
@@ -31,6 +41,7 @@ def placement(phase: Path) -> list[str]:
     for cell_dir in sorted(p.parent for p in phase.glob("*/summary.csv")):
         summary = pd.read_csv(cell_dir / "summary.csv", dtype={"budget": str}).fillna({"budget": ""})
         paired = pd.read_csv(cell_dir / "paired.csv", dtype={"budget": str})
+        paired = paired.sort_values(["regime", "budget"], key=budget_order, kind="stable")  # resumed cells: any order
         for r in paired.itertuples():
             s = summary[summary["regime"] == r.regime].set_index(["method", "budget"])
             g = rows[(rows["regime"] == r.regime) & (rows["budget"] == r.budget)
@@ -105,11 +116,51 @@ def groups(path: Path) -> list[str]:
     return out
 
 
+def grown_grid(cell: Path) -> list[str]:
+    """Rows of one compare resumed with a larger ``--sparse_lrs`` grid: its placement.csv then holds runs at the old
+    and the new chosen rate, so keep, per regime, method and budget, the runs at the rate the grown sweep picks
+    (compare's own rule, :func:`gradlens.compare.runner.sweep_rates`), on the seeds both methods ran at it."""
+    from gradlens.compare.runner import sweep_rates
+    from gradlens.compare.tables import t_interval, with_references
+    from gradlens.rivals import gap_table
+
+    runs = pd.read_csv(cell / "placement.csv", dtype={"budget": str}).fillna({"budget": ""})
+    sweep = pd.read_csv(cell / "sweep.csv", dtype={"budget": str}).fillna({"budget": ""})
+    chosen = []
+    for (regime, method, budget), g in sweep.groupby(["regime", "method", "budget"], sort=False):
+        score = g.groupby("lr").apply(lambda r: -np.inf if r["diverged"].astype(bool).any() else r["accuracy"].mean(),
+                                      include_groups=False)
+        best, _ = sweep_rates(list(score.index), lambda lr, s=score: float(s[lr]), 0)
+        chosen.append({"regime": regime, "method": method, "budget": budget, "lr": best})
+    keep = runs.merge(pd.DataFrame(chosen), on=["regime", "method", "budget", "lr"])
+    sparse = keep[keep["budget"] != ""]
+    both = sparse.groupby(["regime", "budget", "seed"])["method"].transform("nunique") == 2
+    keep = pd.concat([runs[runs["method"] == "base"], keep[keep["budget"] == ""], sparse[both]], ignore_index=True)
+    gaps = gap_table(with_references(keep)).set_index(["regime", "budget"])
+    out = []
+    for (regime, budget), g in sparse[both].groupby(["regime", "budget"], sort=False):
+        w = g.pivot_table(index="seed", columns="method", values="accuracy")
+        lr = g.groupby("method")["lr"].first()
+        r = gaps.loc[(regime, budget)]
+        out.append((regime, budget, f"| {cell.name} | {regime.upper()} | {budget} | {w['random'].mean():.3f} "
+                    f"({lr['random']:g}) | {w['sign'].mean():.3f} ({lr['sign']:g}) | "
+                    f"{ci(*t_interval(w['sign'] - w['random']), signed=True)} ({len(w)}) | "
+                    f"{ci(r['gap'], r['gap_lo'], r['gap_hi'], True)} | {r['measured_recovery']:.2f} |"))
+    out.sort(key=lambda row: (row[0], budget_order(pd.Series([row[1]], name="budget")).iloc[0]))
+    return [row[2] for row in out]
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--phase", default="runs/phase")
     p.add_argument("--groups", default=None)
+    p.add_argument("--grown_grid", nargs="+", default=None, help="compare directories resumed with a larger grid")
     a = p.parse_args(argv)
+    if a.grown_grid:
+        print("| cell | regime | budget | random (lr) | sign (lr) | sign - random (acc., paired) | gap (share of full "
+              "gain) | recovery measured |\n" + "|---" * 8 + "|")
+        print("\n".join(row for cell in a.grown_grid for row in grown_grid(Path(cell))))
+        return 0
     phase = Path(a.phase)
     print("\n".join([*placement(phase), "", *rivals(phase)]))
     if a.groups:

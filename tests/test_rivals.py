@@ -219,3 +219,38 @@ def test_record_like_probe_records_the_run_the_probe_was_for(tmp_path: Path) -> 
                       trl={"per_device_train_batch_size": 4}), progress=False)
     with pytest.raises(GradlensError, match="train_steps"):
         record_like_probe(tmp_path / "p2", tmp_path / "run2")
+
+
+def test_grown_grid_keeps_the_runs_at_the_rate_the_grown_sweep_picks(tmp_path: Path) -> None:
+    """scripts/findings_tables.py --grown_grid: a cell resumed with a larger grid holds random at its old rate (0.3)
+    and its new one (1.0, seeds 0-1 only); the table must pair sign (tie in the sweep: the smaller rate) with random
+    at 1.0 on seeds 0-1, checked against the shares computed by hand."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("findings_tables", Path(__file__).parents[1] / "scripts"
+                                                  / "findings_tables.py")
+    tables = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tables)
+
+    def row(method: str, budget: str, seed: int, lr: float, acc: float) -> dict:
+        return {"regime": "sft", "method": method, "budget": budget, "seed": seed, "lr": lr, "accuracy": acc,
+                "k": 10 if budget else None, "diverged": False}
+
+    full = {0: 0.9, 1: 0.8, 2: 1.0}
+    runs = [row("base", "", 0, 0.0, 0.3), *(row("full", "", s, 0.01, a) for s, a in full.items()),
+            *(row("random", "1%", s, 0.3, 0.5) for s in range(3)), row("random", "1%", 0, 1.0, 0.7),
+            row("random", "1%", 1, 1.0, 0.6), *(row("sign", "1%", s, 0.3, a) for s, a in enumerate([0.8, 0.7, 0.9]))]
+    sweep = [row("full", "", 1000, 0.01, 0.9), row("random", "1%", 1000, 0.3, 0.4),
+             row("random", "1%", 1000, 1.0, 0.6), row("sign", "1%", 1000, 0.3, 0.8), row("sign", "1%", 1000, 1.0, 0.8)]
+    cell = tmp_path / "cell"
+    cell.mkdir()
+    pd.DataFrame(runs).to_csv(cell / "placement.csv", index=False)
+    pd.DataFrame(sweep).to_csv(cell / "sweep.csv", index=False)
+    [line] = tables.grown_grid(cell)
+    shares = {m: [(a - 0.3) / (full[s] - 0.3) for s, a in enumerate(accs)]
+              for m, accs in {"sign": [0.8, 0.7], "random": [0.7, 0.6]}.items()}
+    gap = np.mean(np.subtract(shares["sign"], shares["random"]))
+    cols = [c.strip() for c in line.strip("|").split("|")]
+    assert cols[3] == "0.650 (1)" and cols[4] == "0.750 (0.3)"
+    assert cols[5].startswith("+0.100") and cols[5].endswith("(2)")
+    assert cols[6].startswith(f"{gap:+.3f}")
