@@ -105,3 +105,25 @@ def test_a_rate_that_must_diverge_is_marked_and_not_averaged(tmp_path) -> None:
     row = result.placement[result.placement.method == "random"].iloc[0]
     assert row.lr == 1e-2  # the diverging rate is never chosen
     assert any("lr 10000 diverged" in n for n in result.findings.splitlines())
+
+
+@pytest.mark.slow
+def test_resume_with_more_budgets_and_another_rate_uses_only_this_configuration(tmp_path) -> None:
+    from dataclasses import replace
+
+    from gradlens.compare import compare
+    from gradlens.config import CompareConfig
+
+    first = CompareConfig(out=str(tmp_path / "c"), model="toy:tiny", regimes=["sft"], methods=["sign"],
+                          budgets=["10%"], seeds=[0], sweep_seeds=[5], max_steps=3, probe_steps=2, full_lrs=[2e-3],
+                          sparse_lrs=[1e-2], grid_extensions=0, n_val=20, n_eval=20, eval_samples=0, export=False,
+                          progress=False, trl={"per_device_train_batch_size": 8})
+    compare(first)
+    # More budgets than the saved probe has masks for, and another rate: the probe runs again (it is seeded), and
+    # the tables hold only the runs of this configuration, not the first one's run at 1e-2 as well.
+    result = compare(replace(first, budgets=["10%", "30%"], sparse_lrs=[3e-2], resume=True))
+    sign = result.placement[result.placement.method == "sign"]
+    assert sorted(sign.budget) == ["10%", "30%"] and set(sign.lr) == {3e-2}
+    on_disk = pd.read_csv(tmp_path / "c" / "placement.csv", dtype={"budget": str})
+    assert len(on_disk[on_disk.method == "sign"]) == 2
+    assert len(result.paired) and set(result.paired.budget) == {"10%", "30%"}

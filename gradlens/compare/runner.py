@@ -125,6 +125,7 @@ class Comparison:
         self.probe_rows: list[dict[str, Any]] = []
         self.where: list[pd.DataFrame] = []
         self.notes: list[str] = []
+        self.chosen: list[dict[str, Any]] = []  # the placement rows of this configuration, in the order they ran
         self.bar = tqdm(total=_jobs(config), desc="gradlens compare", unit="run", disable=not config.progress)
 
     def run_one(self, table: Table, split: str, regime: str, method: str, budget: str, seed: int, lr: float,
@@ -134,6 +135,8 @@ class Comparison:
         done = table.find(**key)
         if done is None:
             done = self._train_and_evaluate(table, split, key, mask, extra or {})
+        if table is self.placement:
+            self.chosen.append(done)
         self.bar.update(1)
         self.bar.set_postfix_str(f"{regime} {method} {budget} seed {seed}".replace("  ", " "))
         return done
@@ -272,7 +275,8 @@ def compare(config: CompareConfig) -> CompareResult:
                 comparison.regime(regime)
         finally:
             comparison.bar.close()
-        return write_results(config, out, comparison.placement.frame(), comparison.sweep.frame(), comparison.where,
+        # Only this configuration's runs: a resumed table can also hold runs at rates a grown grid no longer picks
+        return write_results(config, out, pd.DataFrame(comparison.chosen), comparison.sweep.frame(), comparison.where,
                              comparison.probe_rows, comparison.runner.curves, time.time() - started,
                              comparison.runner.task.describe(), comparison.notes)
 

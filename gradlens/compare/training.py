@@ -14,6 +14,7 @@ import numpy as np
 
 from gradlens.config import CompareConfig, ProbeConfig, RecordConfig
 from gradlens.errors import GradlensError
+from gradlens.placement.budget import Budget
 from gradlens.tasks.base import Task
 
 CURVE_PROMPTS = 100
@@ -169,8 +170,9 @@ class Runner:
 
         c = self.config
         out = self.out / "probes" / f"{regime}-seed{seed}"
-        if not (out / PROBE_FILE).is_file():
-            if out.exists():  # an interrupted probe: its run is incomplete, start it again
+        wanted = {f"{m}/{Budget.parse(b, c.scope)}" for m in methods for b in c.budgets}
+        if not (out / PROBE_FILE).is_file() or not wanted <= set(read_probe(out)["masks"]):
+            if out.exists():  # interrupted, or made for fewer budgets or methods: probes are seeded, so run it again
                 shutil.rmtree(out)
             fields = {k: v for k, v in asdict(self.record_config(regime, seed, lr, out)).items() if k != "max_steps"}
             probe(ProbeConfig(**fields, max_steps=c.probe_steps, methods=methods, budgets=list(c.budgets),
