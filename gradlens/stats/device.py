@@ -1,7 +1,7 @@
 """The per-step update of the streaming statistics, in torch, on the device that holds the gradients.
 
-One step adds its float32 gradient into per-entry float64 sums (g, g^2, |g|) and integer counts (positive and
-non-zero steps, which give the sign sum) and appends the per-module squared norm and dot product with the previous
+One step adds its float32 gradient into per-entry float64 sums (g, g^2, |g|, sign g and the count of non-zero
+steps) and appends the per-module squared norm and dot product with the previous
 step. On a GPU the sums stay
 in device memory and cost microseconds a step; only a commit copies them to the host. Float64 is used throughout:
 it is cheap wherever these memory-bound passes run, and it makes the sums exact to float64 rounding after any number
@@ -31,7 +31,7 @@ class DeviceStats:
     """Float64 sums of the steps added since it was created, on the device of the first gradients it is given.
 
     The adapter is held as one flat vector (modules concatenated in order), so a step costs a dozen whole-adapter
-    operations however many modules there are, and the per-module norms are one segmented reduction. ``prev``: each
+    operations however many modules there are, and the per-module norms are sums over its stretches. ``prev``: each
     module's last gradient before these steps (host arrays, e.g. ``StreamingStats.prev``), so the first dot product
     with the previous step chains onto the last commit's.
     """
@@ -50,7 +50,7 @@ class DeviceStats:
         self._prev_host = None if given[0] is None else given
         self.prev: torch.Tensor | None = None  # flat float64
         self.sums: dict[str, torch.Tensor] = {}
-        self.positive: torch.Tensor | None = None  # steps with g > 0; sum sign g = 2 * positive - nonzero
+        self.sumsign: torch.Tensor | None = None
         self.nonzero: torch.Tensor | None = None
 
     @property
@@ -59,12 +59,17 @@ class DeviceStats:
         return self.device is None or self.device.type == "cpu"
 
     def _allocate(self, device: torch.device) -> None:
+        """The sums, and scratch vectors reused at every step: a fresh multi-megabyte temporary per operation costs
+        more in page faults than the operation itself (a float64 cast of 10M entries: 41 ms fresh, 5 ms reused)."""
         self.device = device
-        self.sums = {k: torch.zeros(self.size, dtype=torch.float64, device=device) for k in SUMS}
-        self.positive, self.nonzero = (torch.zeros(self.size, dtype=torch.int32, device=device) for _ in range(2))
+        f64 = dict(dtype=torch.float64, device=device)
+        self.sums = {k: torch.zeros(self.size, **f64) for k in SUMS}
+        # the sign sums and non-zero counts too: float64 holds them exactly (to 2^53 steps), and same-dtype adds run
+        # 3-6x faster on CPU than adding a bool or int mask into an integer sum
+        self.sumsign, self.nonzero = torch.zeros(self.size, **f64), torch.zeros(self.size, **f64)
+        self._x, self._tmp = torch.empty(self.size, **f64), torch.empty(self.size, **f64)
         if self._prev_host is not None:
-            self.prev = torch.cat([torch.as_tensor(p).reshape(-1) for p in self._prev_host]).to(device, torch.float64)
-        self._lengths = torch.tensor(self.sizes, device=device)
+            self.prev = torch.cat([torch.as_tensor(p).reshape(-1) for p in self._prev_host]).to(**f64)
 
     def flatten(self, grads: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
         """The gradients as one flat float32 vector: ``grads`` itself if it is one already, else concatenated."""
@@ -81,44 +86,50 @@ class DeviceStats:
         """Add one step's gradients (per module in module order, or one flat vector; any float dtype, one device);
         returns False, adding nothing, if any entry is NaN or infinite: such a step carries no usable statistics.
 
-        Two host syncs (whether the step is finite; its squared norms and dot products with the previous step): run
-        it off the training thread, as the background writer does.
+        One host sync (the squared norms, which say whether the step is finite, and the dot products with the
+        previous step): run it off the training thread, as the background writer does.
         """
         g = self.flatten(grads)
         if self.device is None:
             self._allocate(g.device)
         g = g.to(self.device)
+        x, tmp = self._x, self._tmp
         with torch.no_grad():
-            if not bool(torch.isfinite(g).all()):
-                return False
-            x = g.to(torch.float64)  # a new tensor, exactly the float32 values: the caller may reuse its buffers
-            # Segmented sums, not BLAS dot products, which would start BLAS threads next to the training's.
-            sq = torch.segment_reduce(x * x, "sum", lengths=self._lengths)
-            if self.prev is None:
-                dots = torch.full((len(self.specs),), np.nan, dtype=torch.float64, device=self.device)
-            else:
-                dots = torch.segment_reduce(x * self.prev, "sum", lengths=self._lengths)
-            # float32 operands into float64 sums: each computed in float64 (a float32 product is exact there)
-            self.sums["sum"].add_(g)
-            self.sums["sumsq"].addcmul_(g, g)
-            self.sums["sumabs"].add_(g.abs())
-            self.positive.add_(g > 0)
-            self.nonzero.add_(g != 0)
-            self.prev = x
+            x.copy_(g)  # exactly the float32 values
+            # Per-module sums, not BLAS dot products, which would start BLAS threads next to the training's.
+            sq = self._module_sums(torch.mul(x, x, out=tmp))
+            dots = torch.full_like(sq, np.nan) if self.prev is None else \
+                self._module_sums(torch.mul(x, self.prev, out=tmp))
             values = torch.cat([sq, dots]).tolist()
+            # float64 squares of float32 values cannot overflow: the norm is finite exactly when every entry is
+            if not all(np.isfinite(values[: len(self.specs)])):
+                return False
+            self.sums["sum"].add_(x)
+            self.sums["sumsq"].add_(torch.mul(x, x, out=tmp))
+            self.sums["sumabs"].add_(torch.abs(x, out=tmp))
+            self.sumsign.add_(torch.sign(x, out=tmp))
+            self.nonzero.add_(torch.ne(x, 0, out=tmp))
+            # this step becomes the previous one; the old previous buffer is the next step's scratch
+            self._x = self.prev if self.prev is not None else torch.empty_like(x)
+            self.prev = x
         for i in range(len(self.specs)):
             self.sqnorm[i].append(values[i])
             self.dot_prev[i].append(values[len(self.specs) + i])
         self.steps.append(int(step))
         return True
 
+    def _module_sums(self, flat: torch.Tensor) -> torch.Tensor:
+        """The sum over each module's stretch of ``flat`` (on CPU 5x faster than ``torch.segment_reduce``)."""
+        return torch.stack([v.sum() for v in flat.split(self.sizes)])
+
     def _modules(self, flat: np.ndarray) -> list[np.ndarray]:
         """Per-module views of a flat host array."""
         ends = np.cumsum(self.sizes).tolist()
         return [flat[end - s.size : end].reshape(s.shape) for end, s in zip(ends, self.specs, strict=True)]
 
-    def host(self) -> StreamingStats:
-        """These steps as a numpy partial; on CPU it shares the sums (do not add to this object afterwards)."""
+    def host(self, prev: bool = True) -> StreamingStats:
+        """These steps as a numpy partial; on CPU it shares the sums (do not add to this object afterwards).
+        ``prev=False`` leaves out the last gradient (a copy), which only a commit needs."""
         part = StreamingStats(self.specs, zeros=self.device is None)
         part.steps = list(self.steps)
         part.sqnorm = [list(s) for s in self.sqnorm]
@@ -127,10 +138,9 @@ class DeviceStats:
             part.prev = list(self._prev_host) if self._prev_host is not None else [None] * len(self.specs)
             return part
         sums = {k: self._modules(t.cpu().numpy()) for k, t in self.sums.items()}
-        nonzero = self.nonzero.cpu().numpy()
-        sumsign = self._modules(2 * self.positive.cpu().numpy() - nonzero)  # int32: exact, merged as it is
+        sumsign = self._modules(self.sumsign.cpu().numpy())
         part.sums = [{**{k: sums[k][i] for k in SUMS}, "sumsign": sumsign[i]} for i in range(len(self.specs))]
-        part.nonzero = self._modules(nonzero)
-        part.prev = [None] * len(self.specs) if self.prev is None else \
+        part.nonzero = self._modules(self.nonzero.cpu().numpy().astype(np.int64))
+        part.prev = [None] * len(self.specs) if self.prev is None or not prev else \
             self._modules(self.prev.to(torch.float32).cpu().numpy())
         return part

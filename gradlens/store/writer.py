@@ -180,7 +180,7 @@ class RunWriter:
     def live_summary(self, signs: bool = True) -> dict[str, float]:
         """Whole-adapter diagnostics of the steps added so far (see :meth:`StreamingStats.live_summary`); with the
         statistics on an accelerator, of the committed steps (reading the device sums every step would copy them)."""
-        return self._acc.live_summary(self._part.host() if self._part.on_host else None, signs=signs)
+        return self._acc.live_summary(self._part.host(prev=False) if self._part.on_host else None, signs=signs)
 
     def add_step(self, step: int, grads: Sequence[np.ndarray | torch.Tensor] | torch.Tensor,
                  meta: dict[str, Any]) -> None:
