@@ -415,9 +415,9 @@ def test_a_run_within_the_budget_is_read_once(tmp_path, monkeypatch):
     reads: list[str] = []
     read = reader.read_shard_tensors
 
-    def counted(run_dir, shard, specs, indices):
+    def counted(run_dir, shard, specs, indices, dtype):
         reads.append(shard.file)
-        return read(run_dir, shard, specs, indices)
+        return read(run_dir, shard, specs, indices, dtype)
 
     monkeypatch.setattr(reader, "read_shard_tensors", counted)
     T = 9

@@ -77,10 +77,9 @@ class AsyncRunWriter:
         self._closed = False
         self.latest: dict[str, float] = run_writer.live_summary()
         self._thread = threading.Thread(target=self._work, name="gradlens-writer", daemon=True)
-        threads, pinned = torch.get_num_threads(), threading.Event()
-        self._pinned = pinned
+        threads, self._pinned = torch.get_num_threads(), threading.Event()
         self._thread.start()
-        pinned.wait()
+        self._pinned.wait()
         torch.set_num_threads(threads)  # the process default again; the writer's own thread keeps one
 
     def _work(self) -> None:

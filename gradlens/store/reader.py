@@ -34,17 +34,17 @@ from gradlens.store.format import (
 )
 
 
-def read_shard_tensors(run_dir: Path, shard: TensorFile, specs: list[ModuleSpec],
-                       indices: Iterable[int]) -> list[np.ndarray]:
+def read_shard_tensors(run_dir: Path, shard: TensorFile, specs: list[ModuleSpec], indices: Iterable[int],
+                       dtype: str) -> list[np.ndarray]:
     """Whole tensors ``m{i}`` of one shard as float32 ``(n, d_out, r)``, each checked against its crc32.
 
-    float32 and float16 shards are read with numpy; only bfloat16 ones need torch, whose import would otherwise be
-    most of a small analysis's fixed cost.
+    ``dtype``: the run's storage dtype (the manifest's, which :func:`check_shard` holds every tensor to). float32 and
+    float16 shards are read with numpy; only bfloat16 ones need torch, whose import would otherwise be most of a small
+    analysis's fixed cost.
     """
     indices = list(indices)
     path = run_dir / shard.file
-    header = safetensors_header(path, "shard")
-    numpy_dtypes = all(header.get(f"m{i}", {}).get("dtype") in ("F32", "F16") for i in indices)
+    numpy_dtypes = dtype != "bfloat16"
     try:
         if numpy_dtypes:
             with safetensors.safe_open(path, framework="np") as f:
@@ -84,7 +84,7 @@ def accumulator_state(run_dir: Path, manifest: Manifest) -> tuple[Path, Streamin
 
             from gradlens.stats.device import DeviceStats  # torch, as the writer: the same sums, bitwise
 
-            arrays = read_shard_tensors(run_dir, entry, specs, range(len(specs)))
+            arrays = read_shard_tensors(run_dir, entry, specs, range(len(specs)), manifest.dtype)
             summed = DeviceStats(specs, prev=state.prev)
             for j, step in enumerate(entry.steps):
                 if step not in nonfinite:
@@ -141,7 +141,7 @@ class Run:
         for row, s in enumerate(steps):
             rows_by_shard.setdefault(self._where[s][0], []).append(row)
         for file, rows in rows_by_shard.items():
-            (array,) = read_shard_tensors(self.path, self._shards[file], self.specs, [i])
+            (array,) = read_shard_tensors(self.path, self._shards[file], self.specs, [i], self.manifest.dtype)
             out[rows] = array[[self._where[steps[row]][1] for row in rows]]
         return out
 
@@ -153,7 +153,7 @@ class Run:
         self._require_raw()
         idx = [self._module_index(m) for m in modules] if modules is not None else list(range(len(self.specs)))
         for shard in self._shards.values():
-            yield list(shard.steps), read_shard_tensors(self.path, shard, self.specs, idx)
+            yield list(shard.steps), read_shard_tensors(self.path, shard, self.specs, idx, self.manifest.dtype)
 
     def step_vector(self, step: int) -> np.ndarray:
         """All modules' gradients at one step, flattened and concatenated in manifest order (float32)."""
@@ -161,7 +161,8 @@ class Run:
         if step not in self._where:
             raise GradlensError(f"{self.path / MANIFEST}: step {step} is not among the run's readable steps")
         file, offset = self._where[step]
-        arrays = read_shard_tensors(self.path, self._shards[file], self.specs, range(len(self.specs)))
+        arrays = read_shard_tensors(self.path, self._shards[file], self.specs, range(len(self.specs)),
+                                    self.manifest.dtype)
         return np.concatenate([a[offset].ravel() for a in arrays])
 
     def accumulators(self) -> Accumulators:
@@ -216,7 +217,7 @@ def verify_run(path: str | os.PathLike[str]) -> tuple[Manifest, list[Checked]]:
         for i in range(len(manifest.modules)):
             size = header[f"m{i}"]["data_offsets"][1] - header[f"m{i}"]["data_offsets"][0]
             try:
-                read_shard_tensors(run_dir, shard, manifest.modules, [i])
+                read_shard_tensors(run_dir, shard, manifest.modules, [i], manifest.dtype)
                 checked.append(Checked(shard.file, f"m{i}", size, shard.crc32 is not None))
             except GradlensError as e:
                 checked.append(Checked(shard.file, f"m{i}", size, True, str(e)))

@@ -239,23 +239,22 @@ class RunWriter:
                              list(flat.to(dtype).split([s.size for s in self.specs])), non_blocking=True)
 
     def _flat_grads(self, step: int, grads: Sequence[np.ndarray | torch.Tensor] | torch.Tensor) -> torch.Tensor:
-        """The step as one flat float32 vector, after checking the count and shape of its gradients."""
+        """The step as one flat float32 vector (:meth:`DeviceStats.flatten`), after checking the count and shape of
+        its gradients."""
         if isinstance(grads, torch.Tensor):
             total = sum(s.size for s in self.specs)
             if grads.dim() != 1 or grads.numel() != total:
                 raise GradlensError(f"{self.path}: step {step} is a tensor of shape {tuple(grads.shape)}, expected "
                                     f"one gradient per module or a flat vector of {total}")
-            return grads.detach().to(torch.float32)
+            return self._part.flatten(grads)
         if len(grads) != len(self.specs):
             raise GradlensError(f"{self.path}: step {step} has {len(grads)} gradients, expected {len(self.specs)}")
-        out = []
-        for spec, g in zip(self.specs, grads, strict=True):
-            g = torch.as_tensor(g).detach()
+        tensors = [torch.as_tensor(g) for g in grads]
+        for spec, g in zip(self.specs, tensors, strict=True):
             if tuple(g.shape) != spec.shape:
                 raise GradlensError(f"{self.path}: step {step}, module {spec.name}: gradient shape {tuple(g.shape)}, "
                                     f"expected {spec.shape}")
-            out.append(g.reshape(-1).to(torch.float32))
-        return torch.cat(out)
+        return self._part.flatten(tensors)
 
     def _check_meta(self, step: int, meta: dict[str, Any]) -> dict[str, Any]:
         clash = [k for k in meta if k in RESERVED_META]
