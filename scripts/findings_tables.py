@@ -119,8 +119,8 @@ def groups(path: Path) -> list[str]:
 def grown_grid(cell: Path) -> list[str]:
     """Rows of one compare resumed with a larger ``--sparse_lrs`` grid: its placement.csv then holds runs at the old
     and the new chosen rate, so keep, per regime, method and budget, the runs at the rate the grown sweep picks
-    (compare's own rule, :func:`gradlens.compare.runner.sweep_rates`), on the seeds both methods ran at it."""
-    from gradlens.compare.runner import sweep_rates
+    (compare's own rule, :func:`gradlens.compare.protocol.sweep_rates`), on the seeds both methods ran at it."""
+    from gradlens.compare.protocol import sweep_rates
     from gradlens.compare.tables import t_interval, with_references
     from gradlens.rivals import gap_table
 
