@@ -35,7 +35,8 @@ def _fisher_top_k(run_dir: Path, k: int) -> set[tuple[str, int]]:
 
 
 def test_probe_writes_masks_equal_to_top_k_of_its_own_gradients(tmp_path: Path) -> None:
-    from gradlens.placement.probe import mask_file, probe
+    from gradlens.placement.probe import probe
+    from gradlens.placement.run_masks import mask_file
     from gradlens.sparse.masks import load_mask
 
     config = ProbeConfig(regime="sft", out=str(tmp_path / "p"), max_steps=3, save_raw=True, methods=["fisher", "sign"],

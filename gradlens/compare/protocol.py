@@ -148,7 +148,8 @@ class Comparison:
         if method == "base":
             model, seconds, finite = runner.base.model, 0.0, True
         else:
-            model, seconds, finite = runner.train(regime, seed, key["lr"], mask, key if split == "heldout" else None)
+            tags = key if split == "heldout" else None
+            model, seconds, finite = runner.train_run(regime, seed, key["lr"], mask, tags)
         row = {**key, "steps": 0 if method == "base" else c.max_steps, "scope": c.scope,
                "k": int(sum(int(m.sum()) for m in mask.values())) if mask is not None else None,
                **runner.evaluate(model, split, seed), "train_seconds": seconds, **extra}

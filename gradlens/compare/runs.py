@@ -126,7 +126,7 @@ class CompareRuns:
 
         return setup_run(config, base=self.base, task=self.task, data=self.data.train)
 
-    def train(self, regime: str, seed: int, lr: float, mask: dict[str, np.ndarray] | None,
+    def train_run(self, regime: str, seed: int, lr: float, mask: dict[str, np.ndarray] | None,
               tags: dict[str, Any] | None = None):
         """(trained PeftModel, measured train seconds, whether the loss and B stayed finite): full-B LoRA-FA, or
         sparse-B when ``mask`` is given. The drift guard compares checksums only (no host copy per run)."""
