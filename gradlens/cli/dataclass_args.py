@@ -10,7 +10,6 @@ import argparse
 import dataclasses
 import functools
 import re
-import sys
 import types
 import typing
 from pathlib import Path
@@ -153,16 +152,16 @@ def config_from_args(cls: type, args: argparse.Namespace, extra: dict[str, Any] 
     values = {k: _typed(k, hints[k], v, f"config file {args.config}") if k in names else v for k, v in values.items()}
     leftovers = {k: values.pop(k) for k in list(values) if k not in names}
     values.update({k: v for k, v in vars(args).items() if k in names})
-    if "dtype" in values and "storage_dtype" in names:  # the one flag whose meaning changed: say which it is now
-        print(f"gradlens: dtype {values['dtype']} is the model's dtype, as TRL's --dtype (before gradlens 0.2 it set "
-              f"the shard storage dtype, which is --storage_dtype now: {values.get('storage_dtype', 'float32')})",
-              file=sys.stderr)
     leftovers.update(extra or {})
     if leftovers:
         if extra_field is None:
             raise GradlensError(f"unknown setting(s): {', '.join(sorted(leftovers))}")
         values[extra_field] = {**values.get(extra_field, {}), **leftovers}
     try:
-        return cls(**values)
+        config = cls(**values)
     except (TypeError, ValueError) as e:
         raise GradlensError(str(e)) from e
+    if values.get("dtype", "auto") != "auto" and "storage_dtype" in names:  # the one flag whose meaning changed
+        print(f"gradlens: dtype {config.dtype} is the model's dtype, as TRL's --dtype (before gradlens 0.2 it set the "
+              f"shard storage dtype, which is --storage_dtype now: {config.storage_dtype})")
+    return config
