@@ -1,23 +1,21 @@
 """gradlens: record, analyze and act on the LoRA-B gradients of TRL SFT and GRPO runs.
 
 The public names are imported lazily, so ``import gradlens`` (and the CLI's ``--help``) does not import torch.
-``record`` and ``compare`` are submodules, not re-exported functions here: use ``from gradlens.record import record``
+``record`` and ``compare`` are submodules, not re-exported functions here: use ``from gradlens.training import record``
 and ``from gradlens.compare import compare`` (a lazy function export would be shadowed by its own submodule).
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 from gradlens.errors import GradlensError
+from gradlens.lazy import lazy_exports
 
 __version__ = "0.2.0"
 
 _LAZY = {
     "open_run": "gradlens.store", "Run": "gradlens.store", "RunWriter": "gradlens.store",
     "ModuleSpec": "gradlens.modules", "GradientRecorder": "gradlens.record.recorder",
-    "attach_lora": "gradlens.models", "load_model_and_tokenizer": "gradlens.models", "Task": "gradlens.tasks.base",
+    "attach_lora": "gradlens.lora", "load_model_and_tokenizer": "gradlens.models", "Task": "gradlens.tasks.base",
     "RecordConfig": "gradlens.config",
     "analyze_runs": "gradlens.analyze", "AnalyzeConfig": "gradlens.config", "probe": "gradlens.placement.probe",
     "ProbeConfig": "gradlens.config", "CompareConfig": "gradlens.config", "TrainConfig": "gradlens.config",
@@ -26,8 +24,4 @@ _LAZY = {
 
 __all__ = ["GradlensError", "__version__", *_LAZY]
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'gradlens' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)

@@ -19,7 +19,7 @@ MAX_LINES = 400
 STAGES: dict[str, float] = {
     "gradlens": 0, "gradlens.errors": 0, "gradlens.provenance": 0, "gradlens.fsio": 0, "gradlens.modules": 0,
     "gradlens.config": 0, "gradlens.placement.budget": 0, "gradlens.stats.core": 0, "gradlens.stats.streaming": 0,
-    "gradlens.stats.device": 0, "gradlens.callback_order": 0,
+    "gradlens.stats.device": 0, "gradlens.callback_order": 0, "gradlens.lazy": 0,
     "gradlens.toy": 0, "gradlens.toy.presets": 0, "gradlens.toy.tokenizer": 0,
     "gradlens.tasks": 1.0, "gradlens.toy.model": 1.1, "gradlens.models": 1.2, "gradlens.lora": 1.25,
     "gradlens.evaluate": 1.3, "gradlens.drift": 1.5, "gradlens.toy.report": 1.5, "gradlens.sparse": 1.6,
@@ -147,3 +147,11 @@ def test_entry_points_do_not_import_torch(code: str) -> None:
     probe = f"import sys; {code}; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False", f"{code!r} imports torch"
+
+
+def test_every_lazy_export_resolves() -> None:
+    """Each package's lazily exported names point at modules that define them (a moved function breaks this)."""
+    code = ("import gradlens, gradlens.training, gradlens.sparse, gradlens.store, gradlens.placement\n"
+            "for m in (gradlens, gradlens.training, gradlens.sparse, gradlens.store, gradlens.placement):\n"
+            "    [getattr(m, n) for n in m.__all__]\n")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)

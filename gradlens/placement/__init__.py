@@ -7,8 +7,7 @@ The masks themselves (type, file format, sparse-B training and export) are :mod:
 on first use, so importing this package (or :mod:`.budget` alone) imports neither numpy nor torch.
 """
 
-import importlib
-from typing import Any
+from gradlens.lazy import lazy_exports
 
 _LAZY = {
     "SCOPES": "gradlens.placement.budget", "Budget": "gradlens.placement.budget",
@@ -22,7 +21,4 @@ _LAZY = {
 __all__ = list(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'gradlens.placement' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)
