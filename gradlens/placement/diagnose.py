@@ -70,7 +70,7 @@ import numpy as np
 
 from gradlens.config import DIAGNOSE_METHODS
 from gradlens.errors import GradlensError
-from gradlens.fsio import atomic_write, json_dump
+from gradlens.fsio import atomic_write, check_unused_out, json_dump
 from gradlens.placement.budget import Budget, Shapes
 from gradlens.placement.probe import PROBE_FILE, read_probe
 from gradlens.placement.selectors import scores, select
@@ -188,7 +188,7 @@ def horizon_gain(drift: float, steps: int) -> float:
     return steps * phi / (steps * phi + 1 - phi)
 
 
-def _locate(path: Path) -> tuple[Path, dict[str, Any] | None]:
+def locate_run(path: Path) -> tuple[Path, dict[str, Any] | None]:
     """The run directory of ``path`` (itself, or ``path/run`` of a probe directory) and the probe's record."""
     if (path / PROBE_FILE).is_file():
         info = read_probe(path)
@@ -244,7 +244,7 @@ def diagnose(path: str | Path, budgets: Sequence[str | Budget], scope: str = "gl
     from gradlens.store import open_run
 
     path = Path(path)
-    run_dir, probe = _locate(path)
+    run_dir, probe = locate_run(path)
     if train_steps is None and probe is not None and isinstance(probe["config"].get("train_steps"), int):
         train_steps = probe["config"]["train_steps"]
     if train_steps is not None and train_steps < 1:
@@ -332,6 +332,7 @@ def describe(result: DiagnoseResult) -> str:
 def save(result: DiagnoseResult, out: str | Path, config: Any = None) -> list[Path]:
     """Write ``OUT/diagnose.csv`` (the rows) and ``OUT/diagnose.json`` (rows, adapter, provenance); returns them."""
     out = Path(out)
+    check_unused_out(out, bool(getattr(config, "overwrite", False)))
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:

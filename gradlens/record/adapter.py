@@ -59,3 +59,15 @@ def _peft_config(model: torch.nn.Module) -> Any:
         return None
     active = getattr(model, "active_adapter", None)
     return configs.get(active if isinstance(active, str) else next(iter(configs)))
+
+
+def describe_dataset(dataset: Any) -> str | None:
+    """The Trainer's training data in a few words (rows and columns), for a run recorded from a user's own script."""
+    if dataset is None:
+        return None
+    try:
+        rows = f"{len(dataset)} rows"
+    except TypeError:
+        rows = "iterable"
+    columns = getattr(dataset, "column_names", None)
+    return f"{type(dataset).__name__}, {rows}" + (f", columns {', '.join(map(str, columns))}" if columns else "")

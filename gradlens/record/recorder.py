@@ -32,7 +32,7 @@ from transformers import TrainerCallback
 from gradlens.errors import GradlensError
 from gradlens.models import lora_b_parameters, unwrap
 from gradlens.modules import ModuleFilter, ModuleSpec, match_modules
-from gradlens.record.adapter import describe_adapter
+from gradlens.record.adapter import describe_adapter, describe_dataset
 from gradlens.record.checks import (
     SUPPORTED_SETUPS,
     SignalCounter,
@@ -112,6 +112,7 @@ class GradientRecorder(TrainerCallback):
         self._planned: int | None = None  # the Trainer's max_steps at train begin
         self._ended: tuple[int, int] | None = None  # (global_step, max_steps) at train end; None: it never came
         self.adapter: dict[str, Any] = {}
+        self._source: dict[str, Any] = {}  # the model's name or path and the training data, as the Trainer holds them
 
     @classmethod
     def attach(cls, trainer: Any, output_dir: str | os.PathLike[str], **kwargs: Any) -> GradientRecorder:
@@ -154,6 +155,8 @@ class GradientRecorder(TrainerCallback):
         self._main = state.is_world_process_zero
         self._planned = state.max_steps if state.max_steps and state.max_steps > 0 else None
         self.adapter = describe_adapter(model)
+        self._source = {"model": getattr(getattr(model, "config", None), "name_or_path", None),
+                        "dataset": describe_dataset(getattr(self.trainer, "train_dataset", None))}
         notes = self._check_setup(args, train_dataloader)
         error = None
         if self._main:
@@ -294,7 +297,7 @@ class GradientRecorder(TrainerCallback):
             return
         config = {"recorder": {"modules": repr(self.module_filter), "every_n_steps": self.every_n_steps,
                                "dtype": self.dtype, "save_raw": self.save_raw, "warnings": notes},
-                  "adapter": self.adapter,
+                  "adapter": self.adapter, **self._source,
                   "trainer_class": type(self.trainer).__name__ if self.trainer is not None else None,
                   "training_args": json.loads(args.to_json_string()), **self.config}
         run = RunWriter(self.output_dir, self.specs, dtype=self.dtype, save_raw=self.save_raw,
