@@ -390,8 +390,8 @@ def write_report(paths: Sequence[str | os.PathLike[str]], config: ReportConfig) 
     """Read the inputs, render the page and write it atomically to ``config.out``; returns that path."""
     if not paths:
         raise GradlensError("no paths given (run, analysis or compare directories)")
-    check_unused_out(config.out, config.overwrite)
     kinds = [(Path(p), input_kind(p)) for p in paths]  # every path checked before the long analysis
+    check_unused_out(config.out, config.overwrite)
     analyses, comparisons = collect(kinds, config)
     page = render(analyses, comparisons, config.title, kinds)
     out = Path(config.out)
