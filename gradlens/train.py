@@ -22,6 +22,7 @@ from typing import Any
 
 from gradlens.config import RecordConfig, TrainConfig
 from gradlens.errors import GradlensError, GradlensWarning
+from gradlens.fsio import remove_if_empty
 from gradlens.record.command import Prepared, prepare
 
 TRAIN_FILE = "train.json"
@@ -168,6 +169,7 @@ def train(config: TrainConfig, *, progress: bool = True, callbacks: Sequence[Any
             recorder.close()
     if guard is not None and guard.report["drifted"]:
         notes.append(describe(guard.report))
+    remove_if_empty(out / "trainer")  # no checkpoint or log was written there
     return _finish(config, trainer, prep, out, mask, meta, notes, provenance, time.perf_counter() - start)
 
 

@@ -90,7 +90,7 @@ def record(config: RecordConfig, *, progress: bool = True) -> RecordResult:
     from transformers import PrinterCallback, ProgressCallback
 
     from gradlens.evaluate import greedy_report
-    from gradlens.fsio import json_dump
+    from gradlens.fsio import json_dump, remove_if_empty
     from gradlens.record.recorder import GradientRecorder
     from gradlens.store import open_run, writer_leftovers_only
     from gradlens.trainers import build_trainer, check_overrides, trl_settings
@@ -129,6 +129,7 @@ def record(config: RecordConfig, *, progress: bool = True) -> RecordResult:
         if prep.eval_data is not None:
             evaluation = greedy_report(trainer.model, tokenizer, task, prep.eval_data)
             json_dump({"split": task.eval_split, **evaluation}, out / EVAL_FILE)
+    remove_if_empty(trainer_dir)  # no checkpoint or log was written there
     run = open_run(out)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file() and trainer_dir not in f.parents)
     return RecordResult(path=out, steps=len(run.steps), bytes=size, trainer=trainer, eval=evaluation,
