@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from gradlens import open_run
@@ -153,3 +154,63 @@ def test_used_out_is_refused_unless_overwrite_and_select_reads_a_probe_dir(tmp_p
     assert gradlens_inproc(capsys, "select", str(probe), "--out", str(tmp_path / "p")).returncode == 0
     record = json.loads((tmp_path / "p" / "select.json").read_text())
     assert record["run"] == str(probe / "run") and record["probe"]["path"] == str(probe)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The smaller problems of issue 26, each of which failed before
+
+
+def test_full_lora_that_gained_nothing_recovers_no_share_of_a_gain() -> None:
+    """full = base = 0: the summary and the finding say n/a, not "100% of the gain"."""
+    from gradlens.compare.tables import findings, format_pct, summarize
+
+    rows = [{"regime": "sft", "method": m, "budget": b, "seed": s, "lr": 0.1, "steps": 4, "k": None,
+             "accuracy": 0.0, "sampled_accuracy": 0.0, "diverged": False}
+            for m, b, seeds in (("base", "", [0]), ("full", "", [0, 1]), ("random", "1%", [0, 1])) for s in seeds]
+    summary = summarize(pd.DataFrame(rows)).set_index("method")
+    assert np.isnan(summary.loc["full"].gain_recovered) and format_pct(summary.loc["full"].gain_recovered) == "n/a"
+    assert "100%" not in findings(summary.reset_index(), pd.DataFrame())
+
+
+def test_erank_figure_of_an_all_zero_run_with_raw_shards_says_why(tmp_path: Path, monkeypatch) -> None:
+    import gradlens.figures
+    from gradlens.analyze import analyze_runs
+    from gradlens.config import AnalyzeConfig
+
+    with RunWriter(tmp_path / "zero", SPECS, steps_per_shard=2) as writer:
+        for s in range(4):
+            writer.add_step(s, [np.zeros(spec.shape, np.float32) for spec in SPECS], meta(s))
+    said: list[str] = []
+    monkeypatch.setattr(gradlens.figures, "_no_data", lambda ax, text: said.append(text))
+    analyze_runs([tmp_path / "zero"], tmp_path / "a", AnalyzeConfig(progress=False))
+    erank = [text for text in said if "trajectory erank" in text]
+    assert erank == ["zero: trajectory erank is undefined: 0 of 4 steps have a non-zero, finite gradient"], said
+
+
+def test_adapter_dir_as_model_and_empty_data_files_are_one_line_errors(tmp_path: Path, capsys) -> None:
+    adapter = tmp_path / "my-adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "myorg/tiny-base",
+                                                             "peft_type": "LORA"}))
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    assert_one_line_error(gradlens_inproc(capsys, "record", "--model", str(adapter), "--out", str(tmp_path / "r")),
+                          f"{adapter} is a PEFT adapter", "base_model_name_or_path='myorg/tiny-base'")
+    empty, blank = tmp_path / "empty.jsonl", tmp_path / "blank.jsonl"
+    empty.write_text("")
+    blank.write_text("\n  \n")
+    for task, what in ((f"gsm8k:{empty}", "math task file"), (str(blank), "task file")):
+        path = task.removeprefix("gsm8k:")
+        assert_one_line_error(gradlens_inproc(capsys, "record", "--task", task, "--out", str(tmp_path / "r")),
+                              f"{what} {path} is empty")
+
+
+def test_record_leaves_no_empty_trainer_dir(tmp_path: Path, capsys) -> None:
+    from gradlens.fsio import remove_if_empty
+
+    out = tmp_path / "run"
+    assert gradlens_inproc(capsys, "record", "--out", str(out), "--max_steps", "2", "--logging_steps", "100",
+                           "--disable_tqdm", "true", "--n_train", "32").returncode == 0
+    assert (out / "manifest.json").is_file() and not (out / "trainer").exists()
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "file").write_text("x")
+    assert remove_if_empty(tmp_path / "kept") is False and remove_if_empty(tmp_path / "nothing") is False
