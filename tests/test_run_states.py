@@ -214,3 +214,15 @@ def test_record_leaves_no_empty_trainer_dir(tmp_path: Path, capsys) -> None:
     (tmp_path / "kept").mkdir()
     (tmp_path / "kept" / "file").write_text("x")
     assert remove_if_empty(tmp_path / "kept") is False and remove_if_empty(tmp_path / "nothing") is False
+
+
+@pytest.mark.slow
+def test_readme_toy_table_row_is_what_toy_base_prints() -> None:
+    """The README's `tiny` row (greedy, sampled, pass@8) is what ``gradlens toy base`` measures with this install."""
+    from gradlens.toy.report import evaluate_base_model
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if line.startswith("| `tiny` |"))
+    greedy, sampled, pass_k = (float(cell) for cell in row.split("|")[5:8])
+    acc = evaluate_base_model("tiny", 0, n=400, k=8, rebuild=False, progress=False).accuracy
+    assert (round(acc.greedy, 3), round(acc.sampled, 3), round(acc.pass_at_k, 3)) == (greedy, sampled, pass_k)
