@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from transformers import TrainerCallback
 
 from gradlens import open_run
 from gradlens.errors import GradlensError
@@ -61,9 +62,45 @@ def test_writer_states_being_written_complete_stopped_killed_and_old(tmp_path: P
 
 def test_library_errors_speak_python(tmp_path: Path) -> None:
     write_run(tmp_path / "run", range(2))
-    with pytest.raises(GradlensError, match=r"continue it with RunWriter\(\.\.\., resume=True\)") as e:
+    with pytest.raises(GradlensError, match=r"already holds a run \(RunWriter\(\.\.\., resume=True\) continues") as e:
         RunWriter(tmp_path / "run", SPECS)
     assert "--resume" not in str(e.value)
+
+
+class StopAt(TrainerCallback):
+    """Interrupt training (``KeyboardInterrupt``) or end it early (``should_training_stop``) after step ``step``."""
+
+    def __init__(self, step: int, interrupt: bool) -> None:
+        self.step, self.interrupt = step, interrupt
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            if self.interrupt:
+                raise KeyboardInterrupt
+            control.should_training_stop = True
+
+
+@pytest.mark.parametrize(("interrupt", "reason"), [(True, "interrupted"), (False, "training ended early, at step 3")])
+def test_library_run_stopped_by_an_interrupt_or_early_end_is_stopped_not_complete(
+        tmp_path: Path, capsys, interrupt: bool, reason: str) -> None:
+    """A user's own Trainer with the recorder: Ctrl-C at step 3 of 8 (the recorder closed as the exception passes,
+    as ``finally`` or the exit hook does), or a callback ending training there, leaves a stopped run, not a complete
+    one; the message speaks Python."""
+    from gradlens.record import GradientRecorder
+    from tests.test_recorder import sft_trainer
+
+    trainer = sft_trainer(tmp_path, max_steps=8, logging_steps=100)
+    trainer.add_callback(StopAt(3, interrupt))
+    recorder = GradientRecorder.attach(trainer, tmp_path / "run")
+    try:
+        trainer.train()
+    except KeyboardInterrupt:
+        recorder.close()
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert (manifest["status"], manifest["stop_reason"], manifest["planned_steps"]) == ("stopped", reason, 8)
+    assert [r["step"] for r in manifest["steps"]] == [1, 2, 3] and manifest["complete"] is False
+    info = gradlens_inproc(capsys, "info", str(tmp_path / "run")).stdout
+    assert f"stopped at 3 of 8 steps ({reason}; GradientRecorder(..., resume=True) continues it)" in info
 
 
 @pytest.mark.slow

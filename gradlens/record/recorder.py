@@ -46,7 +46,7 @@ from gradlens.record.checks import (
     warn,
 )
 from gradlens.store import DTYPES, AsyncRunWriter, RunWriter
-from gradlens.store.runstate import adapter_line, adapter_note, stop_reason
+from gradlens.store.runstate import adapter_line, adapter_note, resume_hint, stop_reason
 
 LOG_PREFIX = "gradlens/"
 NORM_CHUNK = 2**16  # entries per float32 norm of the clip statistics (see sums_of_squares)
@@ -254,10 +254,6 @@ class GradientRecorder(TrainerCallback):
         # close() runs in the `finally` of a failed train() (exc_info), or at exit after an uncaught one (last_value)
         return stop_reason(sys.exc_info()[1] or getattr(sys, "last_value", None))
 
-    def _resume_hint(self) -> str:
-        """How this run is continued, in its user's words: the CLI's flag under ``gradlens record``, else Python."""
-        return "--resume" if "record" in self.config else "GradientRecorder(..., resume=True)"
-
     def _announce(self, args) -> None:
         """One line at train begin: where the run goes, what is recorded, in which dtype, under which regime."""
         entries = sum(s.size for s in self.specs)
@@ -303,7 +299,7 @@ class GradientRecorder(TrainerCallback):
         run = RunWriter(self.output_dir, self.specs, dtype=self.dtype, save_raw=self.save_raw,
                         steps_per_shard=self.steps_per_shard, config=config,
                         seed=self.seed if self.seed is not None else args.seed, resume=self.resume,
-                        planned_steps=self._planned, resume_hint=self._resume_hint())
+                        planned_steps=self._planned, resume_hint=resume_hint(self.config))
         self.writer = AsyncRunWriter(run, max_queue=self.max_queue)
         self._exit_hook = _close_at_exit(self)
 

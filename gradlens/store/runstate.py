@@ -29,6 +29,18 @@ def writer_identity() -> dict[str, Any]:
     return {"pid": os.getpid(), "host": socket.gethostname()}
 
 
+def resume_hint(config: Any) -> str:
+    """How a stopped run is continued, in the words of what recorded it (its manifest ``config``): ``gradlens record``
+    (and probe) take ``--resume``, a user's own script ``GradientRecorder(..., resume=True)``; ``gradlens train``
+    does not resume."""
+    config = config if isinstance(config, dict) else {}
+    if isinstance(config.get("record"), dict):
+        return "--resume continues it"
+    if isinstance(config.get("train"), dict):
+        return "gradlens train does not resume: run it again"
+    return "GradientRecorder(..., resume=True) continues it"
+
+
 def stop_reason(exc: BaseException | None) -> str:
     """The manifest's ``stop_reason`` for a run closed before training ended, from the exception that ended it."""
     if isinstance(exc, KeyboardInterrupt):
@@ -62,7 +74,7 @@ class RunState:
     planned_steps: int | None
     reason: str | None
     writer: dict[str, Any] | None
-    library: bool  # recorded from a user's own script (GradientRecorder), not by ``gradlens record``
+    resume: str  # how it is continued (see :func:`resume_hint`)
 
     @property
     def complete(self) -> bool:
@@ -78,9 +90,8 @@ class RunState:
             where = "" if self.writer.get("host") == socket.gethostname() else f" on host {self.writer.get('host')}"
             return (f"being written by pid {self.writer.get('pid')}{where}; {doing} the {self.steps} steps committed "
                     "so far")
-        resume = "GradientRecorder(..., resume=True)" if self.library else "--resume"
         if self.status == STOPPED:
-            return f"stopped at {at} steps ({self.reason}; {resume} continues it)"
+            return f"stopped at {at} steps ({self.reason}; {self.resume})"
         return f"run state unknown (written by an older gradlens, which kept no planned steps): {self.steps} steps"
 
     def to_json(self) -> dict[str, Any]:
@@ -96,10 +107,9 @@ def run_state(meta: dict[str, Any]) -> RunState:
         status, reason = STOPPED, f"its writer, pid {writer.get('pid')}, ended without closing it (killed?)"
     if status not in (WRITING, COMPLETE, STOPPED):
         status = UNKNOWN
-    config = meta.get("config") or {}
     return RunState(status=status, steps=len(steps), last_step=steps[-1] if steps else None,
                     planned_steps=meta.get("planned_steps"), reason=reason, writer=writer or None,
-                    library=not (isinstance(config, dict) and isinstance(config.get("record"), dict)))
+                    resume=resume_hint(meta.get("config")))
 
 
 def announce(meta: dict[str, Any], label: str, doing: str = "analysing") -> dict[str, Any]:

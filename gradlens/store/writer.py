@@ -83,7 +83,8 @@ class RunWriter:
     def __init__(self, path: str | os.PathLike[str], modules: list[ModuleSpec], *, dtype: str = "float32",
                  save_raw: bool = True, steps_per_shard: int | None = None, shard_bytes: int = SHARD_BYTES,
                  config: dict[str, Any] | None = None, seed: int | None = None, resume: bool = False,
-                 planned_steps: int | None = None, resume_hint: str = "RunWriter(..., resume=True)") -> None:
+                 planned_steps: int | None = None,
+                 resume_hint: str = "RunWriter(..., resume=True) continues it") -> None:
         if dtype not in DTYPES:
             raise GradlensError(f"RunWriter: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
         if not modules:
@@ -128,8 +129,8 @@ class RunWriter:
 
     def _resume(self, resume: bool, config: dict[str, Any] | None, seed: int | None) -> None:
         if not resume:
-            raise GradlensError(f"{self.path}: already holds a run; continue it with {self.resume_hint} or choose "
-                                "another directory")
+            raise GradlensError(f"{self.path}: already holds a run ({self.resume_hint}), or choose another "
+                                "directory")
         manifest = load_manifest(self.path)
         if manifest.format_version != FORMAT_VERSION:
             raise GradlensError(f"{self.path / MANIFEST}: a format_version {manifest.format_version} run can be read "
@@ -324,7 +325,7 @@ class RunWriter:
             kept = f"through step {committed[-1]['step']}" if committed else "none yet"
             stopped = f"recording stopped at step {steps[0]}, " if steps else ""
             raise GradlensError(f"{self.path / target}: cannot write it: {write_failure(e)}; {stopped}the run keeps "
-                                f"its {len(committed)} committed step(s) ({kept}); free space and continue with "
+                                f"its {len(committed)} committed step(s) ({kept}); free space, then "
                                 f"{self.resume_hint}") from e
         except BaseException:
             self._broken = True
