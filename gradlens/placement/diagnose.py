@@ -76,6 +76,7 @@ from gradlens.placement.probe import PROBE_FILE, read_probe
 from gradlens.placement.selectors import scores, select
 from gradlens.provenance import package_versions
 from gradlens.stats.streaming import Accumulators, ModuleAccumulator
+from gradlens.store.runstate import announce
 
 CSV_FILE = "diagnose.csv"
 JSON_FILE = "diagnose.json"
@@ -279,6 +280,7 @@ def diagnose(path: str | Path, budgets: Sequence[str | Budget], scope: str = "gl
                     "null": set_statistics(null_mask, null_st, t_grad)}
             rows.append(_row(budget, int(mask.sum()), n, method, sets, train_steps))
     meta = {key: run.meta.get(key) for key in ("config", "seed", "versions", "complete")}
+    meta.update(announce(run.meta, str(run_dir), doing="diagnosing"))  # a stopped run or a trained A, said
     return DiagnoseResult(path=path, run=run_dir, probe=probe, scope=scope, methods=list(methods), seed=seed,
                           steps=steps, zero_steps=zero, nonfinite_steps=list(run.meta.get("nonfinite_steps") or []),
                           train_steps=train_steps, adapter=adapter, rows=rows, run_meta=meta)
