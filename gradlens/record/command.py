@@ -118,7 +118,7 @@ def record(config: RecordConfig, *, progress: bool = True) -> RecordResult:
     recorder = GradientRecorder.attach(trainer, out, modules=config.modules, every_n_steps=config.every_n_steps,
                                        dtype=config.dtype, save_raw=config.save_raw, resume=config.resume,
                                        steps_per_shard=config.steps_per_shard,
-                                       config=provenance, seed=config.seed)
+                                       config=provenance, seed=config.seed, announce=progress)
     try:
         trainer.train(resume_from_checkpoint=_resume_checkpoint(trainer_dir, last_recorded))
     finally:

@@ -71,12 +71,14 @@ class GradientRecorder(TrainerCallback):
         config, seed: provenance stored in the manifest (the Trainer's arguments are added automatically).
         trainer: the Trainer, optional; with it each step also records the loss and, for GRPO, reward statistics.
             Use :meth:`attach` to add the recorder and bind the trainer in one call.
+        announce: print one line at train begin (where, what, dtype, regime, adapter); a trained A is warned about
+            either way.
     """
 
     def __init__(self, output_dir: str | os.PathLike[str], *, modules: ModuleFilter = None, every_n_steps: int = 1,
                  dtype: str = "float32", save_raw: bool = True, resume: bool = False,
                  steps_per_shard: int | None = None, max_queue: int = 4, config: dict[str, Any] | None = None,
-                 seed: int | None = None, trainer: Any = None) -> None:
+                 seed: int | None = None, trainer: Any = None, announce: bool = True) -> None:
         if every_n_steps < 1:
             raise GradlensError(f"every_n_steps must be >= 1, got {every_n_steps}")
         if dtype not in DTYPES:
@@ -94,6 +96,7 @@ class GradientRecorder(TrainerCallback):
         self.config = dict(config or {})
         self.seed = seed
         self.trainer = trainer
+        self.announce = announce
         self.writer: AsyncRunWriter | None = None
         self.specs: list[ModuleSpec] = []
         self.steps_recorded = 0
@@ -167,8 +170,10 @@ class GradientRecorder(TrainerCallback):
             except GradlensError as e:
                 error = e
         self._raise_everywhere(error)
-        if self._main:
-            self._announce(args)
+        if self._main and self.announce:
+            self._announce()
+        if (note := adapter_note(self.adapter)) is not None:
+            self._warn(f"{note}; the analysis assumes a frozen A (LoRA-FA), so read its results with that in mind")
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         step = state.global_step + 1
@@ -254,17 +259,15 @@ class GradientRecorder(TrainerCallback):
         # close() runs in the `finally` of a failed train() (exc_info), or at exit after an uncaught one (last_value)
         return stop_reason(sys.exc_info()[1] or getattr(sys, "last_value", None))
 
-    def _announce(self, args) -> None:
+    def _announce(self) -> None:
         """One line at train begin: where the run goes, what is recorded, in which dtype, under which regime."""
         entries = sum(s.size for s in self.specs)
         regime = "GRPO" if self.signal.grpo else type(self.trainer).__name__ if self.trainer is not None else "Trainer"
         planned = f", {self._planned} steps planned" if self._planned else ""
+        storage = f"{self.dtype} shards" if self.save_raw else "statistics only, no shards"
         print(f"gradlens: recording {len(self.specs)} LoRA-B modules ({entries:,} B entries) every "
-              f"{self.every_n_steps} step(s) into {self.output_dir} ({self.dtype} shards"
-              f"{'' if self.save_raw else ' off: statistics only'}, {regime}{planned}); adapter: "
+              f"{self.every_n_steps} step(s) into {self.output_dir} ({storage}, {regime}{planned}); adapter: "
               f"{adapter_line(self.adapter)}", flush=True)
-        if (note := adapter_note(self.adapter)) is not None:
-            self._warn(f"{note}; the analysis assumes a frozen A (LoRA-FA), so read its results with that in mind")
 
     # ---------------------------------------------------------------------------------------------------------------
     # Helpers
