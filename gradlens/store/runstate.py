@@ -84,8 +84,11 @@ class RunState:
         """One sentence: "complete: 600 of 600 steps", "stopped at 125 of 600 steps (interrupted; --resume continues
         it)", "being written by pid N; analysing the 189 steps committed so far"."""
         at = f"{self.last_step} of {self.planned_steps}" if self.planned_steps else f"step {self.last_step}"
-        if self.status == COMPLETE:
-            return f"complete: {at} steps" if self.planned_steps else f"complete: {self.steps} steps"
+        if self.status == COMPLETE:  # every_n_steps > 1 records fewer steps than it trains
+            if not self.planned_steps:
+                return f"complete: {self.steps} steps"
+            recorded = f" ({self.steps} recorded)" if self.steps != self.planned_steps else ""
+            return f"complete: {self.planned_steps} of {self.planned_steps} steps{recorded}"
         if self.status == WRITING:
             where = "" if self.writer.get("host") == socket.gethostname() else f" on host {self.writer.get('host')}"
             return (f"being written by pid {self.writer.get('pid')}{where}; {doing} the {self.steps} steps committed "
