@@ -19,12 +19,16 @@ def distributed() -> bool:
         torch.distributed.get_world_size() > 1
 
 
-def collective_device(backend: str | None = None) -> torch.device:
-    """Where the recorder's small collectives run: the current GPU when the group's backend (``backend``, default the
-    default group's) includes NCCL, whether it is ``"nccl"`` or a multi-backend string such as
-    ``"cuda:nccl,cpu:gloo"``, else the CPU."""
-    backend = torch.distributed.get_backend() if backend is None else backend
-    if any(part.rsplit(":", 1)[-1] == "nccl" for part in str(backend).split(",")):
+def uses_nccl(backend: str) -> bool:
+    """Whether a process group's backend string includes NCCL: ``"nccl"``, or a multi-backend string such as
+    ``"cuda:nccl,cpu:gloo"`` (what ``get_backend`` returns for a group made with one)."""
+    return any(part.rsplit(":", 1)[-1] == "nccl" for part in backend.split(","))
+
+
+def collective_device() -> torch.device:
+    """Where the recorder's small collectives run: the current GPU when the default group's backend includes NCCL
+    (then a CPU tensor would go through gloo, or fail), else the CPU."""
+    if uses_nccl(str(torch.distributed.get_backend())):
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
