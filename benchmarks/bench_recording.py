@@ -104,7 +104,8 @@ class Loop:
         from transformers import TrainerControl, TrainerState, TrainingArguments
 
         self.model, self.recorder = model, recorder
-        self.args = TrainingArguments(output_dir=str(tmp / "trainer"), report_to="none", max_grad_norm=1.0)
+        # no clipping: a Trainer clips in its own time, and without one the recorder has no clipping to read
+        self.args = TrainingArguments(output_dir=str(tmp / "trainer"), report_to="none", max_grad_norm=0.0)
         self.state, self.control = TrainerState(), TrainerControl()
         if recorder is not None:
             recorder.on_train_begin(self.args, self.state, self.control, model=model)
