@@ -4,6 +4,8 @@ included), float64 gradients, the collective device of multi-backend process gro
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -175,3 +177,26 @@ def test_slot_norm_equals_the_float64_norm_of_its_copy(sizes: list[int]) -> None
         want = sum(float((g.double() * scale) ** 2 @ torch.ones(len(g), dtype=torch.float64)) for g in grads)
         assert slot.squared_norm().item() == pytest.approx(want, rel=math.sqrt(NORM_CHUNK) * 2**-23)
         assert not slot.padded[slot.flat.numel():].any()
+
+
+def test_drift_checksum_peak_memory_stays_a_chunk_not_a_float64_weight(tmp_path: Path) -> None:
+    """The drift guard's fingerprint of a 256 MiB bf16 weight: its float64 copy would add 1 GiB (twice, squared);
+    the peak resident memory may grow by a few pieces of :data:`CHECKSUM_CHUNK` entries only."""
+    script = """
+import resource, sys, torch
+from gradlens.drift import CHECKSUM_CHUNK, checksum
+w = torch.ones(2**27, dtype=torch.bfloat16)  # 256 MiB
+w[::3] = -2.0
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+got = checksum([w])
+grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+n3 = (2**27 + 2) // 3
+exact = got["sum"] == (2**27 - n3) - 2.0 * n3 and got["sum_sq"] == (2**27 - n3) + 4.0 * n3
+print(grown, w.nbytes, CHECKSUM_CHUNK * 8, exact)
+"""
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True,
+                         timeout=300)
+    grown, nbytes, piece, exact = out.stdout.split()
+    assert exact == "True"  # small integers: the float64 sums are exact
+    assert int(grown) <= 3 * int(piece) < int(nbytes) // 2, (grown, nbytes, piece)

@@ -101,6 +101,7 @@ class RunWriter:
         self._broken = False  # a commit failed: the directory is as a kill would leave it, so write nothing more
         self._pending: list[dict[str, Any]] = []  # step records of the buffered steps
         self._buffers: list[torch.Tensor] = []  # per module (steps_per_shard, d_out, r) in the storage dtype
+        self._staging: torch.Tensor | None = None  # pinned host vector of one step, with the gradients on a GPU
         self._live: tuple[tuple[int, bool] | None, dict[str, float]] = (None, {})  # cached, on a GPU
         try:
             if (self.path / MANIFEST).exists():
@@ -235,15 +236,22 @@ class RunWriter:
         self.close()
 
     def _store(self, flat: torch.Tensor) -> None:
-        """Cast the step to the storage dtype where it lives and copy each module into its row of the shard buffer
-        (one fused copy; from a GPU, asynchronous into pinned memory: the commit waits for it)."""
+        """Cast the step to the storage dtype where it lives and copy each module into its row of the shard buffer.
+        From a GPU: one device-to-host copy into a pinned staging vector, waited for on this thread's stream (the
+        background writer's side stream, not the training's), then one fused host copy into the rows (a copy per
+        module to the host would be a transfer, and a trip through the GIL, per module)."""
         dtype, row = getattr(torch, self.dtype), len(self._pending)
         if not self._buffers:
-            pin = flat.device.type == "cuda"
-            self._buffers = [torch.empty((self.steps_per_shard, *s.shape), dtype=dtype, pin_memory=pin)
-                             for s in self.specs]
+            self._buffers = [torch.empty((self.steps_per_shard, *s.shape), dtype=dtype) for s in self.specs]
+            cuda = flat.device.type == "cuda"
+            self._staging = torch.empty(flat.numel(), dtype=dtype, pin_memory=True) if cuda else None
+        source = flat.to(dtype)
+        if self._staging is not None:
+            self._staging.copy_(source, non_blocking=True)
+            torch.cuda.current_stream(flat.device).synchronize()
+            source = self._staging
         torch._foreach_copy_([buf[row].view(-1) for buf in self._buffers],
-                             list(flat.to(dtype).split([s.size for s in self.specs])), non_blocking=True)
+                             list(source.split([s.size for s in self.specs])))
 
     def _flat_grads(self, step: int, grads: Sequence[np.ndarray | torch.Tensor] | torch.Tensor) -> torch.Tensor:
         """The step as one flat float32 vector (:meth:`DeviceStats.flatten`), after checking the count and shape of
