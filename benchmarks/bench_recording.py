@@ -3,9 +3,9 @@
 A stand-in model holds PEFT LoRA layers (r=16) whose ``lora_B`` have Qwen2.5-1.5B's exact shapes (all 7 projections
 of 28 layers, 10,321,920 entries; the base layers are 16 features wide, since only B's shape matters here). Each
 step a backward through it produces fresh rank-16 gradients, and the real :class:`GradientRecorder` sees the events a
-Trainer sends (``on_train_begin``, post-accumulate-grad hooks during backward, ``on_pre_optimizer_step``,
-``on_optimizer_step``, ``on_train_end``), so the whole write path runs: host copy, clip coefficient, background
-queue, float64 accumulators, shards, manifest. For each storage dtype:
+Trainer sends (``on_train_begin``, ``on_pre_optimizer_step``, ``on_optimizer_step``, ``on_train_end``; the loop
+does not clip, as a Trainer clips in its own time), so the whole write path runs: the copy into the ring, the clip
+statistics, background queue, float64 accumulators, shards, manifest. For each storage dtype:
 
 1. raw disk bandwidth (median of ``--disk-repeats``): the same bytes as the run's shards, in files of the shard size,
    written with ``ndarray.tofile`` + fsync;
