@@ -34,7 +34,7 @@ class ClipWatch:
             norm = original(parameters, max_norm, *args, **kwargs)
             if isinstance(norm, torch.Tensor):  # None where accelerate clips elsewhere (DeepSpeed)
                 norm = norm.detach()
-                factor = (float(max_norm) / (norm.to(torch.float32) + CLIP_EPS)).clamp(max=1.0)
+                factor = (float(max_norm) / (norm + CLIP_EPS)).clamp(max=1.0)  # as clip_grad_norm_, same dtype
                 self._seen = (norm, factor)
             return norm
 

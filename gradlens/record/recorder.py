@@ -328,20 +328,23 @@ class GradientRecorder(TrainerCallback):
 def sums_of_squares(groups: Sequence[Sequence[torch.Tensor]], device: torch.device) -> torch.Tensor:
     """The float64 sum of squares of each group of tensors, as one tensor on ``device``, without a host sync.
 
-    Fused float32 norms (one ``_foreach_norm`` per device and dtype, as ``clip_grad_norm_`` computes them) of every
-    tensor, or of its :data:`NORM_CHUNK`-entry chunks if larger, squared and summed in float64: the float32 error stays
-    that of one chunk's reduction, whatever the size (a CPU norm of a whole 10M-entry tensor is off by ~6000 eps).
+    Fused float32 norms (float64 for float64 tensors; one ``_foreach_norm`` per device and dtype, as
+    ``clip_grad_norm_`` computes them) of every tensor, or of its :data:`NORM_CHUNK`-entry chunks if larger, squared
+    and summed in float64: the float32 error stays that of one chunk's reduction, whatever the size (a CPU norm of a
+    whole 10M-entry tensor is off by ~6000 eps). Used for the gradients outside the recorded modules when the
+    Trainer's clipping was not seen.
     """
     kinds: dict[tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], list[int]]] = {}
     for g, tensors in enumerate(groups):
         for t in tensors:
-            chunks, owners = kinds.setdefault((t.device, torch.promote_types(t.dtype, torch.float32)), ([], []))
+            chunks, owners = kinds.setdefault((t.device, t.dtype), ([], []))
             parts = (t.detach(),) if t.numel() <= NORM_CHUNK else t.detach().reshape(-1).split(NORM_CHUNK)
             chunks.extend(parts)
             owners.extend([g] * len(parts))
     sums = [torch.zeros((), dtype=torch.float64, device=device) for _ in groups]
     for (_, dtype), (chunks, owners) in kinds.items():  # owners ascend: each group's chunks are contiguous
-        squares = torch.stack(torch._foreach_norm(chunks, 2, dtype=dtype)).to(device, torch.float64).square()
+        norms = torch._foreach_norm(chunks, 2, dtype=torch.promote_types(dtype, torch.float32))  # float64 stays
+        squares = torch.stack(norms).to(device, torch.float64).square()
         for g, part in enumerate(squares.split([owners.count(g) for g in range(len(groups))])):
             sums[g] += part.sum()
     return torch.stack(sums)
