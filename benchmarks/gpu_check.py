@@ -34,9 +34,8 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 TOTAL_BUDGET_S = 330  # 5.5 minutes of parts, so the whole check (imports, model saves) stays under 6
 QUIET = ["--logging_steps", "1000", "--disable_tqdm", "true"]
@@ -85,14 +84,12 @@ def preflight() -> dict[str, Any]:
     return info
 
 
-@dataclass
 class Context:
     """What every part gets: the device (``cuda`` or ``cpu``), scratch space and the settings."""
 
-    device: str
-    root: Path
-    args: argparse.Namespace
-    _model: Path | None = None
+    def __init__(self, device: str, root: Path, args: argparse.Namespace) -> None:
+        self.device, self.root, self.args = device, root, args
+        self._model: Path | None = None
 
     def toy_model(self) -> Path:
         """toy:small saved as a bfloat16 model directory (made once): loaded by path, its weights stay bf16."""
@@ -108,8 +105,7 @@ class Context:
         return self._model
 
 
-@dataclass
-class Part:
+class Part(NamedTuple):
     """One part of the check: its name, its time budget in seconds (on an H100, by estimate) and what it runs."""
 
     name: str
