@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -114,10 +115,11 @@ class Part(NamedTuple):
 
 
 class Check:
-    """Runs the parts in order, each timed and with its peak GPU memory, within the total budget."""
+    """Runs the parts in order, each timed and with its peak GPU memory, within the total budget; ``save`` is called
+    after each part (so a check killed midway still leaves what it found)."""
 
-    def __init__(self, context: Context) -> None:
-        self.context = context
+    def __init__(self, context: Context, save: Callable[[list[dict[str, Any]]], None]) -> None:
+        self.context, self.save = context, save
         self.parts: list[dict[str, Any]] = []
         self.start = time.perf_counter()
 
@@ -147,6 +149,7 @@ class Check:
         print(f"gpu_check: {part.name}: {'ok' if row['ok'] else 'FAILED ' + row.get('error', '')} "
               f"({row['seconds']:.1f} s of {part.budget_s:.0f})", flush=True)
         self.parts.append(row)
+        self.save(self.parts)
         return row["ok"]
 
 
@@ -398,8 +401,11 @@ def environment(device: str) -> dict[str, Any]:
 
 
 def write(out: Path, result: dict[str, Any]) -> None:
+    """Write the JSON whole or not at all (it is rewritten after every part)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    os.replace(tmp, out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -421,13 +427,14 @@ def main(argv: list[str] | None = None) -> int:
         args.steps, args.record_steps, args.layers = min(args.steps, 2), min(args.record_steps, 3), min(args.layers, 1)
         args.check_steps, args.check_layers = min(args.check_steps, 3), min(args.check_layers, 1)
     root = Path(tempfile.mkdtemp(prefix="gradlens-gpu-check-", dir=args.dir))
-    check = Check(Context(device, root, args))
+    check = Check(Context(device, root, args),
+                  lambda parts: write(args.out, {**result, "finished": False, "parts": parts}))
     try:
         for part in PARTS:
             check.run(part)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    result.update(ok=all(p["ok"] for p in check.parts), total_seconds=time.perf_counter() - start,
+    result.update(ok=all(p["ok"] for p in check.parts), finished=True, total_seconds=time.perf_counter() - start,
                   **environment(device), parts=check.parts)
     write(args.out, result)
     print(f"gpu_check: {'ok' if result['ok'] else 'FAILED'} in {result['total_seconds']:.0f} s; wrote {args.out}")

@@ -69,7 +69,7 @@ def test_cpu_runs_every_part_with_the_correctness_comparisons(tmp_path: Path) ->
                OUT=str(tmp_path), GPU_WHEELS=str(tmp_path / "none"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert result["ok"] and result["preflight"]["ok"]
+    assert result["ok"] and result["finished"] and result["preflight"]["ok"]
     assert result["preflight"]["modules"]["gradlens"]["file"].startswith(str(REPO))  # the path the script set
     parts = {p["name"]: p for p in result["parts"]}
     assert list(parts) == [p.name for p in PARTS]
