@@ -48,6 +48,7 @@ def test_fp16_grad_scaler_gradients_are_unscaled_before_the_clip_statistics(tmp_
     GradientRecorder.attach(trainer, tmp_path / "run")
     trainer.train()
     assert trainer.accelerator.scaler.get_scale() == SCALE  # no inf/nan step: every step was applied
+    assert "clip_grad_norm_" not in vars(trainer.accelerator)  # the recorder gave the accelerator its method back
     run = open_run(tmp_path / "run")
     model = trainer.model
     model.train()
