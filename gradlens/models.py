@@ -19,6 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from gradlens.config import TOY_PREFIX
 from gradlens.errors import GradlensError
+from gradlens.hub import first_line, hub_cause
 from gradlens.modules import ALL_PROJECTIONS
 
 # Files one of which every saved tokenizer has; a model directory with none of them has no tokenizer.
@@ -27,15 +28,15 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 _PROBE = "gradlens-probe-7"  # a message content no chat template alters, to find what the template puts after it
 
 
-def load_model(spec: str, dtype: str = "float32", *, progress: bool = True
+def load_model(spec: str, dtype: str = "float32", *, progress: bool = True, revision: str | None = None
                ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(model, tokenizer) for ``toy:PRESET`` (always float32, built on first use) or a ``from_pretrained`` path or
-    hub id in ``dtype``."""
+    hub id (at ``revision``) in ``dtype``."""
     if spec.startswith(TOY_PREFIX):
         from gradlens.toy.model import ensure_base_model
 
         return load_model_and_tokenizer(ensure_base_model(spec[len(TOY_PREFIX) :], progress=progress))
-    return load_model_and_tokenizer(spec, dtype=dtype)
+    return load_model_and_tokenizer(spec, dtype=dtype, revision=revision)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -46,30 +47,43 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def load_model_and_tokenizer(name_or_path: str | os.PathLike[str], *, dtype: str | torch.dtype = "float32",
-                             **model_kwargs) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Any HF causal LM and its tokenizer through ``from_pretrained`` (a local directory or a hub id).
+                             revision: str | None = None, **model_kwargs
+                             ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Any HF causal LM and its tokenizer through ``from_pretrained``, resolved as transformers resolves a name: an
+    existing directory is a local model; anything else is a hub id (``NAME`` or ``ORG/NAME``, at ``revision``),
+    found in the hub cache or downloaded, as ``HF_HUB_OFFLINE`` allows.
 
-    Errors name the path or id and the cause in one line, before any training: a missing directory, a directory
-    without tokenizer files (``AutoTokenizer`` would return an empty one-token tokenizer, on which SFT "trains" with
-    loss 0), a tokenizer with no ordinary token, or one with more tokens than the model has embeddings. Pad token
-    falls back to eos, as TRL expects one.
+    Errors name the path or id and the cause in one line, before any training: a path that is a file or, looking
+    like a path (``./x``, ``/x``, ``~/x``), does not exist; a hub id that is not found, gated, or not cached while
+    offline (:func:`gradlens.hub.hub_cause`); a directory without tokenizer files (``AutoTokenizer`` would return an
+    empty one-token tokenizer, on which SFT "trains" with loss 0), a tokenizer with no ordinary token, or one with
+    more tokens than the model has embeddings. Pad token falls back to eos, as TRL expects one.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     name = str(name_or_path)
-    looks_local = os.path.sep in name or name.startswith(".") or Path(name).exists()
-    if looks_local and not Path(name).is_dir():
+    path = Path(name).expanduser()
+    local = path.is_dir()
+    if path.exists() and not local:
+        raise GradlensError(f"model path {name!r} is a file, not a model directory")
+    if not local and name.startswith((".", "/", "~", os.path.sep)):
         raise GradlensError(f"model path {name!r} does not exist or is not a directory")
-    if looks_local and not any((Path(name) / f).is_file() for f in TOKENIZER_FILES):
+    if local and revision not in (None, "main"):
+        raise GradlensError(f"--model_revision {revision}: {name} is a local directory; revisions are of hub ids")
+    if local and not any((path / f).is_file() for f in TOKENIZER_FILES):
         raise GradlensError(f"model directory {name} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
                             "save one there with tokenizer.save_pretrained()")
+    source = str(path) if local else name
+    hub = {} if local else {"revision": revision}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        tokenizer = AutoTokenizer.from_pretrained(source, **hub)
         check_tokenizer(tokenizer, name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **model_kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **hub, **model_kwargs)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise GradlensError(f"cannot load model {name!r}: {first}") from e
+        cause = None if local else hub_cause(e, name, revision=revision)
+        if cause is not None:
+            raise GradlensError(f"cannot load model {name!r}: {cause}") from e
+        raise GradlensError(f"cannot load model {name!r}: {first_line(e)}") from e
     rows = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > rows:
         raise GradlensError(f"the tokenizer of {name} has {len(tokenizer)} tokens but the model embeds only {rows}: "
@@ -274,8 +288,7 @@ def _judge_template(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) 
         end = _token_after(tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _PROBE}])
         user_end = _token_after(tokenizer, [{"role": "user", "content": _PROBE}])
     except Exception as e:  # jinja raises many types (TemplateError, TypeError, ...); any means "not usable"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return "plain", f"its chat template does not render a user/assistant exchange ({first})"
+        return "plain", f"its chat template does not render a user/assistant exchange ({first_line(e)})"
     if end is None:
         return "plain", "its chat template marks no end of an assistant turn"
     stops = stop_token_ids(model, tokenizer)

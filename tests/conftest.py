@@ -1,10 +1,11 @@
-"""Shared fixtures: the toy character tokenizer, a factory of tiny random Qwen2 models, and the addition task with
-a test's own reward."""
+"""Shared fixtures: the toy character tokenizer, a factory of tiny random Qwen2 models, an offline hub cache holding
+a tiny model under a hub id, and the addition task with a test's own reward."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -35,6 +36,40 @@ def make_tiny_model(char_tokenizer):
         return model
 
     return make
+
+
+HUB_MODEL_ID = "gradlens-test/tiny-qwen2"  # the id the offline hub cache holds
+
+
+@pytest.fixture(scope="session")
+def hub_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An ``HF_HOME`` whose hub cache holds :data:`HUB_MODEL_ID` as a download leaves it: a random-init tiny Qwen2
+    (the recipes' architecture) with a byte-level BPE tokenizer trained in memory, a base release's special tokens
+    and Qwen's chat template."""
+    import torch
+    import transformers
+
+    from tests.hub_cache import save_to_hub_cache
+    from tests.test_real_model import END_OF_TEXT, SIZES, build_bpe_tokenizer
+
+    home = tmp_path_factory.mktemp("hf_home")
+    tokenizer = build_bpe_tokenizer(END_OF_TEXT)
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None, **SIZES))
+    save_to_hub_cache(model, tokenizer, home, HUB_MODEL_ID)
+    return home
+
+
+@pytest.fixture
+def offline_hub(hub_home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """:func:`hub_home`, with this process offline and reading only that cache (undone after the test); returns
+    the ``HF_HOME``. Child processes get the same through ``tests.hub_cache.offline_env``."""
+    from tests.hub_cache import patch_offline
+
+    patch_offline(monkeypatch, hub_home)
+    return hub_home
 
 
 @dataclass(frozen=True)

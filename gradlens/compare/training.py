@@ -87,7 +87,8 @@ class Runner:
         self.out = out
         self.device = resolve_device(config.device)
         self.model_dtype = resolve_dtype(config.model_dtype, self.device, config.model)
-        self.base, self.tokenizer = load_model(config.model, self.model_dtype, progress=config.progress)
+        self.base, self.tokenizer = load_model(config.model, self.model_dtype, progress=config.progress,
+                                               revision=config.model_revision)
         self.base.to(self.device)
         self.task = load_task_for(config, self.base, self.tokenizer)
         self.data = split_task(self.task, config.n_val, config.n_eval)

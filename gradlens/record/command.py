@@ -42,7 +42,7 @@ def prepare(config: RecordConfig) -> Prepared:
     set_seed(config.seed)
     device = resolve_device(config.device)
     model_dtype = resolve_dtype(config.model_dtype, device, config.model)
-    model, tokenizer = load_model(config.model, model_dtype)
+    model, tokenizer = load_model(config.model, model_dtype, revision=config.model_revision)
     model = attach_lora(model, r=config.lora_r, alpha=config.lora_alpha, target_modules=config.lora_target_modules,
                         seed=config.seed)
     task = load_task_for(config, model, tokenizer)
