@@ -43,14 +43,14 @@ HUB_MODEL_ID = "gradlens-test/tiny-qwen2"  # the id the offline hub cache holds
 
 @pytest.fixture(scope="session")
 def hub_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An ``HF_HOME`` whose hub cache holds :data:`HUB_MODEL_ID` as a download leaves it: a random-init tiny Qwen2
-    (the recipes' architecture) with a byte-level BPE tokenizer trained in memory, a base release's special tokens
-    and Qwen's chat template."""
+    """An ``HF_HOME`` whose hub cache holds :data:`HUB_MODEL_ID` as a download leaves it: a tiny Qwen2 (the recipes'
+    architecture) with a byte-level BPE tokenizer trained in memory, a base release's special tokens and Qwen's chat
+    template; random weights taught the ``#### <answer>`` format in a few steps, so GRPO groups differ in reward."""
     import torch
     import transformers
 
     from tests.hub_cache import save_to_hub_cache
-    from tests.test_real_model import END_OF_TEXT, SIZES, build_bpe_tokenizer
+    from tests.test_real_model import END_OF_TEXT, SIZES, build_bpe_tokenizer, teach_answer_format
 
     home = tmp_path_factory.mktemp("hf_home")
     tokenizer = build_bpe_tokenizer(END_OF_TEXT)
@@ -58,8 +58,22 @@ def hub_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
         vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None, **SIZES))
+    teach_answer_format(model, tokenizer, chat=False)
     save_to_hub_cache(model, tokenizer, home, HUB_MODEL_ID)
     return home
+
+
+@pytest.fixture(scope="session")
+def gsm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory of GSM8K-format ``train.jsonl``/``test.jsonl`` over the hub model's tokenizer corpus."""
+    import json
+
+    from tests.test_real_model import ROWS
+
+    data = tmp_path_factory.mktemp("gsm")
+    for split, rows in (("train", ROWS), ("test", ROWS[:3])):
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return data
 
 
 @pytest.fixture

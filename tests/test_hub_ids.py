@@ -15,20 +15,11 @@ import pytest
 from gradlens import open_run
 from tests.conftest import HUB_MODEL_ID
 from tests.hub_cache import commit_of, offline_env
-from tests.test_real_model import QUIET, ROWS
+from tests.test_real_model import QUIET
 from tests.test_record import assert_one_line_error, gradlens_inproc
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_SFT = ["--max_steps", "2", "--lora_r", "2", "--per_device_train_batch_size", "4", "--max_length", "128", *QUIET]
-
-
-@pytest.fixture(scope="module")
-def gsm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """GSM8K-format train/test JSONL files over the fixture tokenizer's corpus."""
-    data = tmp_path_factory.mktemp("gsm")
-    for split, rows in (("train", ROWS), ("test", ROWS[:3])):
-        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return data
 
 
 def test_transformers_itself_loads_the_fixture_offline(offline_hub: Path) -> None:
