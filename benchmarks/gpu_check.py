@@ -6,7 +6,10 @@
 3. the drift guard against what vLLM weight sync does (merge and unmerge the adapter in the bf16 base weights);
 4. the recording benchmark at the Qwen2.5-1.5B adapter shape (10.3 M B entries at r=16) with the gradients on the
    GPU: the time the recorder adds to a step (device-to-host copy included) and its sustained MB/s, using
-   ``bench_recording.py``'s stand-in model.
+   ``bench_recording.py``'s stand-in model;
+5. the recipe path: ``gradlens record --config recipes/qwen2.5-1.5b-gsm8k-sft.yaml`` in a child process, with the
+   model swapped for a random-init Qwen2.5-1.5B (the recipe's architecture, saved in bf16) under a local hub id in
+   an offline hub cache, the recipe's batch and sequence length, fewer steps and a short evaluation.
 
 Writes one JSON: seconds, ``torch.cuda.max_memory_allocated`` and outcome of every part, the GPU and package
 versions. Without CUDA it exits with code 2 and one line (``--cpu`` runs the same script on the CPU at toy sizes, a
@@ -32,6 +35,12 @@ import torch
 from _common import adapter_shapes, median
 
 BUDGET_S = 480  # parts not started by then are skipped (the check must fit in 8 minutes)
+RECIPE_SFT = Path(__file__).resolve().parents[1] / "recipes" / "qwen2.5-1.5b-gsm8k-sft.yaml"
+# Qwen/Qwen2.5-1.5B's config.json (the recipes' model): its shape, for a random-init stand-in.
+QWEN25_15B = {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12,
+              "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True, "rope_theta": 1e6,
+              "max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "max_window_layers": 28,
+              "use_sliding_window": False, "hidden_act": "silu"}
 QUIET = ["--logging_steps", "1000", "--disable_tqdm", "true"]
 
 
@@ -208,6 +217,40 @@ def recording_benchmark(root: Path, steps: int, layers: int, dtype: str, device:
             "sustained_mb_s": steps * step_bytes / wall / 1e6, "shard_mb_per_step": step_bytes / 1e6}
 
 
+def recipe_run(root: Path, steps: int, device: str) -> dict[str, Any]:
+    """The SFT recipe through ``gradlens record --config`` on a random-init model of its architecture, reached by a
+    local hub id offline (``--cpu``: a one-layer, narrow model and a small batch, a smoke test of the path)."""
+    import os
+    import subprocess
+
+    from real_shape import ROOT, build_world
+
+    sys.path.insert(0, str(ROOT))  # tests.hub_cache: the offline hub cache the tests use too
+    from tests.hub_cache import offline_env
+
+    config = QWEN25_15B if device == "cuda" else {**QWEN25_15B, "num_hidden_layers": 1, "max_window_layers": 1,
+                                                  "hidden_size": 48, "intermediate_size": 96}
+    size = [] if device == "cuda" else ["--per_device_train_batch_size", "2", "--max_length", "64"]
+    hub_id = "gradlens-check/qwen2.5-1.5b-random"
+    world = build_world(config, root / "recipe", n_rows=max(64, 16 * steps), hub_id=hub_id, dtype="bfloat16")
+    run = root / "recipe" / "run"
+    argv = [sys.executable, "-m", "gradlens.cli.main", "record", "--config", str(RECIPE_SFT), "--model", hub_id,
+            "--task", f"gsm8k:{root / 'recipe' / 'data'}", "--out", str(run), "--max_steps", str(steps),
+            "--n_eval", "8", "--eval_max_new_tokens", "32", "--device", device, *size, *QUIET]
+    env = {**os.environ, **offline_env(root / "recipe" / "hf_home"), "PYTHONPATH": str(ROOT)}
+    t0 = time.perf_counter()
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"gradlens record --config exited with {proc.returncode}: {proc.stderr.strip()[-1500:]}")
+    meta = json.loads((run / "manifest.json").read_text())
+    return {"recipe": str(RECIPE_SFT.relative_to(ROOT)), "hub_id": hub_id, "parameters": world["parameters"],
+            "steps": len(meta["steps"]), "seconds": time.perf_counter() - t0,
+            "model_dtype": meta["config"]["model_dtype"], "storage_dtype": meta["config"]["record"]["dtype"],
+            "b_grad_norms": [s["b_grad_norm"] for s in meta["steps"]],
+            "run_bytes": sum(f.stat().st_size for f in run.rglob("*") if f.is_file()),
+            "accuracy": json.loads((run / "eval.json").read_text())["accuracy"]}
+
+
 def environment(device: str) -> dict[str, Any]:
     from gradlens.provenance import package_versions
 
@@ -234,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         model = bf16_toy_model(root)
         for regime in ("sft", "grpo"):
             record_and_train(check, model, regime, args.steps, device)
+        check.part("recipe-sft-hub-id", lambda: recipe_run(root, min(args.steps, 10), device))
         check.part("compare-mini", lambda: mini_compare(check, model, args.steps, device))
         check.part("drift-merge-unmerge-bf16", lambda: drift_cycles(model, device))
         for dtype in ("bfloat16", "float32"):

@@ -82,8 +82,10 @@ def gsm_rows(n: int) -> list[dict[str, str]]:
     return rows
 
 
-def build_world(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """The model under :data:`HUB_ID` in ``work/hf_home`` and the data in ``work/data``."""
+def build_world(config: dict[str, Any], work: Path, n_rows: int, hub_id: str = HUB_ID,
+                dtype: str = "float32") -> dict[str, Any]:
+    """A random-init Qwen2 of ``config`` (saved in ``dtype``) under ``hub_id`` in the offline hub cache of
+    ``work/hf_home``, and ``n_rows`` GSM8K-format rows in ``work/data``. Also used by ``gpu_check.py``."""
     import torch
     import transformers
 
@@ -91,18 +93,17 @@ def build_world(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from tests.test_real_model import END_OF_TEXT, build_bpe_tokenizer
 
     tokenizer = build_bpe_tokenizer(END_OF_TEXT)
-    config = transformers.Qwen2Config(**model_config(args), pad_token_id=tokenizer.pad_token_id,
-                                      eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
     torch.manual_seed(0)
-    model = transformers.Qwen2ForCausalLM(config)
+    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        **config, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None))
     params = sum(p.numel() for p in model.parameters())
     start = time.perf_counter()
-    save_to_hub_cache(model, tokenizer, work / "hf_home", HUB_ID)
+    save_to_hub_cache(model.to(getattr(torch, dtype)), tokenizer, work / "hf_home", hub_id)
     saved = time.perf_counter() - start
     data = work / "data"
     data.mkdir()
-    rows = gsm_rows(max(64, args.batch * args.steps))
-    for split, part in (("train", rows), ("test", rows[:4])):
+    rows = gsm_rows(n_rows)
+    for split, part in (("train", rows), ("test", rows[:8])):
         (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
     return {"parameters": params, "tokenizer_tokens": len(tokenizer), "save_seconds": saved}
 
@@ -186,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     check_free_disk(args.dir, 3 * weights, "real_shape")
     work = Path(tempfile.mkdtemp(prefix="gradlens-bench-", dir=args.dir))
     try:
-        world = build_world(args, work)
+        world = build_world(model_config(args), work, max(64, args.batch * args.steps))
         runs = {kind: run_child(args, work, kind) for kind in ("train", "record")}
         recorded = work / "record" / "run"
         steps = runs["record"]["steps"]

@@ -27,8 +27,9 @@ def hub_cause(error: BaseException, repo_id: str, *, repo_type: str = "model", r
     come from the hub (a broken file, a bad config: the caller's own message applies).
 
     Causes, by ``huggingface_hub`` exception class: a gated repository, one that does not exist (or is private), a
-    revision it does not have, and files that are not in the hub cache while offline mode forbids downloading them
-    or the hub cannot be reached.
+    revision it does not have, and files that are not in the cache while offline mode forbids downloading them or
+    the hub cannot be reached. datasets re-raises gated and missing datasets as ``DatasetNotFoundError`` without the
+    hub's exception, so for those its own message is kept.
     """
     from huggingface_hub import constants
     from huggingface_hub.errors import (
@@ -42,26 +43,55 @@ def hub_cause(error: BaseException, repo_id: str, *, repo_type: str = "model", r
 
     page = f"https://huggingface.co/{'datasets/' if repo_type == 'dataset' else ''}{repo_id}"
     at = f" at revision {revision!r}" if revision not in (None, "main") else ""
+    what = "file or directory" if repo_type == "dataset" else "directory"
+    if repo_type == "dataset":
+        from datasets.exceptions import DatasetNotFoundError
+
+        if isinstance(error, DatasetNotFoundError):  # raised "from None": the hub's class is gone, its words stay
+            return (f"no local {what} has that name, and the hub dataset cannot be had: {first_line(error)} "
+                    f"(gated: accept its terms at {page}; gated or private: hf auth login, or set HF_TOKEN)")
     for e in _chain(error):
         if isinstance(e, GatedRepoError):
             return (f"it is a gated repository on the hub: accept its terms at {page} and log in "
                     "(hf auth login, or set HF_TOKEN)")
         if isinstance(e, RepositoryNotFoundError):
-            return (f"no local directory has that name and the hub has no {repo_type} {repo_id!r} (a private one "
+            return (f"no local {what} has that name and the hub has no {repo_type} {repo_id!r} (a private one "
                     "needs hf auth login or HF_TOKEN)")
         if isinstance(e, RevisionNotFoundError):
             return f"the hub {repo_type} {repo_id!r} has no revision {revision!r} (a branch, tag or commit)"
         if isinstance(e, HFValidationError):
-            return f"it is not a local directory, nor a hub id ('NAME' or 'ORG/NAME'): {first_line(e)}"
-        if isinstance(e, LocalEntryNotFoundError | OfflineModeIsEnabled):
-            where = f"not in the hub cache ({constants.HF_HUB_CACHE}){at}"
-            if constants.HF_HUB_OFFLINE or any(isinstance(c, OfflineModeIsEnabled) for c in _chain(e)):
-                return (f"no local directory has that name, and the hub {repo_type} is {where} while HF_HUB_OFFLINE "
-                        f"forbids downloading it: download it once online (hf download {repo_id}"
-                        f"{' --repo-type dataset' if repo_type == 'dataset' else ''}) or give a local directory")
-            return (f"no local directory has that name, the hub {repo_type} is {where}, and the hub cannot be "
-                    f"reached ({first_line(e)})")
+            return f"it is not a local {what}, nor a hub id ('NAME' or 'ORG/NAME'): {first_line(e)}"
+        if isinstance(e, LocalEntryNotFoundError | ConnectionError):  # OfflineModeIsEnabled is a ConnectionError
+            where = f"not in the {'datasets' if repo_type == 'dataset' else 'hub'} cache ({_cache_of(repo_type)}){at}"
+            offline = constants.HF_HUB_OFFLINE or (repo_type == "dataset" and _datasets_offline()) or any(
+                isinstance(c, OfflineModeIsEnabled) for c in _chain(e))
+            if not offline:
+                return (f"no local {what} has that name, the hub {repo_type} is {where}, and the hub cannot be "
+                        f"reached ({first_line(e)})")
+            fetch = (f"load it once online (datasets.load_dataset('{repo_id}') or this command) or give a local file"
+                     if repo_type == "dataset" else f"download it once online (hf download {repo_id}) or give a "
+                     "local directory")
+            return (f"no local {what} has that name, and the hub {repo_type} is {where} while HF_HUB_OFFLINE forbids "
+                    f"downloading it: {fetch}")
     return None
+
+
+def _datasets_offline() -> bool:
+    import datasets.config
+
+    return bool(datasets.config.HF_HUB_OFFLINE)
+
+
+def _cache_of(repo_type: str) -> str:
+    """Where an offline load looks: transformers in the hub cache, datasets in its own cache of prepared datasets
+    (a downloaded dataset is converted there; the raw download in the hub cache is not read offline)."""
+    from huggingface_hub import constants
+
+    if repo_type == "dataset":
+        import datasets.config
+
+        return str(datasets.config.HF_DATASETS_CACHE)
+    return constants.HF_HUB_CACHE
 
 
 def first_line(error: BaseException) -> str:

@@ -38,19 +38,22 @@ def make_tiny_model(char_tokenizer):
     return make
 
 
-HUB_MODEL_ID = "gradlens-test/tiny-qwen2"  # the id the offline hub cache holds
+HUB_MODEL_ID = "gradlens-test/tiny-qwen2"  # the model id the offline hub cache holds
+HUB_DATASET_ID = "gradlens-test/tiny-gsm8k"  # a GSM8K-format dataset id its datasets cache holds, as does openai/gsm8k
 
 
 @pytest.fixture(scope="session")
 def hub_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An ``HF_HOME`` whose hub cache holds :data:`HUB_MODEL_ID` as a download leaves it: a tiny Qwen2 (the recipes'
     architecture) with a byte-level BPE tokenizer trained in memory, a base release's special tokens and Qwen's chat
-    template; random weights taught the ``#### <answer>`` format in a few steps, so GRPO groups differ in reward."""
+    template; random weights taught the ``#### <answer>`` format in a few steps, so GRPO groups differ in reward.
+    Its datasets cache holds :data:`HUB_DATASET_ID` and ``openai/gsm8k`` (config ``main``), the test's GSM8K-format
+    rows under both ids."""
     import torch
     import transformers
 
-    from tests.hub_cache import save_to_hub_cache
-    from tests.test_real_model import END_OF_TEXT, SIZES, build_bpe_tokenizer, teach_answer_format
+    from tests.hub_cache import save_dataset_to_cache, save_to_hub_cache
+    from tests.test_real_model import END_OF_TEXT, ROWS, SIZES, build_bpe_tokenizer, teach_answer_format
 
     home = tmp_path_factory.mktemp("hf_home")
     tokenizer = build_bpe_tokenizer(END_OF_TEXT)
@@ -60,6 +63,8 @@ def hub_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
         bos_token_id=None, **SIZES))
     teach_answer_format(model, tokenizer, chat=False)
     save_to_hub_cache(model, tokenizer, home, HUB_MODEL_ID)
+    for repo_id, config_name in ((HUB_DATASET_ID, "default"), ("openai/gsm8k", "main")):  # --task gsm8k's
+        save_dataset_to_cache({"train": ROWS, "test": ROWS[:3]}, home, repo_id, config_name)
     return home
 
 

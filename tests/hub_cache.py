@@ -56,3 +56,32 @@ def patch_offline(monkeypatch, hf_home: str | os.PathLike[str]) -> None:
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", Path(env["HF_DATASETS_CACHE"]))
+
+
+def save_dataset_to_cache(splits: dict[str, list[dict]], hf_home: str | os.PathLike[str], repo_id: str,
+                          config_name: str = "default") -> Path:
+    """Put ``splits`` (rows by split name) where an offline ``load_dataset(repo_id, config_name)`` finds them.
+
+    Offline, datasets does not read the hub cache but its own cache of prepared datasets,
+    ``HF_DATASETS_CACHE/ORG___NAME/CONFIG/VERSION/COMMIT/NAME-SPLIT.arrow``, which a first online load writes. This
+    writes it with the JSON builder load_dataset uses for a repository of JSONL files, then moves the config
+    directory to the name a download gives it (built from local files, it would carry a hash of their paths).
+    Returns the config directory.
+    """
+    import json
+    import shutil
+
+    from datasets.packaged_modules.json.json import Json
+
+    home, name = Path(hf_home), repo_id.split("/")[-1]
+    sources = home / "dataset-sources" / repo_id / config_name
+    sources.mkdir(parents=True, exist_ok=True)
+    for split, rows in splits.items():
+        (sources / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    builder = Json(cache_dir=str(home / "dataset-build"), dataset_name=name, config_name=config_name,
+                   data_files={split: str(sources / f"{split}.jsonl") for split in splits}, hash=commit_of(repo_id))
+    builder.download_and_prepare()
+    target = home / "datasets" / repo_id.replace("/", "___") / config_name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(Path(builder.cache_dir).parents[1], target)
+    return target

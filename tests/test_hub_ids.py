@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from gradlens import open_run
-from tests.conftest import HUB_MODEL_ID
+from tests.conftest import HUB_DATASET_ID, HUB_MODEL_ID
 from tests.hub_cache import commit_of, offline_env
-from tests.test_real_model import QUIET
+from tests.test_real_model import QUIET, ROWS
 from tests.test_record import assert_one_line_error, gradlens_inproc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,3 +143,33 @@ def test_a_file_or_a_revision_of_a_local_directory_is_one_line(offline_hub: Path
     proc = gradlens_inproc(capsys, "record", "--model", str(local), "--model_revision", "v2", "--out",
                            str(tmp_path / "b"), *TINY_SFT)
     assert_one_line_error(proc, "--model_revision v2", "is a local directory")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Data ids: through datasets' cache, as load_dataset resolves them
+
+
+def test_task_gsm8k_is_openai_gsm8k_from_the_datasets_cache(offline_hub: Path) -> None:
+    from gradlens.tasks.gsm8k import MathTask
+
+    task = MathTask.from_spec("gsm8k")
+    assert (task.source, task.dataset_config) == ("openai/gsm8k", "main")
+    data = task.dataset("train")
+    assert [r["answer"] for r in data] == [r["answer"] for r in ROWS]  # the rows the fixture cached under that id
+    assert len(task.dataset("test")) == 3
+
+
+def test_record_resolves_a_dataset_id(offline_hub: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    proc = gradlens_inproc(capsys, "record", "--model", HUB_MODEL_ID, "--task", f"gsm8k:{HUB_DATASET_ID}", "--out",
+                           str(out), "--n_eval", "2", "--eval_max_new_tokens", "4", *TINY_SFT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert open_run(out).steps == [1, 2]
+    assert json.loads((out / "eval.json").read_text())["n"] == 2
+
+
+def test_a_dataset_id_the_offline_cache_lacks_is_one_line(offline_hub: Path, tmp_path: Path, capsys) -> None:
+    proc = gradlens_inproc(capsys, "record", "--model", HUB_MODEL_ID, "--task", "gsm8k:gradlens-test/not-cached",
+                           "--out", str(tmp_path / "run"), *TINY_SFT)
+    assert_one_line_error(proc, "math task gradlens-test/not-cached", "not in the datasets cache",
+                          str(offline_hub / "datasets"), "HF_HUB_OFFLINE")
