@@ -31,6 +31,15 @@ def load_yaml(path: Path) -> dict:
     return yaml.safe_load(path.read_text())
 
 
+def assert_kept(own: dict, stored: dict, trl: dict, overridden: list[str]) -> None:
+    """Every setting of the recipe ``own`` that the test did not override reached the run: as a gradlens setting in
+    ``stored`` or a TRL one in ``trl`` (a key in neither went nowhere)."""
+    flags = {f.removeprefix("--") for f in overridden if f.startswith("--")} | {"model", "task"}
+    for key, value in own.items():
+        if key not in flags:
+            assert (stored[key] if key in stored else trl[key]) == value, key
+
+
 def run_recipe(capsys, command: str, recipe: Path, gsm_dir: Path, *extra: str):
     """``gradlens COMMAND --config RECIPE`` on the hub fixture, sized down; asserts success."""
     regime = load_yaml(recipe).get("regime") or load_yaml(recipe)["regimes"][0]
@@ -60,8 +69,7 @@ def test_record_recipe_runs_on_the_hub_fixture(offline_hub, gsm_dir, tmp_path, m
     run = open_run(tmp_path / own["out"])
     record, args = run.meta["config"]["record"], run.meta["config"]["training_args"]
     assert record["model"] == HUB_MODEL_ID and record["regime"] == regime and run.steps == [1]
-    for key in ("lora_r", "lora_alpha", "learning_rate", "dtype", "seed"):
-        assert record[key] == own[key], key
+    assert_kept(own, record, args, [*SIZE[regime], *EVAL])
     assert args["activation_checkpointing"] is True and args["logging_steps"] == own["logging_steps"]
     assert json.loads((tmp_path / own["out"] / "eval.json").read_text())["n"] == 2
 
@@ -84,6 +92,7 @@ def test_probe_then_train_recipes_run_on_the_hub_fixture(offline_hub, gsm_dir, t
     own = load_yaml(train_recipe)
     info = json.loads((tmp_path / own["out"] / "train.json").read_text())
     assert info["sparse"] and info["config"]["mask"] == own["mask"] and info["config"]["model"] == HUB_MODEL_ID
+    assert_kept(own, info["config"], info["training_args"], [*SIZE[regime], *EVAL, "--max_steps"])
     assert 0 < info["b_nonzero"] <= 0.01 * info["b_entries"] + 1  # the 1% mask of the recipe trained, no more
 
 
@@ -97,13 +106,13 @@ def test_compare_recipes_run_on_the_hub_fixture(offline_hub, gsm_dir, tmp_path, 
     recipe = RECIPES / name
     own = load_yaml(recipe)
     monkeypatch.chdir(tmp_path)
-    run_recipe(capsys, "compare", recipe, gsm_dir, "--seeds", "0", "--probe_steps", "1", "--n_val", "2", "--n_eval",
-               "2", "--eval_samples", "1", "--eval_max_new_tokens", "4", "--full_lrs", str(own["full_lrs"][0]),
-               "--sparse_lrs", str(own["sparse_lrs"][0]), "--no-progress", "--no-export")
+    sizing = ["--seeds", "0", "--probe_steps", "1", "--n_val", "2", "--n_eval", "2", "--eval_samples", "1",
+              "--eval_max_new_tokens", "4", "--full_lrs", str(own["full_lrs"][0]), "--sparse_lrs",
+              str(own["sparse_lrs"][0]), "--no-progress", "--no-export"]
+    run_recipe(capsys, "compare", recipe, gsm_dir, *sizing)
     out = tmp_path / own["out"]
     prov = json.loads((out / "provenance.json").read_text())
     assert prov["config"]["model"] == HUB_MODEL_ID
-    for key in ("methods", "budgets", "scope", "lora_r", "lora_alpha", "regimes"):
-        assert prov["config"][key] == own[key], key
+    assert_kept(own, prov["config"], prov["config"]["trl"], [*SIZE[own["regimes"][0]], *sizing])
     placement = (out / "placement.csv").read_text()
     assert all(m in placement for m in own["methods"])
