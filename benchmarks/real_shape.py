@@ -9,7 +9,8 @@ its own process, the same settings otherwise. Then ``gradlens analyze`` and ``gr
 
 Reports the median step time with and without the recorder (the first step, with its allocations, left out) and
 their ratio, each run's peak RSS, the raw shard bytes per step, and the analyze and select times; writes
-``benchmarks/results/real_shape.json``.
+``benchmarks/results/real_shape.json``, with the load average before and after the runs: the two runs follow each
+other, so on shared cores the ratio holds only when nothing else ran.
 
     OMP_NUM_THREADS=2 python benchmarks/real_shape.py
 """
@@ -188,7 +189,9 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(tempfile.mkdtemp(prefix="gradlens-bench-", dir=args.dir))
     try:
         world = build_world(model_config(args), work, max(64, args.batch * args.steps))
+        load = {"before": os.getloadavg()}  # the cores are shared: a load above nproc makes step times noisy
         runs = {kind: run_child(args, work, kind) for kind in ("train", "record")}
+        load["after"] = os.getloadavg()
         recorded = work / "record" / "run"
         steps = runs["record"]["steps"]
         analyze_s = cli_seconds(["analyze", str(recorded), "--out", str(work / "analysis"), "--no-figures",
@@ -208,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
         "world": world, "settings": {"steps": args.steps, "per_device_train_batch_size": args.batch,
                                      "max_length": args.seq_len, "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
         "median_step_seconds": timed, "recorder_step_ratio": ratio, "runs": runs, "shard_bytes_per_step": per_step,
-        "analyze_seconds": analyze_s, "select_seconds": select_s,
+        "analyze_seconds": analyze_s, "select_seconds": select_s, "load_average_1_5_15_min": load,
         "rows": [dict(zip(["run", "median_step_seconds", "peak_rss_gib"], r, strict=True)) for r in rows]}, args.dir)
 
 

@@ -41,15 +41,15 @@ def hub_cause(error: BaseException, repo_id: str, *, repo_type: str = "model", r
         RevisionNotFoundError,
     )
 
-    page = f"https://huggingface.co/{'datasets/' if repo_type == 'dataset' else ''}{repo_id}"
+    page = f"{constants.ENDPOINT}/{'datasets/' if repo_type == 'dataset' else ''}{repo_id}"
     at = f" at revision {revision!r}" if revision not in (None, "main") else ""
     what = "file or directory" if repo_type == "dataset" else "directory"
     if repo_type == "dataset":
         from datasets.exceptions import DatasetNotFoundError
 
         if isinstance(error, DatasetNotFoundError):  # raised "from None": the hub's class is gone, its words stay
-            return (f"no local {what} has that name, and the hub dataset cannot be had: {first_line(error)} "
-                    f"(gated: accept its terms at {page}; gated or private: hf auth login, or set HF_TOKEN)")
+            return (f"no local {what} has that name, and the hub dataset cannot be had: {first_line(error)} (a "
+                    f"gated or private one: accept its terms at {page}, then hf auth login or set HF_TOKEN)")
     for e in _chain(error):
         if isinstance(e, GatedRepoError):
             return (f"it is a gated repository on the hub: accept its terms at {page} and log in "

@@ -4,10 +4,12 @@ the fixture wrote (tests/hub_cache.py); errors for ids the cache lacks are one l
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -173,3 +175,54 @@ def test_a_dataset_id_the_offline_cache_lacks_is_one_line(offline_hub: Path, tmp
                            "--out", str(tmp_path / "run"), *TINY_SFT)
     assert_one_line_error(proc, "math task gradlens-test/not-cached", "not in the datasets cache",
                           str(offline_hub / "datasets"), "HF_HUB_OFFLINE")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Gated, missing, no such revision: huggingface_hub's real HTTP error handling, against a local server that answers
+# as the hub does (status code and X-Error-Code header), in a child process pointed at it with HF_ENDPOINT
+
+
+class HubErrors(http.server.BaseHTTPRequestHandler):
+    """Every request is refused the way the hub refuses it: gated repositories (403, GatedRepo), a missing revision
+    (404, RevisionNotFound) and, for everything else, a missing repository (404, RepoNotFound)."""
+
+    def refuse(self) -> None:
+        code, error = ((403, "GatedRepo") if "gated" in self.path else (404, "RevisionNotFound")
+                       if "/v9" in self.path else (404, "RepoNotFound"))
+        self.send_response(code)
+        self.send_header("X-Error-Code", error)
+        self.send_header("X-Error-Message", f"{error} (test hub)")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_HEAD = refuse
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def refusing_hub():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), HubErrors)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("flags", "needles"), [
+    (["--model", "myorg/gated-model"], ["'myorg/gated-model'", "gated repository", "/myorg/gated-model", "HF_TOKEN"]),
+    (["--model", "myorg/missing"], ["'myorg/missing'", "the hub has no model 'myorg/missing'"]),
+    (["--model", "myorg/x", "--model_revision", "v9"], ["'myorg/x'", "has no revision 'v9'"]),
+    (["--task", "gsm8k:myorg/gated-data"], ["myorg/gated-data", "is a gated dataset", "HF_TOKEN"]),
+    (["--task", "gsm8k:myorg/missing-data"], ["myorg/missing-data", "doesn't exist on the Hub"]),
+])
+def test_gated_missing_and_revision_errors_from_the_hub_are_one_line(refusing_hub: str, tmp_path: Path,
+                                                                     flags: list[str], needles: list[str]) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
+    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_ENDPOINT=refusing_hub, OMP_NUM_THREADS="1",
+               PYTHONPATH=str(ROOT))
+    flags = flags if "--model" in flags else ["--model", "toy:tiny", *flags]
+    proc = subprocess.run([sys.executable, "-m", "gradlens.cli.main", "record", *flags, "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert_one_line_error(proc, *needles)
