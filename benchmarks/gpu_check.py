@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import adapter_shapes, median
+from _common import adapter_shapes, median, positive
 
 BUDGET_S = 480  # parts not started by then are skipped (the check must fit in 8 minutes)
 RECIPE_SFT = Path(__file__).resolve().parents[1] / "recipes" / "qwen2.5-1.5b-gsm8k-sft.yaml"
@@ -42,13 +42,6 @@ QWEN25_15B = {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers
               "max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "max_window_layers": 28,
               "use_sliding_window": False, "hidden_act": "silu"}
 QUIET = ["--logging_steps", "1000", "--disable_tqdm", "true"]
-
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import RESULTS, check_free_disk, markdown_table, median, write_json
+from _common import RESULTS, check_free_disk, markdown_table, median, positive, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "qwen2.5-1.5b-gsm8k-sft.yaml"
@@ -39,13 +39,6 @@ QWEN25_05B = {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers"
               "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True, "rope_theta": 1e6,
               "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "max_window_layers": 24,
               "use_sliding_window": False, "hidden_act": "silu"}
-
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
