@@ -81,9 +81,7 @@ def load_model_and_tokenizer(name_or_path: str | os.PathLike[str], *, dtype: str
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **hub, **model_kwargs)
     except (OSError, ValueError) as e:
         cause = None if local else hub_cause(e, name, revision=revision)
-        if cause is not None:
-            raise GradlensError(f"cannot load model {name!r}: {cause}") from e
-        raise GradlensError(f"cannot load model {name!r}: {first_line(e)}") from e
+        raise GradlensError(f"cannot load model {name!r}: {cause or first_line(e)}") from e
     rows = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > rows:
         raise GradlensError(f"the tokenizer of {name} has {len(tokenizer)} tokens but the model embeds only {rows}: "
