@@ -92,6 +92,7 @@ def test_compare_resolves_a_hub_id(offline_hub: Path, gsm_dir: Path, tmp_path: P
     assert prov["config"]["model"] == HUB_MODEL_ID and prov["config"]["model_revision"] == "main"
 
 
+@pytest.mark.slow
 def test_record_in_a_child_process_reads_the_offline_environment(hub_home: Path, gsm_dir: Path,
                                                                  tmp_path: Path) -> None:
     """The environment alone (what a user sets) is enough: no patched module constants in the child."""
