@@ -105,6 +105,14 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str
     return "\n".join(lines)
 
 
+def positive(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def add_output_argument(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--json", type=Path, default=RESULTS / f"{name}.json", help="where the results go")
 

@@ -12,8 +12,11 @@ the path); see the README's "Running on a GPU".
    at the same point, and the run's per-entry sums with a CPU ``DeviceStats`` run on those copies; also with
    ``max_queue=1``, with bf16 gradients, and with the adapter spread over two GPUs when there are two;
 3. ``drift``: the drift guard against what vLLM weight sync does (merge and unmerge in bf16 base weights);
-4. ``recipe`` (last): for now the toy path, ``gradlens record``, ``select``, ``train --mask`` under SFT and GRPO and a
-   mini ``compare``, on toy:small saved as a bf16 model directory.
+4. ``recipe-sft-hub-id``: ``gradlens record --config recipes/qwen2.5-1.5b-gsm8k-sft.yaml`` in a child process, with
+   the model swapped for a random-init Qwen2.5-1.5B (the recipe's architecture, saved in bf16) under a local hub id
+   in an offline hub cache, the recipe's batch and sequence length, at most 10 steps and a short evaluation;
+5. ``toy-path`` (last): ``gradlens record``, ``select``, ``train --mask`` under SFT and GRPO and a mini ``compare``,
+   on toy:small saved as a bf16 model directory.
 
 Each part has a time budget; a part that would end past :data:`TOTAL_BUDGET_S` is skipped. Writes one JSON: the
 preflight, every part's seconds, ``torch.cuda.max_memory_allocated``, outcome and results, the GPU and versions.
@@ -39,18 +42,19 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 TOTAL_BUDGET_S = 330  # 5.5 minutes of parts, so the whole check (imports, model saves) stays under 6
+RECIPE_SFT = Path(__file__).resolve().parents[1] / "recipes" / "qwen2.5-1.5b-gsm8k-sft.yaml"
+# Qwen/Qwen2.5-1.5B's config.json (the recipes' model): its shape, for a random-init stand-in.
+QWEN25_15B = {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12,
+              "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True, "rope_theta": 1e6,
+              "max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "max_window_layers": 28,
+              "use_sliding_window": False, "hidden_act": "silu"}
 QUIET = ["--logging_steps", "1000", "--disable_tqdm", "true"]
 PREFLIGHT_MODULES = ("torch", "transformers", "peft", "accelerate", "trl", "datasets", "gradlens")
 
 
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from _common import positive  # numpy only, which every machine with torch has
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("gpu_check.json"), help="the JSON to write")
     parser.add_argument("--steps", type=positive, default=20, help="optimizer steps of each toy training run")
@@ -369,9 +373,8 @@ def mini_compare(ctx: Context) -> dict[str, Any]:
     return {"rows": len(table), "accuracy": {f"{r.regime}/{r.method}": float(r.accuracy) for r in table.itertuples()}}
 
 
-def recipe(ctx: Context) -> dict[str, Any]:
-    """The slot for the recipe path (``gradlens record --config`` on a recipe); until it lands, the toy path:
-    record, select, train with the mask under SFT and GRPO, and a mini compare."""
+def toy_path(ctx: Context) -> dict[str, Any]:
+    """The toy path: record, select, train with the mask under SFT and GRPO, and a mini compare."""
     return {**{regime: record_and_train(ctx, regime) for regime in ("sft", "grpo")}, "compare": mini_compare(ctx)}
 
 
@@ -383,8 +386,43 @@ PARTS = [
     Part("correctness-bf16-gradients", 15, lambda ctx: compare_with_copies(ctx, "bf16", dtype="bfloat16")),
     Part("correctness-two-gpus", 20, two_gpus),
     Part("drift-merge-unmerge-bf16", 20, drift_cycles),
-    Part("recipe", 180, recipe),
+    Part("recipe-sft-hub-id", 100, lambda ctx: recipe_run(ctx.root, min(ctx.args.steps, 10), ctx.device)),
+    Part("toy-path", 80, toy_path),
 ]
+
+
+def recipe_run(root: Path, steps: int, device: str) -> dict[str, Any]:
+    """The SFT recipe through ``gradlens record --config`` on a random-init model of its architecture, reached by a
+    local hub id offline (``--cpu``: a one-layer, narrow model and a small batch, a smoke test of the path)."""
+    import os
+    import subprocess
+
+    from real_shape import ROOT, build_world
+
+    sys.path.insert(0, str(ROOT))  # tests.hub_cache: the offline hub cache the tests use too
+    from tests.hub_cache import offline_env
+
+    config = QWEN25_15B if device == "cuda" else {**QWEN25_15B, "num_hidden_layers": 1, "max_window_layers": 1,
+                                                  "hidden_size": 48, "intermediate_size": 96}
+    size = [] if device == "cuda" else ["--per_device_train_batch_size", "2", "--max_length", "64"]
+    hub_id = "gradlens-check/qwen2.5-1.5b-random"
+    world = build_world(config, root / "recipe", n_rows=max(64, 16 * steps), hub_id=hub_id, dtype="bfloat16")
+    run = root / "recipe" / "run"
+    argv = [sys.executable, "-m", "gradlens.cli.main", "record", "--config", str(RECIPE_SFT), "--model", hub_id,
+            "--task", f"gsm8k:{root / 'recipe' / 'data'}", "--out", str(run), "--max_steps", str(steps),
+            "--n_eval", "8", "--eval_max_new_tokens", "32", "--device", device, *size, *QUIET]
+    env = {**os.environ, **offline_env(root / "recipe" / "hf_home"), "PYTHONPATH": str(ROOT)}
+    t0 = time.perf_counter()
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"gradlens record --config exited with {proc.returncode}: {proc.stderr.strip()[-1500:]}")
+    meta = json.loads((run / "manifest.json").read_text())
+    return {"recipe": str(RECIPE_SFT.relative_to(ROOT)), "hub_id": hub_id, "parameters": world["parameters"],
+            "steps": len(meta["steps"]), "seconds": time.perf_counter() - t0,
+            "model_dtype": meta["config"]["model_dtype"], "storage_dtype": meta["config"]["record"]["storage_dtype"],
+            "b_grad_norms": [s["b_grad_norm"] for s in meta["steps"]],
+            "run_bytes": sum(f.stat().st_size for f in run.rglob("*") if f.is_file()),
+            "accuracy": json.loads((run / "eval.json").read_text())["accuracy"]}
 
 
 def environment(device: str) -> dict[str, Any]:

@@ -15,23 +15,24 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from gradlens.config import TOY_PREFIX
-from gradlens.errors import GradlensError
+from gradlens.errors import GradlensError, cause
 from gradlens.fsio import read_json
+from gradlens.hub import hub_cause
 
 # Files one of which every saved tokenizer has; a model directory with none of them has no tokenizer.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
                    "spiece.model")
 
 
-def load_model(spec: str, dtype: str = "float32", *, progress: bool = True, **model_kwargs
-               ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_model(spec: str, dtype: str = "float32", *, progress: bool = True, revision: str | None = None,
+               **model_kwargs) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(model, tokenizer) for ``toy:PRESET`` (always float32, built on first use) or a ``from_pretrained`` path or
-    hub id in ``dtype`` (``model_kwargs`` go to ``from_pretrained``)."""
+    hub id (at ``revision``) in ``dtype`` (``model_kwargs`` go to ``from_pretrained``)."""
     if spec.startswith(TOY_PREFIX):
         from gradlens.toy.model import ensure_base_model
 
         return load_model_and_tokenizer(ensure_base_model(spec[len(TOY_PREFIX) :], progress=progress), **model_kwargs)
-    return load_model_and_tokenizer(spec, dtype=dtype, **model_kwargs)
+    return load_model_and_tokenizer(spec, dtype=dtype, revision=revision, **model_kwargs)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -42,35 +43,46 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def load_model_and_tokenizer(name_or_path: str | os.PathLike[str], *, dtype: str | torch.dtype = "float32",
-                             **model_kwargs) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Any HF causal LM and its tokenizer through ``from_pretrained`` (a local directory or a hub id).
+                             revision: str | None = None, **model_kwargs
+                             ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Any HF causal LM and its tokenizer through ``from_pretrained``, resolved as transformers resolves a name: an
+    existing directory is a local model; anything else is a hub id (``NAME`` or ``ORG/NAME``, at ``revision``),
+    found in the hub cache or downloaded, as ``HF_HUB_OFFLINE`` allows.
 
-    Errors name the path or id and the cause in one line, before any training: a missing directory, a directory
-    without tokenizer files (``AutoTokenizer`` would return an empty one-token tokenizer, on which SFT "trains" with
-    loss 0), a tokenizer with no ordinary token, or one with more tokens than the model has embeddings. Pad token
-    falls back to eos, as TRL expects one.
+    Errors name the path or id and the cause in one line, before any training: a path that is a file or, looking
+    like a path (``./x``, ``/x``, ``~/x``), does not exist; a hub id that is not found, gated, or not cached while
+    offline (:func:`gradlens.hub.hub_cause`); a directory without tokenizer files (``AutoTokenizer`` would return an
+    empty one-token tokenizer, on which SFT "trains" with loss 0), a tokenizer with no ordinary token, or one with
+    more tokens than the model has embeddings. Pad token falls back to eos, as TRL expects one.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     name = str(name_or_path)
-    if (Path(name) / "adapter_config.json").is_file():
-        base = read_json(Path(name) / "adapter_config.json", "PEFT adapter config")
+    path = Path(name).expanduser()
+    if (path / "adapter_config.json").is_file():
+        base = read_json(path / "adapter_config.json", "PEFT adapter config")
         base = base.get("base_model_name_or_path") if isinstance(base, dict) else None
         raise GradlensError(f"{name} is a PEFT adapter, not a model; pass its base model (base_model_name_or_path="
                             f"{base!r}) as the model")
-    looks_local = os.path.sep in name or name.startswith(".") or Path(name).exists()
-    if looks_local and not Path(name).is_dir():
+    local = path.is_dir()
+    if path.exists() and not local:
+        raise GradlensError(f"model path {name!r} is a file, not a model directory")
+    if not local and name.startswith((".", "/", "~", os.path.sep)):
         raise GradlensError(f"model path {name!r} does not exist or is not a directory")
-    if looks_local and not any((Path(name) / f).is_file() for f in TOKENIZER_FILES):
+    if local and revision not in (None, "main"):
+        raise GradlensError(f"--model_revision {revision}: {name} is a local directory; revisions are of hub ids")
+    if local and not any((path / f).is_file() for f in TOKENIZER_FILES):
         raise GradlensError(f"model directory {name} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
                             "save one there with tokenizer.save_pretrained()")
+    source = str(path) if local else name
+    hub = {} if local else {"revision": revision}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        tokenizer = AutoTokenizer.from_pretrained(source, **hub)
         check_tokenizer(tokenizer, name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **model_kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **hub, **model_kwargs)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise GradlensError(f"cannot load model {name!r}: {first}") from e
+        hub = None if local else hub_cause(e, name, revision=revision)
+        raise GradlensError(f"cannot load model {name!r}: {hub or cause(e)}") from e
     rows = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > rows:
         raise GradlensError(f"the tokenizer of {name} has {len(tokenizer)} tokens but the model embeds only {rows}: "

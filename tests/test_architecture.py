@@ -19,7 +19,7 @@ MAX_LINES = 400
 STAGES: dict[str, float] = {
     "gradlens": 0, "gradlens.errors": 0, "gradlens.provenance": 0, "gradlens.fsio": 0, "gradlens.modules": 0,
     "gradlens.config": 0, "gradlens.placement.budget": 0, "gradlens.stats.core": 0, "gradlens.stats.streaming": 0,
-    "gradlens.stats.device": 0, "gradlens.callback_order": 0, "gradlens.lazy": 0,
+    "gradlens.stats.device": 0, "gradlens.callback_order": 0, "gradlens.lazy": 0, "gradlens.hub": 0,
     "gradlens.toy": 0, "gradlens.toy.presets": 0, "gradlens.toy.tokenizer": 0,
     "gradlens.tasks": 1.0, "gradlens.toy.model": 1.1, "gradlens.models": 1.2, "gradlens.lora": 1.25,
     "gradlens.evaluate": 1.3, "gradlens.drift": 1.5, "gradlens.toy.report": 1.5, "gradlens.sparse": 1.6,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow  # 4 child processes and 2 short trainings: about 30 s on 2 idle cores
+pytestmark = pytest.mark.slow  # 6 child processes and 4 short trainings: about 60 s on 2 idle cores
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 TINY = {
     "bench_recording.py": ["--layers", "1", "--steps", "2", "--dtypes", "bfloat16", "--disk-repeats", "1"],
@@ -18,6 +18,7 @@ TINY = {
                            "--probe-steps", "1", "--train-steps", "2", "--probe-reps", "1"],
     "bench_recorder_overhead.py": ["--regime", "sft", "--steps", "2", "--reps", "1"],
 }
+REAL_SHAPE_TINY = ["--steps", "2", "--seq-len", "64", "--layers", "1", "--hidden", "56", "--intermediate", "112"]
 
 
 @pytest.mark.parametrize("script", sorted(TINY))
@@ -32,3 +33,47 @@ def test_benchmark_runs(script: str, tmp_path: Path, monkeypatch: pytest.MonkeyP
     result = json.loads(out.read_text())
     assert result["rows"] and result["machine"]["nproc"] >= 1
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("gradlens-bench-")]  # temporary runs deleted
+
+
+def test_real_shape_reports_both_runs_from_the_hub_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real-shape script's own numbers: both runs timed, a shard written per recorded step, the Qwen2.5-0.5B
+    config values kept apart from the sizes a smoke run shrinks."""
+    out = tmp_path / "result.json"
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    monkeypatch.setattr(sys, "argv", ["real_shape.py", *REAL_SHAPE_TINY, "--dir", str(tmp_path), "--json",
+                                      str(out)])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(BENCHMARKS / "real_shape.py"), run_name="__main__")
+    assert exit_info.value.code == 0
+    result = json.loads(out.read_text())
+    assert result["rows"] and result["machine"]["nproc"] >= 1
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("gradlens-bench-")]  # the scratch model deleted
+    assert result["hub_id"].count("/") == 1 and result["recipe"] == "recipes/qwen2.5-1.5b-gsm8k-sft.yaml"
+    for kind in ("train", "record"):
+        assert len(result["runs"][kind]["step_seconds"]) == result["runs"][kind]["steps"] == 2
+        assert result["runs"][kind]["peak_rss_bytes"] > 0
+    steps = result["runs"]["record"]["steps"]
+    ratio = result["median_step_seconds"]["record"] / result["median_step_seconds"]["train"]
+    assert result["recorder_step_ratio"] == pytest.approx(ratio)
+    # 1 layer x 7 projections at r=16, bf16 shards (the recipe's dtype): at least 2 bytes per B entry and step
+    entries = 16 * (56 + 8 + 8 + 56 + 112 + 112 + 56)  # q k v o gate up down rows: kv width 2 heads x head_dim 4
+    assert result["shard_bytes_per_step"] >= 2 * entries and steps == 2
+    config = result["model_config"]
+    assert (config["vocab_size"], config["num_attention_heads"], config["num_key_value_heads"]) == (151936, 14, 2)
+    assert config["tie_word_embeddings"] and config["rope_theta"] == 1e6 and config["rms_norm_eps"] == 1e-6
+
+
+def test_gpu_check_recipe_part_runs_on_the_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """gpu_check's recipe part at ``--cpu`` sizes: the SFT recipe through ``gradlens record --config`` in a child
+    process, the model a random-init Qwen2 of the recipe's config (narrowed) under a local hub id, offline."""
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location("gpu_check", BENCHMARKS / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    part = gpu_check.recipe_run(tmp_path, 2, "cpu")
+    assert part["steps"] == 2 and part["recipe"] == "recipes/qwen2.5-1.5b-gsm8k-sft.yaml"
+    assert part["hub_id"].count("/") == 1 and part["storage_dtype"] == "bfloat16"  # the recipe's own shard dtype
+    assert part["model_dtype"] == "float32" and all(n > 0 for n in part["b_grad_norms"])  # CPU: float32 weights
+    assert 0.0 <= part["accuracy"] <= 1.0 and part["run_bytes"] > 0

@@ -60,7 +60,7 @@ def _config(arch: str, tokenizer, **extra):
                bos_token_id=None, **kwargs, **extra)
 
 
-def _teach_answer_format(model, tokenizer, chat: bool) -> None:
+def teach_answer_format(model, tokenizer, chat: bool) -> None:
     """A few full-batch steps on ``prompt -> "#### <answer>"``, so that sampled GRPO completions sometimes earn the
     correctness and format rewards (a random model never does, and GRPO without reward variance has all-zero
     gradients). Few enough that most groups of 4 samples still differ in reward (15 steps: 5 to 8 of the 8 prompts'
@@ -112,8 +112,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     torch.manual_seed(0)
     llama = transformers.LlamaForCausalLM(_config("llama", chat_tok))
     qwen2 = transformers.Qwen2ForCausalLM(_config("qwen2", base_tok))
-    _teach_answer_format(llama, chat_tok, chat=True)
-    _teach_answer_format(qwen2, base_tok, chat=False)
+    teach_answer_format(llama, chat_tok, chat=True)
+    teach_answer_format(qwen2, base_tok, chat=False)
     out = {
         "llama": _save(llama, chat_tok, root / "my-sft-checkpoint"),
         "qwen2": _save(qwen2, base_tok, root / "tiny-qwen2-chat"),

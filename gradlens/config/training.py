@@ -33,7 +33,11 @@ class ModelTaskConfig:
     compare), so each takes the same ``--model``/``--task`` flags."""
 
     model: str = field(default="toy:tiny", metadata=field_help(
-        "model: 'toy:PRESET' for the embedded toy base model, or a local path or hub id for from_pretrained"))
+        "model: 'toy:PRESET' for the embedded toy base model, an existing local directory, or else a hub id "
+        "('NAME' or 'ORG/NAME') that from_pretrained finds in the hub cache or downloads (HF_HUB_OFFLINE=1: cache "
+        "only)"))
+    model_revision: str = field(default="main", metadata=field_help(
+        "hub id: the branch, tag or commit to load (TRL's ModelConfig.model_revision)"))
     task: str = field(default="addition", metadata=field_help(
         "'addition' (embedded toy task); a local .json/.jsonl/.csv/.parquet file with 'prompt' and 'answer' "
         "columns (SFT also uses 'completion', defaulting to the answer; the last tenth of the rows is held out); or "

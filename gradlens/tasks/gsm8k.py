@@ -23,6 +23,7 @@ from typing import Any
 
 from gradlens.config import MATH_PREFIX
 from gradlens.errors import GradlensError, cause, check_not_empty
+from gradlens.hub import hub_cause
 from gradlens.tasks.base import RewardFunction, Task, completion_text
 
 GSM8K_HUB_ID = "openai/gsm8k"
@@ -187,7 +188,8 @@ def _load_split(source: str, split: str, dataset_config: str | None):
     except GradlensError:
         raise
     except Exception as e:  # datasets raises many types; the message names the cause
-        raise GradlensError(f"cannot load math task {source}: {cause(e)}") from e
+        hub = None if path.exists() else hub_cause(e, source, repo_type="dataset")
+        raise GradlensError(f"cannot load math task {source}: {hub or cause(e)}") from e
     if isinstance(data, Dataset):  # save_to_disk of a single split
         data = DatasetDict({"train": data})
     if split not in data:

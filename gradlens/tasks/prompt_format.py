@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from gradlens.errors import GradlensError
+from gradlens.errors import GradlensError, cause
 
 _PROBE = "gradlens-probe-7"  # a message content no chat template alters, to find what the template puts after it
 
@@ -68,8 +68,7 @@ def _judge_template(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) 
         end = _token_after(tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _PROBE}])
         user_end = _token_after(tokenizer, [{"role": "user", "content": _PROBE}])
     except Exception as e:  # jinja raises many types (TemplateError, TypeError, ...); any means "not usable"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return "plain", f"its chat template does not render a user/assistant exchange ({first})"
+        return "plain", f"its chat template does not render a user/assistant exchange ({cause(e)})"
     if end is None:
         return "plain", "its chat template marks no end of an assistant turn"
     stops = stop_token_ids(model, tokenizer)

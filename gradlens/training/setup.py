@@ -45,7 +45,8 @@ def load_base(config: ModelTaskConfig, *, progress: bool = True) -> LoadedBase:
     device = resolve_device(config.device)
     model_dtype = resolve_dtype(config.dtype, device, config.model)
     extra = {"attn_implementation": config.attn_implementation} if config.attn_implementation else {}
-    model, tokenizer = load_model(config.model, model_dtype, progress=progress, **extra)
+    model, tokenizer = load_model(config.model, model_dtype, progress=progress, revision=config.model_revision,
+                                  **extra)
     return LoadedBase(model.to(device), tokenizer, device, model_dtype)
 
 
