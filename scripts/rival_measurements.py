@@ -52,7 +52,7 @@ def probes(phase: Path, seeds: list[int] | None, cells: list[str]) -> list[tuple
 
 def measure(cell: str, regime: str, seed: int, probe_dir: Path, out: Path, budgets: list[str],
             resume: bool) -> dict[str, pd.DataFrame]:
-    from gradlens.stats.driver import analyze_run
+    from gradlens.analysis.driver import analyze_run
     from gradlens.store import open_run
 
     run_dir = out / "runs" / f"{cell}-seed{seed}"

@@ -1,5 +1,5 @@
-"""Tests for ``gradlens analyze`` and ``gradlens.analyze.analyze_runs`` on two real toy runs (SFT and GRPO), and of
-the analysis of synthetic runs with exactly zero steps, without raw shards and on different module sets.
+"""Tests for ``gradlens analyze`` and ``gradlens.analysis.analyze.analyze_runs`` on two real toy runs (SFT and GRPO),
+and of the analysis of synthetic runs with exactly zero steps, without raw shards and on different module sets.
 
 The toy runs are recorded once per module by ``gradlens.record`` (real TRL training, nothing mocked); ``summary.csv``
 is checked against a numpy computation done straight from ``open_run(...).gradients(...)``. The synthetic runs are
@@ -17,11 +17,12 @@ import pandas as pd
 import pytest
 
 from gradlens import stats
-from gradlens.analyze import analyze_runs
+from gradlens.analysis.analyze import analyze_runs
+from gradlens.analysis.driver import analyze_run
+from gradlens.analysis.run_stats import stat_columns
 from gradlens.cli.main import main
 from gradlens.config import AnalyzeConfig, RecordConfig
 from gradlens.errors import GradlensError
-from gradlens.stats import analyze_run, stat_columns
 from gradlens.store import ModuleSpec, open_run
 from tests.test_stats import (
     LAGS,

@@ -25,7 +25,7 @@ STAGES: dict[str, float] = {
     "gradlens.trainers": 1.4, "gradlens.drift": 1.5, "gradlens.toy.report": 1.5,
     "gradlens.store": 2,
     "gradlens.record": 3,
-    "gradlens.stats": 4, "gradlens.analyze": 4, "gradlens.figures": 4, "gradlens.runinfo": 4,
+    "gradlens.stats": 4, "gradlens.analysis.analyze": 4, "gradlens.analysis.figures": 4, "gradlens.analysis.runinfo": 4,
     "gradlens.placement": 5, "gradlens.train": 5.5,
     "gradlens.compare": 6, "gradlens.rivals": 6.5,
     "gradlens.report": 7, "gradlens.notebook_settings": 7,

@@ -24,7 +24,7 @@ from transformers import TrainerCallback
 
 import gradlens.store.writer as store_writer
 from gradlens import GradientRecorder, open_run
-from gradlens.analyze import analyze_runs
+from gradlens.analysis.analyze import analyze_runs
 from gradlens.config import AnalyzeConfig, RecordConfig
 from gradlens.errors import GradlensError
 from gradlens.placement.budget import Budget

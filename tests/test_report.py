@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gradlens.analyze import analyze_runs
+from gradlens.analysis.analyze import analyze_runs
 from gradlens.cli.main import main
 from gradlens.compare.runner import write_results
 from gradlens.compare.tables import where_rows

@@ -67,7 +67,7 @@ def test_gaussian_references_match_a_direct_svd() -> None:
 
 
 def test_rank_table_against_numpy_on_a_structured_run(tmp_path: Path) -> None:
-    from gradlens.stats.driver import analyze_run
+    from gradlens.analysis.driver import analyze_run
 
     rng = np.random.default_rng(0)
     t, d, r = 12, 32, 4

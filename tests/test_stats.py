@@ -20,8 +20,9 @@ import numpy as np
 import pytest
 
 from gradlens import stats
+from gradlens.analysis.driver import analyze_run
+from gradlens.analysis.run_stats import stat_columns
 from gradlens.errors import GradlensError
-from gradlens.stats import analyze_run, stat_columns
 from gradlens.store import ModuleSpec, RunWriter
 
 LAGS = 4
@@ -433,7 +434,7 @@ def test_a_run_within_the_budget_is_read_once(tmp_path, monkeypatch):
 
 
 def test_prefetch_reads_one_item_ahead_and_raises_the_readers_error():
-    from gradlens.stats.passes import prefetch
+    from gradlens.analysis.passes import prefetch
 
     produced: list[int] = []
 
@@ -462,7 +463,7 @@ def test_prefetch_reads_one_item_ahead_and_raises_the_readers_error():
 def test_the_analysis_needs_no_scipy(tmp_path):
     """The sign null comes from Pascal's rule, not scipy.stats (1-2 s of imports of every ``gradlens analyze``)."""
     path = write(tmp_path / "run", list(range(4)), random_grads(4, seed=24))
-    code = f"import sys; from gradlens.stats import analyze_run; analyze_run({str(path)!r}); print(sorted(" \
+    code = f"import sys; from gradlens.analysis.driver import analyze_run; analyze_run({str(path)!r}); print(sorted(" \
            "m for m in sys.modules if m.split('.')[0] == 'scipy'))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

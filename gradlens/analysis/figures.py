@@ -20,7 +20,7 @@ import numpy as np
 from gradlens.modules import sort_projections
 
 if TYPE_CHECKING:
-    from gradlens.analyze import AnalysisResult
+    from gradlens.analysis.result import AnalysisResult
 
 HEATMAP_METRICS = ("sign_stability_mean", "cos_lag1_mean")
 FIGURES = ("lag_cosine.png", "cosine_series.png", "erank_traj.png", "sign_hist.png", "heatmap.png")
