@@ -23,11 +23,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from gradlens.budget import Budget
 from gradlens.compare.tables import gain_shares, t_interval
 from gradlens.config import CompareConfig
 from gradlens.errors import GradlensError
 from gradlens.fsio import atomic_write, json_dump
-from gradlens.placement.budget import Budget
 
 PHASE_BUDGETS = ["0.03%", "0.1%", "0.3%", "1%", "3%", "10%"]
 GAP_AXIS = (-1.0, 1.5)

@@ -26,7 +26,7 @@ def ci(mean: float, lo: float, hi: float, signed: bool = False) -> str:
 
 def budget_order(column: pd.Series) -> pd.Series:
     """Sort key: budgets by their share of the adapter, other columns as they are."""
-    from gradlens.placement.budget import Budget
+    from gradlens.budget import Budget
 
     if column.name != "budget":
         return column

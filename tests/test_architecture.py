@@ -18,11 +18,11 @@ MAX_LINES = 400
 # longest matching prefix decides a module's stage.
 STAGES: dict[str, float] = {
     "gradlens": 0, "gradlens.errors": 0, "gradlens.provenance": 0, "gradlens.fsio": 0, "gradlens.modules": 0,
-    "gradlens.config": 0, "gradlens.placement.budget": 0, "gradlens.stats.core": 0, "gradlens.stats.streaming": 0,
+    "gradlens.config": 0, "gradlens.budget": 0, "gradlens.stats.core": 0, "gradlens.stats.streaming": 0,
     "gradlens.stats.device": 0,
-    "gradlens.toy": 0, "gradlens.toy.presets": 0, "gradlens.toy.tokenizer": 0,
+    "gradlens.toy": 0, "gradlens.toy_presets": 0, "gradlens.toy.tokenizer": 0,
     "gradlens.tasks": 1.0, "gradlens.toy.model": 1.1, "gradlens.models": 1.2, "gradlens.evaluate": 1.3,
-    "gradlens.trainers": 1.4, "gradlens.drift": 1.5, "gradlens.toy.report": 1.5,
+    "gradlens.trainers": 1.4, "gradlens.drift": 1.5, "gradlens.toy_base_report": 1.5,
     "gradlens.store": 2,
     "gradlens.record": 3,
     "gradlens.stats": 4, "gradlens.analysis.analyze": 4, "gradlens.analysis.figures": 4, "gradlens.analysis.runinfo": 4,
@@ -139,7 +139,7 @@ def test_the_stage_test_catches_a_backward_import(tmp_path: Path) -> None:
 @pytest.mark.parametrize("code", [
     "import gradlens",
     "import gradlens.report",
-    "import gradlens.config, gradlens.placement.budget, gradlens.compare.tables",
+    "import gradlens.config, gradlens.budget, gradlens.compare.tables",
     "from gradlens.cli.main import build_parser; build_parser().format_help()",
 ])
 def test_entry_points_do_not_import_torch(code: str) -> None:

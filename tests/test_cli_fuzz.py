@@ -52,7 +52,9 @@ OUT_OF_RANGE: dict[str, list[str]] = {
 }
 REPORT_OUT = ["", "report.txt", "page"]
 TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=12)
-GUARDED = ["gradlens.models.load_model", "gradlens.compare.training.Runner", "gradlens.toy.report.ensure_base_model"]
+GUARDED = [
+    "gradlens.models.load_model", "gradlens.compare.training.Runner", "gradlens.toy_base_report.ensure_base_model",
+]
 
 
 def _parses(kind: type, s: str) -> bool:

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gradlens.budget import Budget
 from gradlens.errors import GradlensError
-from gradlens.placement.budget import Budget
 from gradlens.placement.diagnose import COLUMNS, diagnose, horizon_gain, null_moments, sign_flip_null
 from gradlens.placement.selectors import select
 from gradlens.store import ModuleSpec, RunWriter, open_run

@@ -25,9 +25,9 @@ from transformers import TrainerCallback
 import gradlens.store.writer as store_writer
 from gradlens import GradientRecorder, open_run
 from gradlens.analysis.analyze import analyze_runs
+from gradlens.budget import Budget
 from gradlens.config import AnalyzeConfig, RecordConfig
 from gradlens.errors import GradlensError
-from gradlens.placement.budget import Budget
 from gradlens.placement.masks import load_mask, shapes_of
 from gradlens.placement.selectors import INFORMED, SELECTORS, scores, select
 from gradlens.record import record

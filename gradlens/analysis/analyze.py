@@ -12,9 +12,9 @@ The library entry point behind ``gradlens analyze`` (notebooks call it directly)
 Tables (one row per run and module / run / projection type / layer) use the same statistic columns; see
 :func:`gradlens.analysis.run_stats.stat_columns`. With ``window=W`` every statistic is repeated over the first W
 usable steps, in columns suffixed ``_wW``. Every table also counts each run's non-finite (excluded) and exactly zero
-steps; ``summary`` lists them (``excluded_steps``, ``zero_step_list``) and says where the statistics come from (``source``,
-``note``): a run recorded without raw shards is analysed from its accumulators, and the columns that need the raw
-gradients are NaN. Runs recorded on different module sets get a note in the finding and in the provenance.
+steps; ``summary`` lists them (``excluded_steps``, ``zero_step_list``) and says where the statistics come from
+(``source``, ``note``): a run recorded without raw shards is analysed from its accumulators, and the columns that
+need the raw gradients are NaN. Runs recorded on different module sets get a note in the finding and in the provenance.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import importlib
 from typing import Any
 
 _LAZY = {
-    "SCOPES": "gradlens.placement.budget", "Budget": "gradlens.placement.budget",
+    "SCOPES": "gradlens.budget", "Budget": "gradlens.budget",
     "REQUIRED_METADATA": "gradlens.placement.masks", "Mask": "gradlens.placement.masks",
     "check_mask_fits": "gradlens.placement.masks", "load_mask": "gradlens.placement.masks",
     "save_mask": "gradlens.placement.masks", "shapes_of": "gradlens.placement.masks",
