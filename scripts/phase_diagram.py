@@ -21,8 +21,10 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: experiments/ is not installed
+
+from experiments.rivals import PhaseConfig, run_phase
 from gradlens.errors import GradlensError
-from gradlens.rivals import PhaseConfig, run_phase
 
 
 def parse(argv: list[str]) -> tuple[PhaseConfig, Path | None, bool]:

@@ -27,8 +27,8 @@ STAGES: dict[str, float] = {
     "gradlens.record": 3,
     "gradlens.stats": 4, "gradlens.analysis.analyze": 4, "gradlens.analysis.figures": 4, "gradlens.analysis.runinfo": 4,
     "gradlens.placement": 5, "gradlens.train": 5.5,
-    "gradlens.compare": 6, "gradlens.rivals": 6.5,
-    "gradlens.report": 7, "gradlens.notebook_settings": 7,
+    "gradlens.compare": 6, "experiments.rivals": 6.5,
+    "gradlens.report": 7, "experiments.notebook_settings": 7,
     "gradlens.cli": 8,
 }
 
