@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -150,22 +149,26 @@ def test_a_type_checking_import_counts_as_an_edge(tmp_path: Path) -> None:
     assert (line, target, names, stage(target)) == (4, "gradlens.analysis.result", ["AnalysisResult"], 4)
 
 
-# Imports the modules named on the command line and prints every gradlens module the interpreter then holds.
+# Imports groups of modules in order (a JSON list of lists on the command line) and prints, after each group, every
+# gradlens module the interpreter then holds.
 LOADED = """import importlib, json, sys
-for name in sys.argv[1:]:
-    importlib.import_module(name)
-print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] == "gradlens")))
+snapshots = []
+for group in json.loads(sys.argv[1]):
+    for name in group:
+        importlib.import_module(name)
+    snapshots.append(sorted(m for m in sys.modules if m.split(".")[0] == "gradlens"))
+print(json.dumps(snapshots))
 """
 
 
-def loaded_by(modules: list[str], path: Path | None = None) -> list[str]:
-    """The gradlens modules a fresh interpreter has loaded after importing ``modules`` (``path``: prepended to
-    ``PYTHONPATH``)."""
+def loaded_after(groups: list[list[str]], path: Path | None = None) -> list[list[str]]:
+    """The gradlens modules a fresh interpreter has loaded after importing each of ``groups`` in turn (``path``:
+    prepended to ``PYTHONPATH``)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if path is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(path), env.get("PYTHONPATH", "")])
-    out = subprocess.run([sys.executable, "-c", LOADED, *modules], capture_output=True, text=True, env=env)
-    assert out.returncode == 0, f"importing {modules} failed:\n{out.stderr}"
+    out = subprocess.run([sys.executable, "-c", LOADED, json.dumps(groups)], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, f"importing {groups} failed:\n{out.stderr}"
     return json.loads(out.stdout)
 
 
@@ -174,28 +177,32 @@ def later_than(level: float, loaded: list[str]) -> list[str]:
 
 
 def test_a_fresh_interpreter_loads_no_later_stage() -> None:
-    """What runs, not only what the source says: each stage's modules, imported together in a fresh interpreter,
-    load nothing of a later stage (a package ``__init__`` importing eagerly, an import inside a loaded module)."""
+    """What runs, not only what the source says: a fresh interpreter imports the stages in order, and after each
+    one holds nothing of a later stage (a package ``__init__`` importing eagerly, a chain of imports). Importing the
+    stages one after another finds exactly what one interpreter per stage would: what is loaded after stage s is
+    what the modules of stages <= s load. A stage that fails is then imported module by module, to name the
+    culprit."""
     by_stage: dict[float, list[str]] = {}
     for f in FILES:
         by_stage.setdefault(stage(module_name(f)), []).append(module_name(f))
-    with ThreadPoolExecutor(max(os.cpu_count() or 1, 2)) as pool:
-        loaded = dict(zip(by_stage, pool.map(loaded_by, by_stage.values()), strict=True))
-    bad = [f"stage {level}: {m} loads {later_than(level, loaded_by([m]))}"
-           for level, names in by_stage.items() if later_than(level, loaded[level])
-           for m in names if later_than(level, loaded_by([m]))]
+    levels = sorted(by_stage)
+    snapshots = loaded_after([by_stage[level] for level in levels])
+    bad = [f"stage {level}: {m} loads {later_than(level, loaded)}"
+           for level, after in zip(levels, snapshots, strict=True) if later_than(level, after)
+           for m in by_stage[level] if later_than(level, loaded := loaded_after([[m]])[0])]
     assert not bad, "imports that load a later stage:\n" + "\n".join(bad)
 
 
 def test_the_fresh_interpreter_check_catches_a_later_load(tmp_path: Path) -> None:
     """The rule can fail: a module of the leaf stage whose import loads the compare stage is reported."""
     (tmp_path / "leaf_probe.py").write_text("import gradlens.compare.tables\n")
-    assert "gradlens.compare.tables" in later_than(0, loaded_by(["leaf_probe"], tmp_path))
+    before, after = loaded_after([["gradlens.fsio"], ["leaf_probe"]], tmp_path)
+    assert not later_than(0, before) and "gradlens.compare.tables" in later_than(0, after)
 
 
 def test_the_store_writer_loads_no_analysis() -> None:
     """Recording writes through the store, which needs only the statistics leaves: never the analysis layer."""
-    loaded = loaded_by(["gradlens.store.writer"])
+    (loaded,) = loaded_after([["gradlens.store.writer"]])
     assert "gradlens.stats.streaming" in loaded and "gradlens.stats.device" in loaded
     assert not [m for m in loaded if m.startswith("gradlens.analysis") or stage(m) > 2], loaded
 
