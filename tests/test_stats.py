@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gradlens import stats
 from gradlens.analysis.driver import analyze_run
 from gradlens.analysis.run_stats import stat_columns
 from gradlens.errors import GradlensError
+from gradlens.stats import core as stats
 from gradlens.store import ModuleSpec, RunWriter
 
 LAGS = 4
