@@ -125,10 +125,11 @@ def toy_train(regime: str, steps: int, preset: str, recorder_dir: Path | None) -
 
     from transformers import set_seed
 
-    from gradlens.models import attach_lora, load_model
+    from gradlens.lora import attach_lora
+    from gradlens.models import load_model
     from gradlens.record.recorder import GradientRecorder
     from gradlens.tasks.addition import AdditionTask
-    from gradlens.trainers import build_trainer
+    from gradlens.training.trl_trainer import build_trainer
 
     set_seed(0)
     model, tokenizer = load_model(f"toy:{preset}")

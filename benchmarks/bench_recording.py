@@ -86,7 +86,7 @@ class StandIn(torch.nn.Module):
 def lora_model(shapes: dict[str, tuple[int, int]], rank: int) -> torch.nn.Module:
     from peft import LoraConfig, inject_adapter_in_model
 
-    from gradlens.models import freeze_lora_a
+    from gradlens.lora import freeze_lora_a
 
     torch.manual_seed(0)
     model = inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "k_proj",

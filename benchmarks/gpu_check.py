@@ -145,7 +145,8 @@ def mini_compare(check: Check, model: Path, steps: int, device: str) -> dict[str
 def drift_cycles(model_path: Path, device: str, cycles: int = 8) -> dict[str, Any]:
     """``cycles`` merge/unmerge rounds (one per vLLM weight sync) on the bf16 model with a non-zero adapter."""
     from gradlens.drift import DriftGuard
-    from gradlens.models import attach_lora, load_model_and_tokenizer, lora_b_parameters
+    from gradlens.lora import attach_lora, lora_b_parameters
+    from gradlens.models import load_model_and_tokenizer
 
     model = attach_lora(load_model_and_tokenizer(model_path, dtype=torch.bfloat16)[0].to(device), r=16)
     with torch.no_grad():

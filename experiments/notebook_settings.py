@@ -116,8 +116,8 @@ def _comparable(config: dict[str, Any]) -> dict[str, Any]:
 def record_or_load(config: RecordConfig) -> Path:
     """Record the run of ``config`` into ``config.out``, or reuse the complete run already there if it was recorded
     with the same settings (an interrupted one is resumed); a run with other settings is an error."""
-    from gradlens.record import record
     from gradlens.store import MANIFEST, open_run
+    from gradlens.training import record
 
     out = Path(config.out)
     if (out / MANIFEST).is_file():
@@ -178,8 +178,8 @@ def exported_masks(out: str | os.PathLike[str]):
     regime, method, budget, seed, k and the mask file, ordered by regime, budget, method and seed."""
     import pandas as pd
 
-    from gradlens.placement.masks import load_mask
-    from gradlens.placement.sparse import MASK_FILE
+    from gradlens.sparse.export import MASK_FILE
+    from gradlens.sparse.masks import load_mask
 
     rows = []
     for path in sorted(Path(out, "adapters").glob(f"*/*/{MASK_FILE}")):
@@ -199,7 +199,7 @@ def mask_overlaps(masks):
     import numpy as np
     import pandas as pd
 
-    from gradlens.placement.masks import load_mask
+    from gradlens.sparse.masks import load_mask
 
     flat = []
     for path in masks["path"]:

@@ -64,7 +64,7 @@ class PhaseConfig:
     def compare_config(self, model: str, steps: int, regime: str, out: Path) -> CompareConfig:
         """One cell's comparison: one regime, so regimes can run as separate processes into one ``out``; TRL extras
         that the regime's config lacks (``num_generations`` for SFT) are left out."""
-        from gradlens.trainers import config_fields
+        from gradlens.training.settings import config_fields
 
         trl = {k: v for k, v in self.trl.items() if k in config_fields(regime)}
         return CompareConfig(out=str(out), model=model, task=self.task, max_steps=steps, regimes=[regime],
@@ -387,7 +387,7 @@ def record_like_probe(probe_dir: str | Path, out: str | Path, save_raw: bool = T
 
     from gradlens.config import RecordConfig
     from gradlens.placement.probe import read_probe
-    from gradlens.record import record
+    from gradlens.training import record
 
     config = read_probe(probe_dir).get("config") or {}
     if not config.get("train_steps"):

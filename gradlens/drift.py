@@ -16,7 +16,9 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from gradlens.callback_order import add_first
 from gradlens.errors import GradlensError, GradlensWarning
+from gradlens.lora import require_lora
 from gradlens.models import unwrap
 
 
@@ -56,14 +58,13 @@ class DriftGuard(TrainerCallback):
     def attach(cls, trainer: Any, keep_copy: bool = True) -> DriftGuard:
         """Create the guard and add it *first*, so it sees the weights before and after every other callback."""
         guard = cls(keep_copy)
-        trainer.callback_handler.callbacks.insert(0, guard)
+        add_first(trainer, [guard])
         return guard
 
     def start(self, model: torch.nn.Module) -> None:
         """Fingerprint the base weights now (the reference for :meth:`finish`)."""
+        require_lora(unwrap(model), "drift guard: the model")
         found = list(base_weights(model))
-        if not found:
-            raise GradlensError("drift guard: model has no PEFT LoRA adapter (no LoraLayer found)")
         weights = [w for _, w in found]
         self._copies = [w.detach().to("cpu", copy=True) for w in weights] if self.keep_copy else []
         self.report.clear()

@@ -19,8 +19,8 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from gradlens.errors import GradlensError
-from gradlens.models import stop_token_ids
 from gradlens.tasks.base import Task
+from gradlens.tasks.prompt_format import stop_token_ids
 
 Z95 = 1.959963984540054  # the 97.5% quantile of the standard normal
 BATCH_SIZE = 256  # sequences generated at once

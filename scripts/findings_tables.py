@@ -121,9 +121,9 @@ def groups(path: Path) -> list[str]:
 def grown_grid(cell: Path) -> list[str]:
     """Rows of one compare resumed with a larger ``--sparse_lrs`` grid: its placement.csv then holds runs at the old
     and the new chosen rate, so keep, per regime, method and budget, the runs at the rate the grown sweep picks
-    (compare's own rule, :func:`gradlens.compare.runner.sweep_rates`), on the seeds both methods ran at it."""
+    (compare's own rule, :func:`gradlens.compare.protocol.sweep_rates`), on the seeds both methods ran at it."""
     from experiments.rivals import gap_table
-    from gradlens.compare.runner import sweep_rates
+    from gradlens.compare.protocol import sweep_rates
     from gradlens.compare.tables import t_interval, with_references
 
     runs = pd.read_csv(cell / "placement.csv", dtype={"budget": str}).fillna({"budget": ""})

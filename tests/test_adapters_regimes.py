@@ -7,10 +7,13 @@ import torch
 from transformers import TrainerCallback
 
 from gradlens.errors import GradlensError
-from gradlens.models import ALL_PROJECTIONS, attach_lora, freeze_lora_a, load_model_and_tokenizer, lora_b_parameters
-from gradlens.models import lora_config as make_lora_config
+from gradlens.lora import attach_lora, freeze_lora_a, lora_b_parameters
+from gradlens.lora import lora_config as make_lora_config
+from gradlens.models import load_model_and_tokenizer
+from gradlens.modules import ALL_PROJECTIONS
 from gradlens.tasks.addition import AdditionTask
-from gradlens.trainers import build_trainer, build_trl_config
+from gradlens.training.settings import build_trl_config
+from gradlens.training.trl_trainer import build_trainer
 from tests.conftest import RewardTask
 
 N_LAYERS = 2

@@ -43,7 +43,7 @@ FIGURES = ["lag_cosine.png", "cosine_series.png", "erank_traj.png", "sign_hist.p
 
 @pytest.fixture(scope="module")
 def toy_runs(tmp_path_factory):
-    from gradlens.record import record
+    from gradlens.training import record
 
     root = tmp_path_factory.mktemp("toy_runs")
     paths = {}

@@ -53,7 +53,7 @@ OUT_OF_RANGE: dict[str, list[str]] = {
 REPORT_OUT = ["", "report.txt", "page"]
 TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=12)
 GUARDED = [
-    "gradlens.models.load_model", "gradlens.compare.training.Runner", "gradlens.toy_base_report.ensure_base_model",
+    "gradlens.models.load_model", "gradlens.compare.runs.CompareRuns", "gradlens.toy_base_report.ensure_base_model",
 ]
 
 

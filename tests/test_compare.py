@@ -35,8 +35,9 @@ def _fisher_top_k(run_dir: Path, k: int) -> set[tuple[str, int]]:
 
 
 def test_probe_writes_masks_equal_to_top_k_of_its_own_gradients(tmp_path: Path) -> None:
-    from gradlens.placement.masks import load_mask
-    from gradlens.placement.probe import mask_file, probe
+    from gradlens.placement.probe import probe
+    from gradlens.placement.run_masks import mask_file
+    from gradlens.sparse.masks import load_mask
 
     config = ProbeConfig(regime="sft", out=str(tmp_path / "p"), max_steps=3, save_raw=True, methods=["fisher", "sign"],
                          budgets=["2%", "50"], train_steps=300, trl={"per_device_train_batch_size": 4})
@@ -117,7 +118,7 @@ def test_compare_summary_interval_is_the_t_interval(compared) -> None:
 
 
 def test_compare_random_matched_copies_module_counts_and_where_table(compared) -> None:
-    from gradlens.placement.masks import load_mask
+    from gradlens.sparse.masks import load_mask
 
     adapters = compared.out / "adapters" / "sft"
     fisher, _ = load_mask(adapters / "fisher-10pct-seed0" / "gradlens_mask.safetensors")
@@ -138,7 +139,7 @@ def test_compare_random_matched_copies_module_counts_and_where_table(compared) -
 def test_compare_masked_entries_stayed_zero_in_the_exported_adapters(compared) -> None:
     from safetensors.numpy import load_file
 
-    from gradlens.placement.masks import load_mask
+    from gradlens.sparse.masks import load_mask
 
     for regime in ("sft", "grpo"):
         d = compared.out / "adapters" / regime / "random-10pct-seed1"

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from gradlens.compare.runner import sweep_rates
+from gradlens.compare.protocol import sweep_rates
 from gradlens.compare.tables import paired_differences, summarize
 
 

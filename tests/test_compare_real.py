@@ -70,7 +70,8 @@ def test_compare_on_a_local_model_and_gsm8k_files(local_world, tmp_path: Path, c
     assert (placement.n_prompts == 3).all()  # the eval split's first n_eval rows, never training rows
     prov = json.loads((out / "provenance.json").read_text())
     assert prov["task"]["task"] == f"gsm8k:{data}" and prov["task"]["eval_split"] == "test"
-    from gradlens.models import load_model, resolve_prompt_format
+    from gradlens.models import load_model
+    from gradlens.tasks.prompt_format import resolve_prompt_format
 
     loaded, tok = load_model(str(model))
     fmt, reason = resolve_prompt_format("auto", str(model), loaded, tok)  # decided from the tokenizer, not the name
@@ -81,7 +82,7 @@ def test_compare_on_a_local_model_and_gsm8k_files(local_world, tmp_path: Path, c
 
 
 def test_compare_splits_validation_from_the_train_split_and_heldout_from_the_eval_split(local_world) -> None:
-    from gradlens.compare.training import split_task
+    from gradlens.compare.runs import split_task
     from gradlens.errors import GradlensError
     from gradlens.tasks.gsm8k import MathTask
 

@@ -162,7 +162,7 @@ MISTRAL_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}[INST] {
     (END_OF_TEXT, "{{ raise_exception('no') }}", None, "plain", "does not render a user/assistant exchange (no)"),
 ], ids=["chat-release", "base-release", "gemma-it-style", "mistral-style", "no-template", "no-turn-end", "broken"])
 def test_auto_prompt_format_follows_tokenizer_and_configs(capsys, eos, template, generation_eos, want, why) -> None:
-    from gradlens.models import resolve_prompt_format
+    from gradlens.tasks.prompt_format import resolve_prompt_format
 
     tok = build_bpe_tokenizer(eos, template)
     stops = None if generation_eos is None else tok.convert_tokens_to_ids(generation_eos)
@@ -174,7 +174,7 @@ def test_auto_prompt_format_follows_tokenizer_and_configs(capsys, eos, template,
 
 def test_explicit_prompt_format_is_taken_as_given() -> None:
     from gradlens.errors import GradlensError
-    from gradlens.models import resolve_prompt_format
+    from gradlens.tasks.prompt_format import resolve_prompt_format
 
     base = build_bpe_tokenizer(END_OF_TEXT)
     assert resolve_prompt_format("chat", "m", _model("qwen2", base), base) == ("chat", "--prompt_format chat")

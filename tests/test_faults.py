@@ -28,10 +28,10 @@ from gradlens.analysis.analyze import analyze_runs
 from gradlens.budget import Budget
 from gradlens.config import AnalyzeConfig, RecordConfig
 from gradlens.errors import GradlensError
-from gradlens.placement.masks import load_mask, shapes_of
 from gradlens.placement.selectors import INFORMED, SELECTORS, scores, select
-from gradlens.record import record
+from gradlens.sparse.masks import load_mask, shapes_of
 from gradlens.store import ModuleSpec, RunWriter
+from gradlens.training import record
 from tests.test_record import QUIET, assert_one_line_error, gradlens_inproc
 from tests.test_recorder import sft_trainer
 from tests.test_store import SPECS, _Touch, make_grads, meta, write_run

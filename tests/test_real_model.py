@@ -173,7 +173,7 @@ def test_record_sft_and_grpo_then_analyze(world, tmp_path: Path, capsys, arch: s
 def test_default_lora_targets_and_labels_per_architecture(char_tokenizer, arch: str) -> None:
     import transformers
 
-    from gradlens.models import attach_lora, default_lora_targets, lora_b_parameters
+    from gradlens.lora import attach_lora, default_lora_targets, lora_b_parameters
     from gradlens.store import ModuleSpec
 
     model = transformers.AutoModelForCausalLM.from_config(_config(arch, char_tokenizer))
@@ -189,7 +189,8 @@ def test_default_lora_targets_and_labels_per_architecture(char_tokenizer, arch: 
 
 
 def test_default_targets_follow_other_layouts(world) -> None:
-    from gradlens.models import attach_lora, default_lora_targets, load_model, lora_b_parameters
+    from gradlens.lora import attach_lora, default_lora_targets, lora_b_parameters
+    from gradlens.models import load_model
 
     model, _ = load_model(str(world["gpt2"]))
     assert default_lora_targets(model) == ["c_attn", "c_proj", "c_fc"]  # GPT-2's Conv1D projections
@@ -199,15 +200,16 @@ def test_default_targets_follow_other_layouts(world) -> None:
 def test_dtype_and_device_defaults_and_overrides(world) -> None:
     import torch
 
-    from gradlens.models import load_model, resolve_device, resolve_dtype, trainer_overrides
+    from gradlens.models import load_model, resolve_device, resolve_dtype
+    from gradlens.training.settings import device_settings
 
     device = resolve_device("auto")
     assert device == ("cuda" if torch.cuda.is_available() else "cpu")
     assert resolve_dtype("auto", "cpu", "Qwen/Qwen2.5-1.5B") == "float32"
     assert resolve_dtype("auto", "cuda", "toy:tiny") == "float32"
     assert resolve_dtype("bfloat16", "cpu", "x") == "bfloat16"
-    assert trainer_overrides("cpu", "float32") == {"use_cpu": True}
-    assert trainer_overrides("cuda", "bfloat16") == {"bf16": True}
+    assert device_settings("cpu", "float32") == {"use_cpu": True}
+    assert device_settings("cuda", "bfloat16") == {"bf16": True}
     model, _ = load_model(str(world["qwen2"]), "bfloat16")
     assert next(model.parameters()).dtype == torch.bfloat16
 
@@ -264,7 +266,7 @@ def test_a_model_without_its_tokenizer_is_a_one_line_error(world, tmp_path: Path
 def test_use_vllm_without_vllm_is_a_one_line_error(tmp_path: Path, capsys) -> None:
     import importlib.util
 
-    from gradlens.trainers import build_trl_config
+    from gradlens.training.settings import build_trl_config
 
     if importlib.util.find_spec("vllm") is not None:
         pytest.skip("vLLM is installed here")
@@ -282,7 +284,7 @@ def test_real_models_train_at_trl_default_learning_rate(world, tmp_path: Path, r
     toy addition task at its own rate."""
     from gradlens.config import RecordConfig
     from gradlens.tasks import load_task
-    from gradlens.trainers import build_trl_config, default_learning_rate, trl_settings
+    from gradlens.training.settings import build_trl_config, default_learning_rate, trl_settings
 
     rows = tmp_path / "rows.jsonl"
     rows.write_text("".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(4)))
@@ -315,7 +317,7 @@ def test_recorder_refuses_fsdp_and_deepspeed_at_train_begin(make_tiny_model, tmp
     from transformers import TrainingArguments
 
     from gradlens.errors import GradlensError
-    from gradlens.models import attach_lora
+    from gradlens.lora import attach_lora
 
     model = attach_lora(make_tiny_model(), r=2)
     plain = TrainingArguments(output_dir=str(tmp_path / "t"), use_cpu=True, report_to="none")
@@ -343,7 +345,7 @@ def test_recorder_refuses_a_fully_sharded_model(make_tiny_model, tmp_path: Path,
     from transformers import TrainingArguments
 
     from gradlens.errors import GradlensError
-    from gradlens.models import attach_lora
+    from gradlens.lora import attach_lora
 
     model = attach_lora(make_tiny_model(), r=2)
     with socket.socket() as s:
@@ -370,7 +372,7 @@ def test_recipes_hold_the_paper_setting(recipe: Path) -> None:
 
     from gradlens.cli.dataclass_args import config_from_args
     from gradlens.config import ProbeConfig, RecordConfig
-    from gradlens.trainers import check_overrides
+    from gradlens.training.settings import check_overrides
 
     cls = ProbeConfig if "probe" in recipe.stem else RecordConfig
     config = config_from_args(cls, argparse.Namespace(config=recipe), extra_field="trl")

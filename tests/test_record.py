@@ -100,7 +100,7 @@ def test_record_refuses_existing_run_without_resume(tmp_path: Path, capsys: pyte
 def test_record_task_file(tmp_path: Path) -> None:
     """A user's own prompt/answer file (here written by the test) trains through the same path."""
     from gradlens.config import RecordConfig
-    from gradlens.record import record
+    from gradlens.training import record
 
     rows = [{"prompt": f"{a}+{a}=", "answer": str(2 * a)} for a in range(10, 40)]
     task = tmp_path / "task.jsonl"
@@ -155,7 +155,7 @@ def test_kill_at_random_points_and_resume_equals_uninterrupted(tmp_path: Path) -
     every committed step reads back whole and equal to an uninterrupted run, and the next --resume (itself killed, 9
     times) continues it; the last one finishes the run with the uninterrupted run's gradients and accumulators."""
     from gradlens.config import RecordConfig
-    from gradlens.record import record
+    from gradlens.training import record
 
     reference = open_run(record(RecordConfig(regime="sft", out=str(tmp_path / "ref"), max_steps=KILL_STEPS,
                                              steps_per_shard=2, seed=1, n_train=256,

@@ -23,13 +23,15 @@ from trl import GRPOTrainer, SFTTrainer
 
 from gradlens import open_run
 from gradlens.errors import GradlensError
-from gradlens.models import attach_lora, load_model, lora_b_parameters, lora_config
+from gradlens.lora import attach_lora, lora_b_parameters, lora_config
+from gradlens.models import load_model
 from gradlens.modules import match_modules
 from gradlens.record.checks import RecorderWarning
 from gradlens.record.recorder import LOG_PREFIX, GradientRecorder
 from gradlens.tasks.addition import AdditionTask
 from gradlens.tasks.base import completion_text
-from gradlens.trainers import build_trainer, build_trl_config
+from gradlens.training.settings import build_trl_config
+from gradlens.training.trl_trainer import build_trainer
 from tests.conftest import RewardTask
 
 N_TRAIN = 64

@@ -20,13 +20,13 @@ from transformers import TrainerCallback
 
 from gradlens import open_run
 from gradlens.config import RecordConfig
-from gradlens.models import lora_b_parameters
-from gradlens.record import record
+from gradlens.lora import lora_b_parameters
 from gradlens.record.checks import RecorderWarning
 from gradlens.record.recorder import NORM_CHUNK, GradientRecorder, sums_of_squares
 from gradlens.tasks.addition import AdditionTask
 from gradlens.tasks.base import completion_text
-from gradlens.trainers import build_trainer
+from gradlens.training import record
+from gradlens.training.trl_trainer import build_trainer
 from tests.conftest import RewardTask
 from tests.test_recorder import lora_model, sft_trainer
 

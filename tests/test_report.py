@@ -18,7 +18,7 @@ import pytest
 
 from gradlens.analysis.analyze import analyze_runs
 from gradlens.cli.main import main
-from gradlens.compare.runner import write_results
+from gradlens.compare.protocol import write_results
 from gradlens.compare.tables import where_rows
 from gradlens.config import AnalyzeConfig, CompareConfig, ReportConfig
 from gradlens.errors import GradlensError

@@ -18,12 +18,13 @@ from transformers import TrainerCallback
 
 from gradlens import open_run
 from gradlens.errors import GradlensError
-from gradlens.models import attach_lora, load_model, lora_b_parameters
-from gradlens.placement.masks import load_mask
-from gradlens.placement.sparse import MASK_FILE, SparseBCallback, apply_mask, export_adapter, shira_mask_fn
+from gradlens.lora import attach_lora, lora_b_parameters
+from gradlens.models import load_model
 from gradlens.record.recorder import GradientRecorder
+from gradlens.sparse import MASK_FILE, SparseBCallback, apply_mask, export_adapter, shira_mask_fn
+from gradlens.sparse.masks import load_mask
 from gradlens.tasks.addition import AdditionTask
-from gradlens.trainers import build_trainer
+from gradlens.training.trl_trainer import build_trainer
 from tests.conftest import float32_tolerance
 
 SHARE = 0.05

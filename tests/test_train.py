@@ -17,8 +17,8 @@ import torch
 from gradlens import open_run
 from gradlens.config import TrainConfig
 from gradlens.evaluate import wilson_interval
-from gradlens.placement.masks import check_mask_adapter, load_mask, save_mask
-from gradlens.placement.sparse import MASK_FILE
+from gradlens.sparse import MASK_FILE
+from gradlens.sparse.masks import check_mask_adapter, load_mask, save_mask
 from tests.test_record import assert_one_line_error, gradlens_inproc
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,8 +89,9 @@ def test_sparse_b_trains_only_the_mask_and_the_adapter_reproduces_the_model(regi
                                                                            tmp_path: Path) -> None:
     from peft import PeftModel
 
-    from gradlens.models import load_model, lora_b_parameters
-    from gradlens.train import train
+    from gradlens.lora import lora_b_parameters
+    from gradlens.models import load_model
+    from gradlens.training import train
 
     mask_path = recorded["fisher" if regime == "sft" else "random"]
     mask, _ = load_mask(mask_path)
@@ -133,7 +134,8 @@ def _mask_for(shapes: dict[str, tuple[int, int]], path: Path, **adapter) -> str:
 
 @pytest.fixture(scope="module")
 def shapes(model_dir: str) -> dict[str, tuple[int, int]]:
-    from gradlens.models import attach_lora, load_model, lora_b_parameters
+    from gradlens.lora import attach_lora, lora_b_parameters
+    from gradlens.models import load_model
 
     return {n: tuple(p.shape) for n, p in lora_b_parameters(attach_lora(load_model(model_dir)[0], r=8))}
 
@@ -210,7 +212,7 @@ def test_drift_guard_catches_a_base_weight_changed_in_place_mid_run(model_dir: s
     from transformers import TrainerCallback
 
     from gradlens.drift import base_weights
-    from gradlens.train import train
+    from gradlens.training import train
 
     seen: dict[str, torch.Tensor] = {}
 
@@ -242,7 +244,8 @@ def test_drift_guard_catches_a_base_weight_changed_in_place_mid_run(model_dir: s
 def test_drift_guard_sees_bf16_merge_unmerge_cycles(keep_copy: bool) -> None:
     """What TRL's vLLM weight sync does per sync (merge_adapter, unmerge_adapter) drifts bf16 base weights."""
     from gradlens.drift import DriftGuard
-    from gradlens.models import attach_lora, load_model, lora_b_parameters
+    from gradlens.lora import attach_lora, lora_b_parameters
+    from gradlens.models import load_model
 
     model = attach_lora(load_model("toy:tiny")[0].to(torch.bfloat16))
     with torch.no_grad():
@@ -274,7 +277,7 @@ TRAIN_RECIPES = sorted((ROOT / "recipes" / "train").glob("*.yaml"))
 def test_compare_recipes_hold_the_paper_table(recipe: Path) -> None:
     from gradlens.cli.dataclass_args import config_from_args
     from gradlens.config import CompareConfig
-    from gradlens.trainers import check_overrides, config_fields
+    from gradlens.training.settings import check_overrides, config_fields
 
     config = config_from_args(CompareConfig, argparse.Namespace(config=recipe), extra_field="trl")
     assert config.model == "Qwen/Qwen2.5-1.5B" and config.task == "gsm8k" and config.lora_r == 16
@@ -296,7 +299,7 @@ def test_compare_recipes_hold_the_paper_table(recipe: Path) -> None:
 def test_train_recipes_load_and_match_their_probe(recipe: Path) -> None:
     from gradlens.cli.dataclass_args import config_from_args
     from gradlens.config import ProbeConfig
-    from gradlens.trainers import check_overrides
+    from gradlens.training.settings import check_overrides
 
     config = config_from_args(TrainConfig, argparse.Namespace(config=recipe), extra_field="trl")
     check_overrides(config.regime, config.trl)

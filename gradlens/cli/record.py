@@ -30,7 +30,7 @@ def _human_bytes(n: int) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from gradlens.config import RecordConfig
-    from gradlens.record import EVAL_FILE, record
+    from gradlens.training import EVAL_FILE, record
 
     config = config_from_args(RecordConfig, args, parse_extra_flags(args.extra), extra_field="trl")
     result = record(config)

@@ -1,5 +1,5 @@
 """``gradlens select RUN_DIR --out OUT``: placement masks from a recorded run's accumulators, one per selector and
-budget, without training anything (a thin layer over :func:`gradlens.placement.select.select_masks`)."""
+budget, without training anything (a thin layer over :func:`gradlens.placement.run_masks.select_masks`)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def run(args: argparse.Namespace) -> int:
     from gradlens.config import SelectConfig
 
     config = config_from_args(SelectConfig, args)
-    from gradlens.placement.select import select_masks
+    from gradlens.placement.run_masks import select_masks
 
     masks, _ = select_masks(args.run, config)
     print(f"gradlens select: {len(masks)} masks from {args.run} in {Path(config.out) / 'masks'}")

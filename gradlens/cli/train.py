@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from gradlens.config import TrainConfig
     from gradlens.drift import describe
-    from gradlens.train import train
+    from gradlens.training import train
 
     config = config_from_args(TrainConfig, args, parse_extra_flags(args.extra), extra_field="trl")
     result = train(config)

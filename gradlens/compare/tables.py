@@ -177,8 +177,8 @@ def findings(summary: pd.DataFrame, probes: pd.DataFrame, paired: pd.DataFrame |
 
 
 def where_rows(mask: dict[str, np.ndarray], regime: str, method: str, budget: str, seed: int) -> pd.DataFrame:
-    """Where one mask's entries sit (:func:`~gradlens.placement.masks.where_table`), tagged with its run."""
-    from gradlens.placement.masks import where_table
+    """Where one mask's entries sit (:func:`~gradlens.sparse.masks.where_table`), tagged with its run."""
+    from gradlens.sparse.masks import where_table
 
     df = where_table(mask)
     for column, value in (("seed", seed), ("budget", budget), ("method", method), ("regime", regime)):

@@ -1,10 +1,10 @@
 """The placement problem: with A frozen and a budget of k trainable LoRA-B entries, which k should train?
 
-:mod:`.budget` sizes a mask (a leaf, so configs check ``--budgets`` early); :mod:`.masks` holds the mask type, its
-file format and where a mask's entries sit; :mod:`.selectors` the informed selectors and random baselines;
-:mod:`.probe` the short recorded run that scores entries; :mod:`.select` masks from a recorded run;
-:mod:`.sparse` sparse-B training and PEFT export. Every name loads on first use, so importing this package (or
-:mod:`.budget` alone) imports neither numpy nor torch.
+:mod:`.budget` sizes a mask (a leaf, so configs check ``--budgets`` early); :mod:`.selectors` the informed
+selectors and random baselines; :mod:`.run_masks` masks from a recorded run's accumulators, one file per selector and
+budget; :mod:`.probe` the short recorded run that scores entries; :mod:`.diagnose` whether random placement will do.
+The masks themselves (type, file format, sparse-B training and export) are :mod:`gradlens.sparse`. Every name loads
+on first use, so importing this package (or :mod:`.budget` alone) imports neither numpy nor torch.
 """
 
 import importlib
@@ -12,17 +12,11 @@ from typing import Any
 
 _LAZY = {
     "SCOPES": "gradlens.budget", "Budget": "gradlens.budget",
-    "REQUIRED_METADATA": "gradlens.placement.masks", "Mask": "gradlens.placement.masks",
-    "check_mask_fits": "gradlens.placement.masks", "load_mask": "gradlens.placement.masks",
-    "save_mask": "gradlens.placement.masks", "shapes_of": "gradlens.placement.masks",
-    "specs_for": "gradlens.placement.masks", "where_table": "gradlens.placement.masks",
     "DEFAULT_PROJECTIONS": "gradlens.placement.selectors", "INFORMED": "gradlens.placement.selectors",
     "SELECTORS": "gradlens.placement.selectors", "scores": "gradlens.placement.selectors",
-    "select": "gradlens.placement.selectors",
-    "SparseB": "gradlens.placement.sparse", "SparseBCallback": "gradlens.placement.sparse",
-    "apply_mask": "gradlens.placement.sparse", "export_adapter": "gradlens.placement.sparse",
-    "shira_mask_fn": "gradlens.placement.sparse",
-    "ProbeResult": "gradlens.placement.probe",
+    "select": "gradlens.placement.selectors", "select_masks": "gradlens.placement.run_masks",
+    "write_masks": "gradlens.placement.run_masks", "ProbeResult": "gradlens.placement.probe",
+    "probe": "gradlens.placement.probe",
 }
 
 __all__ = list(_LAZY)

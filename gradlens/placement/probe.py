@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,7 +17,7 @@ from gradlens.errors import GradlensError
 from gradlens.fsio import json_dump
 
 if TYPE_CHECKING:
-    from gradlens.store import Run
+    from gradlens.training.setup import RunSetup
 
 PROBE_FILE = "probe.json"
 
@@ -37,35 +36,25 @@ class ProbeResult:
     cost: dict[str, Any]
 
 
-def mask_file(out: Path, method: str, budget: str) -> Path:
-    """Where a probe keeps the mask of one selector and budget (``%`` spelled ``pct`` for portable names)."""
-    return out / "masks" / f"{method}-{budget.replace('%', 'pct')}.safetensors"
-
-
-def train_runtime(trainer: Any) -> float:
-    """The Trainer's own measured training time (``train_runtime`` of its final log entry)."""
-    for entry in reversed(trainer.state.log_history):
-        if "train_runtime" in entry:
-            return float(entry["train_runtime"])
-    raise GradlensError("the trainer logged no train_runtime; did training run?")
-
-
-def probe(config: ProbeConfig, *, train_seconds: float | None = None, progress: bool = True) -> ProbeResult:
+def probe(config: ProbeConfig, *, train_seconds: float | None = None, progress: bool = True,
+          setup: RunSetup | None = None) -> ProbeResult:
     """Record ``config.max_steps`` steps into ``OUT/run``, build a mask per selector and budget, write ``probe.json``.
 
     ``train_seconds`` (measured time of the training run the probe is for) makes the seconds fraction a
     measurement; otherwise it is estimated from the probe's own seconds per step and ``config.train_steps``.
-    ``progress=False`` silences the Trainer's bar and logs.
+    ``progress=False`` silences the Trainer's bar and logs; ``setup``: the model (a fresh LoRA-FA adapter), task and
+    rows when the caller already holds them (compare, on its in-memory base model).
     """
-    from gradlens.record import record
+    from gradlens.placement.run_masks import write_masks
     from gradlens.store import open_run
+    from gradlens.training.record_run import record
 
     out = Path(config.out)
     run_dir = out / "run"
     start = time.perf_counter()
-    result = record(config.record_config(str(run_dir)), progress=progress)
+    result = record(config.record_config(str(run_dir)), progress=progress, setup=setup, tool="gradlens probe")
     wall = time.perf_counter() - start
-    seconds = train_runtime(result.trainer)
+    seconds = result.train_seconds
     run = open_run(run_dir)
     masks, scoring = write_masks(run, out, config.methods, config.budgets, config.scope, config.seed,
                                  {"probe_steps": len(run.steps)})
@@ -76,46 +65,6 @@ def probe(config: ProbeConfig, *, train_seconds: float | None = None, progress: 
     json_dump(info, out / PROBE_FILE)
     return ProbeResult(path=out, run=run_dir, steps=len(run.steps), train_seconds=seconds, wall_seconds=wall,
                        scoring_seconds=scoring, masks=masks, cost=cost)
-
-
-def adapter_metadata(run: Run) -> dict[str, Any]:
-    """The adapter ``run`` was recorded on, as :data:`~gradlens.placement.masks.ADAPTER_METADATA`: model, rank, alpha
-    and the seed of LoRA A (the run's ``--seed``, which ``attach_lora`` draws A with), from the ``config.record``
-    that ``gradlens record``, probe and train store; empty for a run recorded by a user's own Trainer."""
-    record = run.meta.get("config", {}).get("record")
-    if not isinstance(record, dict) or not {"model", "lora_r", "lora_alpha", "seed"} <= set(record):
-        return {}
-    alpha = record["lora_alpha"] if record["lora_alpha"] is not None else 2 * record["lora_r"]  # attach_lora's default
-    return {"model": record["model"], "lora_r": record["lora_r"], "lora_alpha": alpha, "lora_seed": record["seed"]}
-
-
-def write_masks(run: Run, out: Path, methods: Sequence[str], budgets: Sequence[str], scope: str, seed: int,
-                metadata: dict[str, Any] | None = None) -> tuple[dict[tuple[str, str], Path], dict[str, float]]:
-    """Score ``run``'s accumulators with each selector and write one mask per budget to :func:`mask_file`.
-
-    Returns the mask files by ``(method, budget)`` and the scoring seconds by ``method/budget``; each mask's metadata
-    names the selector, budget, scope, seed, source run and scoring time, the adapter it was scored on
-    (:func:`adapter_metadata`) and ``metadata``.
-    """
-    from gradlens.budget import Budget
-    from gradlens.placement.masks import save_mask
-    from gradlens.placement.selectors import select
-
-    adapter = adapter_metadata(run)
-    acc = run.accumulators()
-    shapes = {s.name: s.shape for s in run.specs}
-    masks: dict[tuple[str, str], Path] = {}
-    scoring: dict[str, float] = {}
-    for method in methods:
-        for text in budgets:
-            budget = Budget.parse(text, scope)
-            t0 = time.perf_counter()
-            mask = select(method, budget, shapes, accumulators=acc, seed=seed)
-            scoring[f"{method}/{budget}"] = time.perf_counter() - t0
-            masks[(method, str(budget))] = save_mask(mask_file(out, method, str(budget)), mask, {
-                "selector": method, "budget": str(budget), "scope": scope, "seed": seed, "source_run": str(run.path),
-                "scoring_seconds": scoring[f"{method}/{budget}"], **adapter, **(metadata or {})})
-    return masks, scoring
 
 
 def probe_cost(probe_steps: int, probe_seconds: float, train_steps: int | None,

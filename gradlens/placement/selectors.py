@@ -23,7 +23,7 @@ from gradlens.budget import Budget, Shapes, entry_counts
 from gradlens.config import INFORMED_METHODS, PLACEMENT_METHODS
 from gradlens.errors import GradlensError
 from gradlens.modules import match_modules
-from gradlens.placement.masks import Mask, check_mask_fits
+from gradlens.sparse.masks import Mask, check_mask_fits
 
 if TYPE_CHECKING:
     from gradlens.store import Accumulators

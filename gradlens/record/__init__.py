@@ -1,7 +1,6 @@
-"""Recording: :class:`~gradlens.record.recorder.GradientRecorder` (the TrainerCallback) and :func:`record` (one
-TRL run with the recorder attached, the library behind ``gradlens record``)."""
+"""Recording: :class:`~gradlens.record.recorder.GradientRecorder`, the TrainerCallback that records every LoRA-B
+gradient of any Trainer (``record()``, the command built on it, is :mod:`gradlens.training.record_run`)."""
 
-from gradlens.record.command import EVAL_FILE, RecordResult, record
 from gradlens.record.recorder import GradientRecorder
 
-__all__ = ["EVAL_FILE", "GradientRecorder", "RecordResult", "record"]
+__all__ = ["GradientRecorder"]

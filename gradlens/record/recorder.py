@@ -28,8 +28,10 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from gradlens.callback_order import add_first
 from gradlens.errors import GradlensError
-from gradlens.models import lora_b_parameters, unwrap
+from gradlens.lora import require_lora
+from gradlens.models import unwrap
 from gradlens.modules import ModuleFilter, ModuleSpec, match_modules
 from gradlens.record.checks import (
     SUPPORTED_SETUPS,
@@ -114,7 +116,7 @@ class GradientRecorder(TrainerCallback):
         First, so that the scalars it adds in ``on_log`` reach the console, TensorBoard and W&B callbacks.
         """
         recorder = cls(output_dir, trainer=trainer, **kwargs)
-        trainer.callback_handler.callbacks.insert(0, recorder)
+        add_first(trainer, [recorder])
         return recorder
 
     # ---------------------------------------------------------------------------------------------------------------
@@ -122,9 +124,7 @@ class GradientRecorder(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
         model = unwrap(model)
-        found = list(lora_b_parameters(model))
-        if not found:
-            raise GradlensError("model has no PEFT LoRA adapter (no LoraLayer found); nothing to record")
+        found = require_lora(model, "GradientRecorder: the model")
         kept = set(match_modules([n for n, _ in found], self.module_filter))
         if not kept:
             raise GradlensError(f"module filter {self.module_filter!r} matches none of the {len(found)} LoRA modules "

@@ -1,9 +1,11 @@
 """Tasks behind one interface (:class:`~gradlens.tasks.base.Task`): the embedded addition task, a local
-prompt/answer file, and GSM8K-style math. :func:`load_task` turns a ``--task`` value into one."""
+prompt/answer file, and GSM8K-style math. :func:`load_task` turns a ``--task`` value into one;
+:func:`load_task_for` also decides the prompt format of a math task for the model it will train
+(:mod:`.prompt_format`)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from gradlens.config import MATH_PREFIX, TOY_PREFIX
 from gradlens.tasks.base import Task, completion_text, exact_match, exact_match_reward
@@ -11,7 +13,8 @@ from gradlens.tasks.base import Task, completion_text, exact_match, exact_match_
 if TYPE_CHECKING:
     from gradlens.config import ModelTaskConfig
 
-__all__ = ["Task", "completion_text", "exact_match", "exact_match_reward", "is_math_task", "load_task"]
+__all__ = ["Task", "completion_text", "exact_match", "exact_match_reward", "is_math_task", "load_task",
+           "load_task_for"]
 
 
 def is_math_task(task: str) -> bool:
@@ -23,7 +26,7 @@ def load_task(config: ModelTaskConfig, *, chat: bool = False, format_reason: str
     prompt/answer file, or ``gsm8k``/``gsm8k:SOURCE`` with the config's columns, splits and reward options.
 
     ``chat``: whether math prompts go through the tokenizer's chat template, and ``format_reason`` why (see
-    :func:`gradlens.trainers.load_task_for`, which decides both from the loaded model and tokenizer).
+    :func:`load_task_for`, which decides both from the loaded model and tokenizer).
     """
     if config.task == "addition":
         from gradlens.tasks.addition import AdditionTask
@@ -44,3 +47,14 @@ def load_task(config: ModelTaskConfig, *, chat: bool = False, format_reason: str
     from gradlens.tasks.prompt_file import PromptFileTask
 
     return PromptFileTask(config.task)
+
+
+def load_task_for(config: ModelTaskConfig, model: Any, tokenizer: Any) -> Task:
+    """The config's task, with the prompt format of math tasks decided for this model and tokenizer (printed, and
+    kept with its reason in ``task.describe()``, the provenance of every result); other tasks are plain text."""
+    if not is_math_task(config.task):
+        return load_task(config)
+    from gradlens.tasks.prompt_format import resolve_prompt_format
+
+    fmt, reason = resolve_prompt_format(config.prompt_format, config.model, model, tokenizer)
+    return load_task(config, chat=fmt == "chat", format_reason=reason)

@@ -19,10 +19,11 @@ import torch
 from transformers import TrainerCallback
 from trl import SFTTrainer
 
-from gradlens.models import attach_lora, load_model, lora_b_parameters
+from gradlens.lora import attach_lora, lora_b_parameters
+from gradlens.models import load_model
 from gradlens.record.recorder import GradientRecorder
 from gradlens.tasks.addition import AdditionTask
-from gradlens.trainers import build_trl_config
+from gradlens.training.settings import build_trl_config
 
 
 class ObservingSFTTrainer(SFTTrainer):

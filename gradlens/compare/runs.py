@@ -1,11 +1,11 @@
-"""The runs of a comparison: one base model kept in memory, each configuration trained on a fresh copy of it through
-the one training path (:func:`gradlens.trainers.build_trainer`), and evaluated on the task's splits."""
+"""The runs of a comparison: one base model kept in memory, each configuration (and each seed's probe) trained on a
+fresh copy of it through the one training path (:func:`gradlens.training.run.run_training`), and evaluated on the
+task's splits. The base model is loaded once for the whole comparison."""
 
 from __future__ import annotations
 
 import copy
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -62,45 +62,30 @@ def _accuracy_curve(tokenizer: Any, task: Task, data: Any, every: int, sink: lis
     return AccuracyCurve()
 
 
-def _finite(trainer: Any) -> bool:
-    """Whether training stayed finite: every logged loss and every trained LoRA-B weight."""
-    import math
-
-    import torch
-
-    from gradlens.models import lora_b_parameters
-
-    losses = [v for entry in trainer.state.log_history for k, v in entry.items() if k in ("loss", "train_loss")]
-    if not all(math.isfinite(float(v)) for v in losses):
-        return False
-    return all(bool(torch.isfinite(p).all()) for _, p in lora_b_parameters(trainer.model))
-
-
-class Runner:
+class CompareRuns:
     """Trains and evaluates one configuration at a time on a shared in-memory base model."""
 
     def __init__(self, config: CompareConfig, out: Path) -> None:
-        from gradlens.models import attach_lora, load_model, lora_b_parameters, resolve_device, resolve_dtype
-        from gradlens.trainers import load_task_for
+        from gradlens.lora import attach_lora, lora_b_parameters
+        from gradlens.tasks import load_task_for
+        from gradlens.training.setup import load_base
 
         self.config = config
         self.out = out
-        self.device = resolve_device(config.device)
-        self.model_dtype = resolve_dtype(config.model_dtype, self.device, config.model)
-        self.base, self.tokenizer = load_model(config.model, self.model_dtype, progress=config.progress)
-        self.base.to(self.device)
-        self.task = load_task_for(config, self.base, self.tokenizer)
+        self.base = load_base(config, progress=config.progress)
+        self.device, self.model_dtype, self.tokenizer = self.base.device, self.base.model_dtype, self.base.tokenizer
+        self.task = load_task_for(config, self.base.model, self.tokenizer)
         self.data = split_task(self.task, config.n_val, config.n_eval)
         self.curves: list[dict[str, Any]] = []
         self._base_accuracy: dict[str, float] = {}
-        adapter = attach_lora(copy.deepcopy(self.base), r=config.lora_r, alpha=config.lora_alpha,
+        adapter = attach_lora(copy.deepcopy(self.base.model), r=config.lora_r, alpha=config.lora_alpha,
                               target_modules=config.lora_target_modules)
         self.shapes = {name: tuple(p.shape) for name, p in lora_b_parameters(adapter)}
 
     def record_config(self, regime: str, seed: int, lr: float | None, out: Path) -> RecordConfig:
         """The run as ``gradlens record`` would describe it; TRL extras that the regime's config lacks are dropped
         (``num_generations`` means nothing to SFT)."""
-        from gradlens.trainers import config_fields
+        from gradlens.training.settings import config_fields
 
         c = self.config
         trl = {k: v for k, v in c.trl.items() if k in config_fields(regime)}
@@ -108,21 +93,21 @@ class Runner:
                             learning_rate=lr, n_train=len(self.data.train), trl=trl)
 
     def settings(self, regime: str, seed: int, lr: float | None) -> dict[str, Any]:
-        from gradlens.trainers import trl_settings
+        from gradlens.training.settings import trl_settings
 
         return trl_settings(self.record_config(regime, seed, lr, self.out), self.task, self.device,
                             self.model_dtype)
 
     def default_lr(self, regime: str) -> float:
         """The task's rate for the regime, else TRL's default."""
-        from gradlens.trainers import default_learning_rate
+        from gradlens.training.settings import default_learning_rate
 
         return float(self.settings(regime, 0, None).get("learning_rate", default_learning_rate(regime)))
 
     def base_accuracy(self, split: str) -> float:
         """The base model's greedy accuracy on a split (cached): what a diverged run falls below."""
         if split not in self._base_accuracy:
-            self._base_accuracy[split] = self.evaluate(self.base, split, 0, samples=False)["accuracy"]
+            self._base_accuracy[split] = self.evaluate(self.base.model, split, 0, samples=False)["accuracy"]
         return self._base_accuracy[split]
 
     def evaluate(self, model: Any, split: str, seed: int, samples: bool = True) -> dict[str, float]:
@@ -134,39 +119,35 @@ class Runner:
         return {"accuracy": acc.greedy, "sampled_accuracy": acc.sampled, "pass_at_k": acc.pass_at_k,
                 "n_prompts": acc.n}
 
-    def train(self, regime: str, seed: int, lr: float, mask: dict[str, np.ndarray] | None,
+    def setup(self, config: RecordConfig):
+        """A run of this comparison: a fresh LoRA-FA adapter (A drawn with the run's seed) on a copy of the base
+        model, the comparison's task and its training rows (without the validation rows)."""
+        from gradlens.training.setup import setup_run
+
+        return setup_run(config, base=self.base, task=self.task, data=self.data.train)
+
+    def train_run(self, regime: str, seed: int, lr: float, mask: dict[str, np.ndarray] | None,
               tags: dict[str, Any] | None = None):
         """(trained PeftModel, measured train seconds, whether the loss and B stayed finite): full-B LoRA-FA, or
-        sparse-B when ``mask`` is given."""
-        from transformers import PrinterCallback, set_seed
-
+        sparse-B when ``mask`` is given. The drift guard compares checksums only (no host copy per run)."""
         from gradlens.drift import DriftGuard
-        from gradlens.models import attach_lora
-        from gradlens.placement.probe import train_runtime
-        from gradlens.placement.sparse import SparseBCallback
-        from gradlens.trainers import build_trainer
+        from gradlens.training.run import run_training
 
         c = self.config
-        settings = {**self.settings(regime, seed, lr), "disable_tqdm": True, "logging_steps": c.max_steps}
-        set_seed(seed)
-        model = attach_lora(copy.deepcopy(self.base), r=c.lora_r, alpha=c.lora_alpha,
-                            target_modules=c.lora_target_modules, seed=seed)
-        callbacks = [SparseBCallback(mask)] if mask is not None else []
-        callbacks.append(DriftGuard(keep_copy=False))  # moved base weights would confound the table: it warns
+        config = self.record_config(regime, seed, lr, self.out)
+        callbacks = []
         if tags is not None and c.curve_every:
             callbacks.append(_accuracy_curve(self.tokenizer, self.task, self.data.heldout, c.curve_every,
                                              self.curves, tags))
-        with tempfile.TemporaryDirectory(prefix="gradlens-compare-") as tmp:
-            trainer = build_trainer(regime, model, self.tokenizer, self.data.train, self.task, output_dir=tmp,
-                                    settings=settings, callbacks=callbacks)
-            trainer.remove_callback(PrinterCallback)
-            trainer.train()
-        return trainer.model, train_runtime(trainer), _finite(trainer)
+        result = run_training(config, out=None, tool="gradlens compare", setup=self.setup(config), mask=mask,
+                              drift_guard=DriftGuard(keep_copy=False), callbacks=callbacks, progress=False,
+                              settings={"disable_tqdm": True, "logging_steps": c.max_steps})
+        return result.model, result.seconds, result.finite
 
     def probe(self, regime: str, seed: int, lr: float, methods: list[str]):
         """Masks of the informed ``methods`` for every budget from a probe of this seed (reused on resume)."""
-        from gradlens.placement.masks import load_mask
         from gradlens.placement.probe import PROBE_FILE, probe, read_probe
+        from gradlens.sparse.masks import load_mask
 
         c = self.config
         out = self.out / "probes" / f"{regime}-seed{seed}"
@@ -175,8 +156,9 @@ class Runner:
             if out.exists():  # interrupted, or made for fewer budgets or methods: probes are seeded, so run it again
                 shutil.rmtree(out)
             fields = {k: v for k, v in asdict(self.record_config(regime, seed, lr, out)).items() if k != "max_steps"}
-            probe(ProbeConfig(**fields, max_steps=c.probe_steps, methods=methods, budgets=list(c.budgets),
-                              scope=c.scope, train_steps=c.max_steps), progress=False)
+            config = ProbeConfig(**fields, max_steps=c.probe_steps, methods=methods, budgets=list(c.budgets),
+                                 scope=c.scope, train_steps=c.max_steps)
+            probe(config, progress=False, setup=self.setup(config))
         info = read_probe(out)
         masks = {tuple(key.split("/", 1)): load_mask(path)[0] for key, path in info["masks"].items()}
         return masks, info

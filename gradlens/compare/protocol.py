@@ -111,13 +111,13 @@ class Comparison:
         from tqdm.auto import tqdm
 
         from gradlens.budget import Budget
-        from gradlens.compare.training import Runner
+        from gradlens.compare.runs import CompareRuns
 
         self.config = config
         self.out = out
         self.placement = Table(out / PLACEMENT, config.resume)
         self.sweep = Table(out / SWEEP, config.resume)
-        self.runner = Runner(config, out)
+        self.runner = CompareRuns(config, out)
         for b in config.budgets:  # fail before any training on a budget the adapter cannot hold
             Budget.parse(b, config.scope).counts(self.runner.shapes)
         self.budgets = [str(Budget.parse(b, config.scope)) for b in config.budgets]
@@ -146,9 +146,10 @@ class Comparison:
         c, runner = self.config, self.runner
         regime, method, seed = key["regime"], key["method"], key["seed"]
         if method == "base":
-            model, seconds, finite = runner.base, 0.0, True
+            model, seconds, finite = runner.base.model, 0.0, True
         else:
-            model, seconds, finite = runner.train(regime, seed, key["lr"], mask, key if split == "heldout" else None)
+            tags = key if split == "heldout" else None
+            model, seconds, finite = runner.train_run(regime, seed, key["lr"], mask, tags)
         row = {**key, "steps": 0 if method == "base" else c.max_steps, "scope": c.scope,
                "k": int(sum(int(m.sum()) for m in mask.values())) if mask is not None else None,
                **runner.evaluate(model, split, seed), "train_seconds": seconds, **extra}
@@ -158,13 +159,14 @@ class Comparison:
             self.notes.append(f"{regime} {method} {key['budget'] or 'full'} seed {seed} lr {key['lr']:g} diverged "
                               f"({'non-finite loss or weights' if not finite else 'accuracy below base'}) on {split}")
         if c.export and mask is not None and split == "heldout":
-            from gradlens.placement.sparse import export_adapter
+            from gradlens.lora import default_alpha
+            from gradlens.sparse.export import export_adapter
 
             slug = key["budget"].replace("%", "pct").replace("=", "")
             export_adapter(model, self.out / "adapters" / regime / f"{method}-{slug}-seed{seed}", mask,
                            {"selector": method, "budget": key["budget"], "seed": seed, "lr": key["lr"],
                             "regime": regime, "model": c.model, "lora_r": c.lora_r,
-                            "lora_alpha": c.lora_alpha if c.lora_alpha is not None else 2 * c.lora_r,
+                            "lora_alpha": default_alpha(c.lora_r, c.lora_alpha),
                             "lora_seed": seed})
         table.add(row)
         return row
@@ -283,7 +285,7 @@ def compare(config: CompareConfig) -> CompareResult:
 
 def _check_trl_fields(config: CompareConfig) -> None:
     """Refuse, before any model is loaded, TRL extras that no compared regime's config has."""
-    from gradlens.trainers import config_fields
+    from gradlens.training.settings import config_fields
 
     known = set().union(*(config_fields(r) for r in config.regimes))
     unknown = sorted(set(config.trl) - known)

@@ -1,0 +1,85 @@
+"""Sparse-B training: with A frozen (LoRA-FA), only the entries of B that a placement mask selects train.
+
+The mask acts on the gradient, not on the optimizer: :func:`apply_mask` registers a tensor hook on every ``lora_B``
+weight, which autograd runs on each micro-batch's gradient *before* it is accumulated into ``.grad``. Everything that
+reads ``.grad`` afterwards therefore sees only the trainable entries: gradient accumulation, the DDP all-reduce, the
+Trainer's gradient clipping (so the clip norm is the norm of the masked gradient), the recorder, the optimizer.
+:meth:`SparseB.enforce` re-zeroes the masked entries, so they stay exactly 0 whatever the optimizer does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import torch
+
+from gradlens.errors import GradlensError
+from gradlens.lora import require_lora
+from gradlens.models import unwrap
+from gradlens.sparse.masks import check_mask_fits
+
+
+def fit_mask(model: torch.nn.Module, mask: Mapping[str, np.ndarray], where: str
+         ) -> list[tuple[str, torch.nn.Parameter, torch.Tensor]]:
+    """``(name, lora_B weight, bool mask on its device)`` of every LoRA module, after checking the mask fits them."""
+    params = require_lora(model, where)
+    check_mask_fits(mask, {name: tuple(p.shape) for name, p in params}, where)
+    fitted = []
+    for name, p in params:
+        m = np.asarray(mask[name])
+        if m.dtype != np.bool_:
+            raise GradlensError(f"{where}: mask of module {name} is {m.dtype}, not bool")
+        fitted.append((name, p, torch.from_numpy(m.copy()).to(p.device)))
+    return fitted
+
+
+class SparseB:
+    """Handle on a mask applied to a model's ``lora_B`` weights (see :func:`apply_mask`).
+
+    ``params`` and ``masks`` are keyed by module name; a mask is a bool tensor on its parameter's device, ``True``
+    where the entry trains.
+    """
+
+    def __init__(self, fitted: list[tuple[str, torch.nn.Parameter, torch.Tensor]]) -> None:
+        self.params: dict[str, torch.nn.Parameter] = {name: p for name, p, _ in fitted}
+        self.masks: dict[str, torch.Tensor] = {name: keep for name, _, keep in fitted}
+        # masked_fill rather than multiplying by the mask: exact zeros even where a gradient is inf or NaN.
+        self._frozen = {name: ~keep for name, keep in self.masks.items()}
+        self.enforce()
+        self._hooks = [p.register_hook(self._gradient_hook(self._frozen[name])) for name, p in self.params.items()]
+
+    @staticmethod
+    def _gradient_hook(frozen: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        def hook(grad: torch.Tensor) -> torch.Tensor:
+            return grad.masked_fill(frozen, 0)
+
+        return hook
+
+    def enforce(self) -> None:
+        """Set every masked-out entry to exactly 0 (after an optimizer step, or when the mask is applied)."""
+        with torch.no_grad():
+            for name, p in self.params.items():
+                p.masked_fill_(self._frozen[name], 0)
+
+    def remove(self) -> None:
+        """Remove the gradient hooks: the whole of B trains again. Safe to call twice."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+
+def apply_mask(model: torch.nn.Module, mask: Mapping[str, np.ndarray]) -> SparseB:
+    """Train only the selected entries of the active adapter's ``lora_B`` weights from now on.
+
+    ``mask`` maps every LoRA module name (as :func:`gradlens.lora.lora_b_parameters` yields them) to a bool
+    ``(d_out, r)`` array; a missing or extra module, a wrong shape or dtype is an error. The masked-out entries are
+    set to 0: on a fresh LoRA-FA adapter B is all zeros, so this changes nothing, and on a trained one it makes the
+    model the sparse adapter the mask describes. Other adapters (e.g. GRPO's frozen ``ref``) are left alone.
+    """
+    fitted = fit_mask(unwrap(model), mask, "apply_mask")
+    frozen = [name for name, p, _ in fitted if not p.requires_grad]
+    if frozen:
+        raise GradlensError(f"apply_mask: lora_B of {frozen[0]} does not require grad; attach the adapter with "
+                            "attach_lora()")
+    return SparseB(fitted)
