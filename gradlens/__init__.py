@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "open_run": "gradlens.store", "Run": "gradlens.store", "RunWriter": "gradlens.store",
     "ModuleSpec": "gradlens.modules", "GradientRecorder": "gradlens.record.recorder",
-    "attach_lora": "gradlens.models", "load_model_and_tokenizer": "gradlens.models", "Task": "gradlens.tasks.base",
+    "attach_lora": "gradlens.lora", "load_model_and_tokenizer": "gradlens.models", "Task": "gradlens.tasks.base",
     "RecordConfig": "gradlens.config",
     "analyze_runs": "gradlens.analysis.analyze", "AnalyzeConfig": "gradlens.config",
     "probe": "gradlens.placement.probe",

@@ -5,6 +5,7 @@ that stay light (no torch at import)."""
 from __future__ import annotations
 
 import ast
+import importlib
 import json
 import os
 import subprocess
@@ -203,6 +204,15 @@ def test_the_store_writer_loads_no_analysis() -> None:
     (loaded,) = loaded_after([["gradlens.store.writer"]])
     assert "gradlens.stats.streaming" in loaded and "gradlens.stats.device" in loaded
     assert not [m for m in loaded if m.startswith("gradlens.analysis") or stage(m) > 2], loaded
+
+
+@pytest.mark.parametrize("package", sorted({module_name(f) for f in FILES if f.name == "__init__.py"
+                                             and "__all__" in f.read_text()}))
+def test_every_public_name_resolves(package: str) -> None:
+    """A package's ``__all__`` (most load lazily) names what it really holds, after modules moved."""
+    module = importlib.import_module(package)
+    missing = [name for name in module.__all__ if not hasattr(module, name)]
+    assert not missing, f"{package}.__all__ names what it does not hold: {missing}"
 
 
 @pytest.mark.parametrize("code", [
