@@ -3,13 +3,7 @@ a test's own reward."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-
 import pytest
-
-from gradlens.tasks.addition import AdditionTask
-from gradlens.tasks.base import exact_match_reward
 
 
 @pytest.fixture(scope="session")
@@ -37,22 +31,3 @@ def make_tiny_model(char_tokenizer):
     return make
 
 
-@dataclass(frozen=True)
-class RewardTask(AdditionTask):
-    """The addition task with a test's own GRPO reward function."""
-
-    reward: Callable[..., list[float]] = exact_match_reward
-
-    def reward_functions(self) -> list[Callable[..., list[float]]]:
-        return [self.reward]
-
-
-def float32_tolerance(reference, ulps: int = 64) -> float:
-    """An absolute tolerance for float32 results that differ only in summation order (a merged weight, a fused
-    kernel): ``ulps`` units of float32 rounding at the largest magnitude of ``reference``. The errors of reordered
-    sums grow with the number and size of the summands, so a tolerance fixed in absolute terms sits at the rounding
-    edge for some inputs (1.05e-5 against 1e-5 was seen on logits of size ~7)."""
-    import torch
-
-    scale = float(torch.as_tensor(reference).abs().max())
-    return ulps * float(torch.finfo(torch.float32).eps) * max(scale, 1.0)

@@ -3,7 +3,7 @@ and of the analysis of synthetic runs with exactly zero steps, without raw shard
 
 The toy runs are recorded once per module by ``gradlens.record`` (real TRL training, nothing mocked); ``summary.csv``
 is checked against a numpy computation done straight from ``open_run(...).gradients(...)``. The synthetic runs are
-written by ``RunWriter`` and checked against the plain-numpy reference of ``tests/test_stats.py``.
+written by ``RunWriter`` and checked against the plain-numpy reference of ``tests/helpers/stats.py``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from gradlens.config import AnalyzeConfig, RecordConfig
 from gradlens.errors import GradlensError
 from gradlens.stats import core as stats
 from gradlens.store import ModuleSpec, open_run
-from tests.test_stats import (
+from tests.helpers.stats import (
     LAGS,
     SPECS,
     assert_row,

@@ -32,7 +32,7 @@ from gradlens.config import (
     SelectConfig,
     TrainConfig,
 )
-from tests.test_store import write_run
+from tests.helpers.store import write_run
 
 CONFIGS: dict[str, type] = {"record": RecordConfig, "probe": ProbeConfig, "compare": CompareConfig,
                             "analyze": AnalyzeConfig, "select": SelectConfig, "report": ReportConfig,

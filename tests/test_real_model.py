@@ -14,50 +14,11 @@ import pytest
 
 from gradlens import open_run
 from gradlens.modules import ALL_PROJECTIONS
-from tests.test_record import assert_one_line_error, gradlens_inproc
+from tests.helpers.cli import assert_one_line_error, gradlens_inproc
+from tests.helpers.models import END_OF_TEXT, ROWS, TURN_END, build_bpe_tokenizer, model_config
 
 PROJ_LABELS = ["down", "gate", "k", "o", "q", "up", "v"]
-SIZES = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-         "num_key_value_heads": 2, "max_position_embeddings": 256}
-# Short GSM8K-format rows over the toy tokenizer's characters.
-ROWS = [{"question": f"Tom has {a} apples and buys {b} more. How many apples does he have?",
-         "answer": f"Tom has {a}+{b} = <<{a}+{b}={a + b}>>{a + b} apples.\n#### {a + b}"}
-        for a, b in [(3, 4), (12, 30), (7, 8), (25, 25), (9, 1), (40, 2), (6, 6), (11, 22)]]
 QUIET = ["--logging_steps", "100", "--disable_tqdm", "true"]
-END_OF_TEXT, TURN_START, TURN_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
-QWEN_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
-def build_bpe_tokenizer(eos: str = TURN_END, template: str | None = QWEN_TEMPLATE):
-    """A byte-level BPE tokenizer trained in memory on the GSM8K-format rows, with Qwen's special tokens: a chat
-    release's when ``eos`` is the end of turn, a base release's (which ships the template too) when it is
-    end-of-text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    corpus = [f"Question: {r['question']}\nAnswer: {r['answer']}" for r in ROWS]
-    core.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=400, special_tokens=[END_OF_TEXT, TURN_START, TURN_END], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    specials = [t for t in (TURN_START, TURN_END) if t != eos]
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token=eos, pad_token=END_OF_TEXT,
-                                  additional_special_tokens=specials)
-    tok.chat_template = template
-    return tok
-
-
-def _config(arch: str, tokenizer, **extra):
-    import transformers
-
-    cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
-           "mistral": transformers.MistralConfig, "gemma": transformers.GemmaConfig}[arch]
-    kwargs = {**SIZES, "head_dim": 8} if arch in ("qwen3", "gemma") else dict(SIZES)
-    return cls(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-               bos_token_id=None, **kwargs, **extra)
 
 
 def _teach_answer_format(model, tokenizer, chat: bool) -> None:
@@ -110,8 +71,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("real")
     chat_tok, base_tok = build_bpe_tokenizer(TURN_END), build_bpe_tokenizer(END_OF_TEXT)
     torch.manual_seed(0)
-    llama = transformers.LlamaForCausalLM(_config("llama", chat_tok))
-    qwen2 = transformers.Qwen2ForCausalLM(_config("qwen2", base_tok))
+    llama = transformers.LlamaForCausalLM(model_config("llama", chat_tok))
+    qwen2 = transformers.Qwen2ForCausalLM(model_config("qwen2", base_tok))
     _teach_answer_format(llama, chat_tok, chat=True)
     _teach_answer_format(qwen2, base_tok, chat=False)
     out = {
@@ -176,7 +137,7 @@ def test_default_lora_targets_and_labels_per_architecture(char_tokenizer, arch: 
     from gradlens.lora import attach_lora, default_lora_targets, lora_b_parameters
     from gradlens.store import ModuleSpec
 
-    model = transformers.AutoModelForCausalLM.from_config(_config(arch, char_tokenizer))
+    model = transformers.AutoModelForCausalLM.from_config(model_config(arch, char_tokenizer))
     assert default_lora_targets(model) == list(ALL_PROJECTIONS)
     peft_model = attach_lora(model, r=2)
     assert default_lora_targets(peft_model) == list(ALL_PROJECTIONS)  # e.g. for a second (GRPO reference) adapter
