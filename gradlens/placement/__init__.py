@@ -2,9 +2,10 @@
 
 :mod:`gradlens.budget` sizes a mask (a leaf, so configs check ``--budgets`` early); :mod:`.selectors` the
 informed selectors and random baselines; :mod:`.run_masks` masks from a recorded run's accumulators, one file per
-selector and budget; :mod:`.probe` the short recorded run that scores entries; :mod:`.diagnose` whether random placement will do.
-The masks themselves (type, file format, sparse-B training and export) are :mod:`gradlens.sparse`. Every name loads
-on first use, so importing this package (or :mod:`gradlens.budget` alone) imports neither numpy nor torch.
+selector and budget; :mod:`.probe` the short recorded run that scores entries; :mod:`.diagnose` whether random
+placement will do. The masks themselves (type, file format, sparse-B training and export) are :mod:`gradlens.sparse`.
+Every name loads on first use, so importing this package (or :mod:`gradlens.budget` alone) imports neither numpy nor
+torch.
 """
 
 import importlib
