@@ -12,7 +12,7 @@ from typing import Any
 
 from gradlens.errors import GradlensError
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _LAZY = {
     "open_run": "gradlens.store", "Run": "gradlens.store", "RunWriter": "gradlens.store",

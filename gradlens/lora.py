@@ -65,7 +65,8 @@ def default_lora_targets(model: torch.nn.Module) -> list[str]:
 
 
 def lora_config(model: torch.nn.Module, *, r: int = 8, alpha: int | None = None,
-                target_modules: Sequence[str] | None = None, dropout: float = 0.0):
+                target_modules: Sequence[str] | None = None, dropout: float = 0.0, use_dora: bool = False,
+                use_rslora: bool = False):
     """A PEFT ``LoraConfig`` for a causal LM, checking that every target names a linear layer of ``model``.
 
     ``target_modules=None`` or ``["all-linear"]`` adapts every linear projection of the architecture
@@ -86,7 +87,8 @@ def lora_config(model: torch.nn.Module, *, r: int = 8, alpha: int | None = None,
         raise GradlensError(f"{type(model).__name__} has no LoRA target module(s) {', '.join(unknown)}; "
                             f"its linear layers are: {', '.join(sorted(available))}")
     return LoraConfig(r=r, lora_alpha=default_alpha(r, alpha), target_modules=targets,
-                      lora_dropout=dropout, bias="none", task_type="CAUSAL_LM")
+                      lora_dropout=dropout, use_dora=use_dora, use_rslora=use_rslora, bias="none",
+                      task_type="CAUSAL_LM")
 
 
 def lora_b_parameters(model: torch.nn.Module, adapter: str | None = None) -> Iterator[tuple[str, torch.nn.Parameter]]:
@@ -108,14 +110,17 @@ def lora_b_parameters(model: torch.nn.Module, adapter: str | None = None) -> Ite
 
 
 def attach_lora(model: PreTrainedModel, *, r: int = 8, alpha: int | None = None,
-                target_modules: Sequence[str] | None = None, dropout: float = 0.0, seed: int = 0):
+                target_modules: Sequence[str] | None = None, dropout: float = 0.0, use_dora: bool = False,
+                use_rslora: bool = False, seed: int = 0):
     """Wrap ``model`` in a PEFT LoRA adapter (LoRA-FA): every ``lora_A`` frozen, only ``lora_B`` requires grad.
 
-    B starts at zero as in standard LoRA; A keeps PEFT's (seeded) Kaiming init and never changes.
+    B starts at zero as in standard LoRA; A keeps PEFT's (seeded) Kaiming init and never changes. With ``use_dora``
+    DoRA's magnitude vector stays frozen too, so B is still the only thing that trains.
     """
     from peft import get_peft_model
 
-    config = lora_config(model, r=r, alpha=alpha, target_modules=target_modules, dropout=dropout)
+    config = lora_config(model, r=r, alpha=alpha, target_modules=target_modules, dropout=dropout, use_dora=use_dora,
+                         use_rslora=use_rslora)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         peft_model = get_peft_model(model, config)

@@ -22,15 +22,15 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "spiece.model")
 
 
-def load_model(spec: str, dtype: str = "float32", *, progress: bool = True
+def load_model(spec: str, dtype: str = "float32", *, progress: bool = True, **model_kwargs
                ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(model, tokenizer) for ``toy:PRESET`` (always float32, built on first use) or a ``from_pretrained`` path or
-    hub id in ``dtype``."""
+    hub id in ``dtype`` (``model_kwargs`` go to ``from_pretrained``)."""
     if spec.startswith(TOY_PREFIX):
         from gradlens.toy.model import ensure_base_model
 
-        return load_model_and_tokenizer(ensure_base_model(spec[len(TOY_PREFIX) :], progress=progress))
-    return load_model_and_tokenizer(spec, dtype=dtype)
+        return load_model_and_tokenizer(ensure_base_model(spec[len(TOY_PREFIX) :], progress=progress), **model_kwargs)
+    return load_model_and_tokenizer(spec, dtype=dtype, **model_kwargs)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -130,16 +130,54 @@ def test_unknown_yaml_keys_fail_or_go_to_the_extra_field(tmp_path):
     assert opts.steps == 3 and opts.extra == {"num_generations": 8, "beta": 0.5, "temperature": 0.7}
 
 
-def test_parse_extra_flags_types_values():
+def test_parse_extra_flags_keeps_the_typed_text_and_several_values():
     flags = parse_extra_flags(["--num_generations", "8", "--beta", "0.04", "--lr=1e-4", "--use_vllm=false",
-                               "--bf16", "--run-name", "abc", "--x=y", "--delta", "-1", "--modules", "[q, v]"])
-    assert flags == {"num_generations": 8, "beta": 0.04, "lr": 1e-4, "use_vllm": False, "bf16": True,
-                     "run_name": "abc", "x": "y", "delta": -1, "modules": ["q", "v"]}
-    assert type(flags["num_generations"]) is int and type(flags["beta"]) is float and type(flags["lr"]) is float
+                               "--bf16", "--run-name", "abc", "--x=y", "--delta", "-1", "--report_to", "wandb",
+                               "tensorboard"])
+    assert flags == {"num_generations": "8", "beta": "0.04", "lr": "1e-4", "use_vllm": "false", "bf16": "true",
+                     "run_name": "abc", "x": "y", "delta": "-1", "report_to": ["wandb", "tensorboard"]}
     assert parse_extra_flags([]) == {}
-    for bad in (["stray"], ["--"], ["--a", "1", "2"]):
+    for bad in (["stray"], ["--"]):
         with pytest.raises(GradlensError):
             parse_extra_flags(bad)
+
+
+@pytest.mark.parametrize(("regime", "given", "typed"), [
+    ("sft", {"max_grad_norm": "0.5", "gradient_accumulation_steps": "2", "bf16": "false", "report_to": ["none"]},
+     {"max_grad_norm": 0.5, "gradient_accumulation_steps": 2, "bf16": False, "report_to": ["none"]}),
+    ("grpo", {"num_generations": 4, "beta": "4e-2", "use_vllm": False, "max_completion_length": "null",
+              "report_to": "none"},
+     {"num_generations": 4, "beta": 0.04, "use_vllm": False, "max_completion_length": None, "report_to": "none"}),
+])
+def test_trl_fields_are_typed_by_the_regimes_parser(regime: str, given: dict, typed: dict) -> None:
+    from gradlens.training.settings import check_overrides
+
+    out = check_overrides(regime, given)
+    assert out == typed and all(type(out[k]) is type(v) for k, v in typed.items())
+
+
+@pytest.mark.parametrize(("given", "message"), [
+    ({"max_grad_norm": "abc"}, r"^SFTConfig field max_grad_norm: invalid float value: 'abc'$"),
+    ({"gradient_accumulation_steps": "two"}, r"field gradient_accumulation_steps: invalid int value: 'two'"),
+    ({"per_device_train_batch_size": 2.5}, r"field per_device_train_batch_size: invalid int value: '2.5'"),
+    ({"bf16": "maybe"}, r"field bf16: Truthy value expected: got maybe"),
+    ({"lr_scheduler_type": "sometimes"}, r"field lr_scheduler_type: invalid choice: 'sometimes'"),
+    ({"max_grad_norm": ["1", "2"]}, r"field max_grad_norm takes one value, got 2: 1 2"),
+    ({"report_to": ["none", "none"]}, r"report_to none cannot be combined"),
+    ({"report_to": "tensorboard"}, r"report_to tensorboard: the tensorboard package is not installed"),
+    ({"num_generations": 8}, r"unknown SFTConfig field\(s\): num_generations"),
+])
+def test_wrong_trl_values_are_one_line_errors(given: dict, message: str) -> None:
+    import importlib.util
+
+    from gradlens.training.settings import check_overrides
+
+    if given.get("report_to") == "tensorboard" and importlib.util.find_spec("tensorboard") is not None:
+        pytest.skip("tensorboard is installed here, so report_to tensorboard is valid")
+
+    with pytest.raises(GradlensError, match=message) as e:
+        check_overrides("sft", given)
+    assert "\n" not in str(e.value)
 
 
 def test_config_file_errors_name_the_path(tmp_path):

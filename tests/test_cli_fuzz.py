@@ -212,6 +212,46 @@ def test_fuzzed_config_flags_end_in_exit_2_and_one_line(command: str, run_dir: P
     check()
 
 
+TRUTH_WORDS = {"yes", "no", "true", "false", "t", "f", "y", "n", "1", "0"}
+
+
+def _trl_wrong_values(regime: str) -> st.SearchStrategy[tuple[str, str]]:
+    """(TRL field, a value of the wrong type) for every bool, int and float field of the regime's TRL config."""
+    from gradlens.training.settings import config_class
+
+    cls = config_class(regime)
+    hints = typing.get_type_hints(cls)
+    options = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        args = [a for a in typing.get_args(hints[f.name]) if a is not type(None)] or [hints[f.name]]
+        if len(args) != 1 or args[0] not in (bool, int, float):
+            continue
+        tp = args[0]
+        wrong = TEXT.filter(lambda s, tp=tp: not s.startswith("-") and s.strip().lower() not in ("none", "null") and (
+            s.lower() not in TRUTH_WORDS if tp is bool else not _parses(tp, s)))
+        options.append(wrong.map(lambda s, name=f.name: (name, s)))
+    return st.one_of(options)
+
+
+@pytest.mark.parametrize(("command", "regime"), [("record", "sft"), ("record", "grpo"), ("train", "grpo"),
+                                                 ("probe", "sft")])
+def test_fuzzed_trl_fields_of_the_wrong_type_end_in_exit_2_before_training(command: str, regime: str,
+                                                                           tmp_path_factory, capsys) -> None:
+    """TRL's own fields, drawn from the config dataclasses with values their declared type rejects: one line, exit
+    2, and nothing loads (the guards fail a case that gets to a model)."""
+    out = tmp_path_factory.mktemp(f"trl-{command}") / "out"
+
+    @FUZZ
+    @given(case=_trl_wrong_values(regime))
+    def check(case: tuple[str, str]) -> None:
+        assert_usage_error([command, "--regime", regime, "--out", str(out), f"--{case[0]}", case[1]], capsys)
+        assert not out.exists()
+
+    check()
+
+
 PATHS = TEXT.filter(lambda s: not s.startswith("-"))
 
 

@@ -126,3 +126,37 @@ def test_lora_owns_alpha_targets_and_the_no_adapter_error(make_tiny_model) -> No
     assert sorted(peft_model.peft_config["default"].target_modules) == sorted(targets)
     assert peft_model.peft_config["default"].lora_alpha == 8
     assert all(p.requires_grad == ("lora_B" in n) for n, p in peft_model.named_parameters())
+
+
+def test_eval_strategy_evaluates_on_the_tasks_eval_split(tmp_path: Path) -> None:
+    from gradlens.config import TrainConfig
+    from gradlens.training import train
+
+    config = TrainConfig(out=str(tmp_path / "t"), max_steps=2, n_train=32, n_eval=8, trl={
+        "eval_strategy": "steps", "eval_steps": "1", "per_device_train_batch_size": "8", "disable_tqdm": "true"})
+    result = train(config, progress=False)
+    evals = [e for e in result.trainer.state.log_history if "eval_loss" in e]
+    assert [e["step"] for e in evals] == [1, 2]  # the Trainer evaluated, on the task's eval split
+    assert result.info["training_args"]["eval_strategy"] == "steps" and result.eval["n"] == 8
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"use_peft": False}, r"--use_peft false: gradlens always trains a LoRA adapter"),
+    ({"trl": {"model_dtype": "bfloat16"}}, r"--model_dtype is gone: the model's dtype is now --dtype"),
+    ({"trl": {"load_in_4bit": "true"}}, r"--load_in_4bit: gradlens does not support quantized base weights"),
+    ({"model": "toy:small", "model_name_or_path": "toy:tiny"}, r"--model toy:small and --model_name_or_path"),
+    ({"lora_dropout": 1.0}, r"lora_dropout must be in \[0, 1\)"),
+])
+def test_trl_model_flags_are_checked_in_one_line(kwargs: dict, message: str) -> None:
+    with pytest.raises(GradlensError, match=message):
+        RecordConfig(out="x", **kwargs)
+
+
+def test_model_name_or_path_is_model_and_dora_rslora_keep_only_b_trainable(make_tiny_model) -> None:
+    assert RecordConfig(out="x", model_name_or_path="toy:small").model == "toy:small"
+    peft_model = attach_lora(make_tiny_model(), r=4, use_dora=True, use_rslora=True)
+    config = peft_model.peft_config["default"]
+    assert config.use_dora and config.use_rslora
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_B" in n for n in trainable)
+    assert any("lora_magnitude_vector" in n for n, _ in peft_model.named_parameters())  # DoRA's, frozen

@@ -75,9 +75,9 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
 
 
 def parse_extra_flags(extra: list[str]) -> dict[str, Any]:
-    """``['--beta', '0.04', '--use_vllm=false']`` -> ``{'beta': 0.04, 'use_vllm': False}`` (values parsed as YAML)."""
-    import yaml
-
+    """``['--beta', '0.04', '--report_to', 'wandb', 'tensorboard', '--bf16']`` -> ``{'beta': '0.04', 'report_to':
+    ['wandb', 'tensorboard'], 'bf16': 'true'}``: the values as typed, one string or a list of several, for the TRL
+    parser to type (:mod:`gradlens.training.trl_fields`); a flag without a value is ``true``."""
     out: dict[str, Any] = {}
     i = 0
     while i < len(extra):
@@ -85,12 +85,11 @@ def parse_extra_flags(extra: list[str]) -> dict[str, Any]:
         if not token.startswith("--") or len(token) < 3:
             raise GradlensError(f"unexpected argument {token!r}")
         key, eq, value = token[2:].partition("=")
-        if not eq:
-            if i + 1 < len(extra) and not extra[i + 1].startswith("--"):
-                value, i = extra[i + 1], i + 1
-            else:
-                value = "true"
-        out[key.replace("-", "_")] = yaml.load(value, Loader=_yaml_loader())
+        values = [value] if eq else []
+        while not eq and i + 1 < len(extra) and not extra[i + 1].startswith("--"):
+            values.append(extra[i + 1])
+            i += 1
+        out[key.replace("-", "_")] = values[0] if len(values) == 1 else values or "true"
         i += 1
     return out
 
@@ -159,6 +158,10 @@ def config_from_args(cls: type, args: argparse.Namespace, extra: dict[str, Any] 
             raise GradlensError(f"unknown setting(s): {', '.join(sorted(leftovers))}")
         values[extra_field] = {**values.get(extra_field, {}), **leftovers}
     try:
-        return cls(**values)
+        config = cls(**values)
     except (TypeError, ValueError) as e:
         raise GradlensError(str(e)) from e
+    if values.get("dtype", "auto") != "auto" and "storage_dtype" in names:  # the one flag whose meaning changed
+        print(f"gradlens: dtype {config.dtype} is the model's dtype, as TRL's --dtype (before gradlens 0.2 it set the "
+              f"shard storage dtype, which is --storage_dtype now: {config.storage_dtype})")
+    return config

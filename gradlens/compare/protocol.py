@@ -284,13 +284,16 @@ def compare(config: CompareConfig) -> CompareResult:
 
 
 def _check_trl_fields(config: CompareConfig) -> None:
-    """Refuse, before any model is loaded, TRL extras that no compared regime's config has."""
-    from gradlens.training.settings import config_fields
+    """Refuse, before any model is loaded, TRL extras that no compared regime's config has, and values of the wrong
+    type for a regime that has the field."""
+    from gradlens.training.settings import check_overrides, config_fields
 
     known = set().union(*(config_fields(r) for r in config.regimes))
     unknown = sorted(set(config.trl) - known)
     if unknown:
         raise GradlensError(f"unknown TRL config field(s) for {'/'.join(config.regimes)}: {', '.join(unknown)}")
+    for regime in config.regimes:
+        check_overrides(regime, {k: v for k, v in config.trl.items() if k in config_fields(regime)})
 
 
 def _probe_cost(info: dict[str, Any], full: dict[str, Any]) -> dict[str, Any]:

@@ -78,8 +78,7 @@ class CompareRuns:
         self.data = split_task(self.task, config.n_val, config.n_eval)
         self.curves: list[dict[str, Any]] = []
         self._base_accuracy: dict[str, float] = {}
-        adapter = attach_lora(copy.deepcopy(self.base.model), r=config.lora_r, alpha=config.lora_alpha,
-                              target_modules=config.lora_target_modules)
+        adapter = attach_lora(copy.deepcopy(self.base.model), **config.lora_kwargs())
         self.shapes = {name: tuple(p.shape) for name, p in lora_b_parameters(adapter)}
 
     def record_config(self, regime: str, seed: int, lr: float | None, out: Path) -> RecordConfig:

@@ -65,3 +65,31 @@ def check_budgets(budgets: list[str], scope: str) -> None:
         raise GradlensError(f"unknown budget scope {scope!r}; choose one of: {', '.join(SCOPES)}")
     for b in budgets:
         Budget.parse(str(b), scope)
+
+
+# Settings that gradlens keeps itself (a TRL extra of the same name would be silently overridden) ...
+RESERVED_TRL = ("max_steps", "seed", "learning_rate", "output_dir")
+# ... names that changed meaning or were renamed, so an old YAML fails loudly instead of doing something else ...
+RENAMED = {"model_dtype": "the model's dtype is now --dtype, as in TRL (and the shard storage dtype, which --dtype "
+                          "set before gradlens 0.2, is --storage_dtype)"}
+# ... and TRL ModelConfig fields gradlens does not support, with why.
+UNSUPPORTED_MODEL_FIELDS = {
+    "load_in_4bit": "quantized base weights", "load_in_8bit": "quantized base weights",
+    "lora_target_parameters": "adapters on parameters rather than modules",
+    "lora_modules_to_save": "fully trained extra modules", "lora_task_type": "task types other than CAUSAL_LM",
+}
+
+
+def check_trl_extras(trl: dict[str, Any]) -> None:
+    """Refuse, in one line, TRL extras that gradlens sets itself, old gradlens names, and unsupported ModelConfig
+    fields (all before anything loads)."""
+    reserved = sorted(set(RESERVED_TRL) & set(trl))
+    if reserved:
+        raise GradlensError(f"set {', '.join(reserved)} as gradlens settings, not TRL extras")
+    for name, why in RENAMED.items():
+        if name in trl:
+            raise GradlensError(f"--{name} is gone: {why}")
+    for name, what in UNSUPPORTED_MODEL_FIELDS.items():
+        if name in trl:
+            raise GradlensError(f"--{name}: gradlens does not support {what}; it records and trains the lora_B of "
+                                "plain LoRA-FA adapters on unquantized weights")

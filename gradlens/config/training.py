@@ -20,6 +20,7 @@ from gradlens.config.fields import (
     check_budgets,
     check_methods,
     check_seed,
+    check_trl_extras,
     field_help,
     scope_field,
 )
@@ -38,9 +39,15 @@ class ModelTaskConfig:
         "columns (SFT also uses 'completion', defaulting to the answer; the last tenth of the rows is held out); or "
         "a GSM8K-style math task: 'gsm8k' (openai/gsm8k from the hub) or 'gsm8k:SOURCE' with SOURCE a hub id, a "
         "local .jsonl/.json/.parquet/.csv file or a directory (data files, or saved by datasets' save_to_disk)"))
-    model_dtype: str = field(default="auto", metadata=field_help(
-        "dtype the model is loaded in (default auto: bfloat16 on a GPU that supports it, else float32; the toy "
-        "models always float32)", choices=MODEL_DTYPES))
+    model_name_or_path: str | None = field(default=None, metadata=field_help(
+        "TRL's name for --model (either may be given; both, only if they agree)"))
+    dtype: str = field(default="auto", metadata=field_help(
+        "the model's dtype, as TRL's --dtype (default auto: bfloat16 on a GPU that supports it, else float32; the "
+        "toy models always float32). Before gradlens 0.2 --dtype set the shard storage dtype: that is "
+        "--storage_dtype now", choices=MODEL_DTYPES))
+    attn_implementation: str | None = field(default=None, metadata=field_help(
+        "attention implementation passed to from_pretrained (eager, sdpa, flash_attention_2; default: "
+        "transformers' choice)"))
     device: str = field(default="auto", metadata=field_help(
         "where to train (default auto: the GPU if there is one)", choices=DEVICES))
     prompt_format: str = field(default="auto", metadata=field_help(
@@ -60,13 +67,31 @@ class ModelTaskConfig:
     format_reward: bool = field(default=False, metadata=field_help(
         "math task, GRPO: add a format reward (1 when the completion states a final answer after '####' or in "
         "\\boxed{})"))
+    use_peft: bool = field(default=True, metadata=field_help(
+        "TRL's switch for a LoRA adapter: gradlens always trains one (LoRA-FA, only lora_B), so it must stay true"))
     lora_r: int = field(default=8, metadata=field_help("LoRA rank"))
     lora_alpha: int | None = field(default=None, metadata=field_help("LoRA alpha (default: 2 * rank)"))
     lora_target_modules: list[str] | None = field(default=None, metadata=field_help(
         "modules that get a LoRA adapter (default: every linear projection of the architecture, as PEFT's "
-        "'all-linear' finds them)"))
+        "'all-linear' finds them; 'all-linear' may also be given)"))
+    lora_dropout: float = field(default=0.0, metadata=field_help(
+        "LoRA dropout (default 0.0, unlike TRL's 0.05: dropout makes B's gradient depend on a random mask per step)"))
+    use_dora: bool = field(default=False, metadata=field_help(
+        "DoRA (weight-decomposed LoRA); its magnitude vector stays frozen with A, so only lora_B trains"))
+    use_rslora: bool = field(default=False, metadata=field_help("rank-stabilised LoRA scaling alpha / sqrt(r)"))
 
     def __post_init__(self) -> None:
+        if self.model_name_or_path is not None:
+            default = type(self).__dataclass_fields__["model"].default
+            if self.model not in (default, self.model_name_or_path):
+                raise GradlensError(f"--model {self.model} and --model_name_or_path {self.model_name_or_path} differ; "
+                                    "give one of them")
+            self.model = self.model_name_or_path
+        if not self.use_peft:
+            raise GradlensError("--use_peft false: gradlens always trains a LoRA adapter (LoRA-FA: A frozen, only B "
+                                "trains), whose B gradients are what it records and places; drop --use_peft")
+        if not 0 <= self.lora_dropout < 1:
+            raise GradlensError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if not self.model:
             raise GradlensError("--model is empty; give 'toy:PRESET', a local path or a hub id")
         if self.model.startswith(TOY_PREFIX):
@@ -75,7 +100,7 @@ class ModelTaskConfig:
             get_preset(self.model[len(TOY_PREFIX) :])
         if self.task == f"{MATH_PREFIX}:":
             raise GradlensError(f"--task {self.task}: name the data after the colon (a hub id, file or directory)")
-        for name, allowed in (("model_dtype", MODEL_DTYPES), ("device", DEVICES), ("prompt_format", PROMPT_FORMATS)):
+        for name, allowed in (("dtype", MODEL_DTYPES), ("device", DEVICES), ("prompt_format", PROMPT_FORMATS)):
             if getattr(self, name) not in allowed:
                 raise GradlensError(f"{name} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
         if self.eval_max_new_tokens < 1:
@@ -84,6 +109,11 @@ class ModelTaskConfig:
             raise GradlensError(f"lora_r must be >= 1, got {self.lora_r}")
         if self.lora_alpha is not None and self.lora_alpha < 1:
             raise GradlensError(f"lora_alpha must be >= 1, got {self.lora_alpha}")
+
+    def lora_kwargs(self) -> dict[str, Any]:
+        """The adapter's settings as :func:`gradlens.lora.attach_lora` takes them (one place, for every run)."""
+        return {"r": self.lora_r, "alpha": self.lora_alpha, "target_modules": self.lora_target_modules,
+                "dropout": self.lora_dropout, "use_dora": self.use_dora, "use_rslora": self.use_rslora}
 
     def model_task_fields(self) -> dict[str, Any]:
         """This config's model and task settings, to build another config that trains the same model on the same
@@ -110,8 +140,8 @@ class RecordConfig(ModelTaskConfig):
         "record only these LoRA modules: names, projection types or labels such as v_proj down_proj, v o "
         "(default: all)"))
     every_n_steps: int = field(default=1, metadata=field_help("record every N-th optimizer step"))
-    dtype: str = field(default="float32", metadata=field_help(
-        "storage dtype of the raw shards", choices=STORAGE_DTYPES))
+    storage_dtype: str = field(default="float32", metadata=field_help(
+        "storage dtype of the raw gradient shards (statistics stay float64)", choices=STORAGE_DTYPES))
     steps_per_shard: int | None = field(default=None, metadata=field_help(
         "steps per raw shard; a hard kill loses at most the unfinished shard (default: up to 64 steps or 256 MiB)"))
     save_raw: bool = field(default=True, metadata=field_help(
@@ -119,6 +149,9 @@ class RecordConfig(ModelTaskConfig):
     resume: bool = field(default=False, metadata=field_help(
         "continue the run in --out: training restarts from its newest Trainer checkpoint at or before the last "
         "recorded step (or from the start, deterministically), and already recorded steps are skipped"))
+    logging_dir: str | None = field(default=None, metadata=field_help(
+        "where TensorBoard events go with --report_to tensorboard (default: RUN_DIR/trainer/runs/DATE_HOST; "
+        "transformers 5 reads it from TENSORBOARD_LOGGING_DIR, which gradlens sets for the run)"))
     trl: dict[str, Any] = field(default_factory=dict, metadata=field_help("extra TRL config fields", cli=False))
 
     def __post_init__(self) -> None:
@@ -127,8 +160,8 @@ class RecordConfig(ModelTaskConfig):
             raise GradlensError(f"unknown regime {self.regime!r}; choose one of: {', '.join(REGIMES)}")
         if not self.out:
             raise GradlensError("an output run directory is required (--out RUN_DIR)")
-        if self.dtype not in STORAGE_DTYPES:
-            raise GradlensError(f"dtype {self.dtype!r} is not one of {', '.join(STORAGE_DTYPES)}")
+        if self.storage_dtype not in STORAGE_DTYPES:
+            raise GradlensError(f"storage_dtype {self.storage_dtype!r} is not one of {', '.join(STORAGE_DTYPES)}")
         for name in ("max_steps", "every_n_steps", "steps_per_shard", "n_train"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -138,9 +171,7 @@ class RecordConfig(ModelTaskConfig):
         check_seed("seed", self.seed)
         if self.learning_rate is not None and not 0 < self.learning_rate < float("inf"):
             raise GradlensError(f"learning_rate must be > 0 and finite, got {self.learning_rate}")
-        reserved = {"max_steps", "seed", "learning_rate", "output_dir"} & set(self.trl)
-        if reserved:
-            raise GradlensError(f"set {', '.join(sorted(reserved))} as gradlens settings, not TRL extras")
+        check_trl_extras(self.trl)
 
 
 @dataclass
@@ -249,6 +280,7 @@ class CompareConfig(ModelTaskConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_trl_extras(self.trl)
         if not self.out:
             raise GradlensError("an output directory is required (--out OUT_DIR)")
         if not self.regimes or any(r not in REGIMES for r in self.regimes):

@@ -117,6 +117,20 @@ def _remove_if_empty(directory: Path) -> None:
         directory.rmdir()
 
 
+@contextlib.contextmanager
+def _environment(name: str, value: str):
+    """``os.environ[name] = value`` for the run, restored after it."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
 def _eval_dataset(setup: RunSetup, settings: Mapping[str, Any], config: RecordConfig) -> Any:
     """The Trainer's eval dataset when ``--eval_strategy`` asks for evaluation: the task's eval split (the first
     ``n_eval`` rows when set)."""
@@ -185,7 +199,7 @@ def run_training(config: RecordConfig, *, out: Path | None, tool: str, setup: Ru
             from gradlens.record.recorder import GradientRecorder
 
             recorder = GradientRecorder(record_dir, trainer=trainer, modules=config.modules,
-                                        every_n_steps=config.every_n_steps, dtype=config.dtype,
+                                        every_n_steps=config.every_n_steps, dtype=config.storage_dtype,
                                         save_raw=config.save_raw, resume=resume,
                                         steps_per_shard=config.steps_per_shard, config=provenance, seed=config.seed)
         sparse = None
@@ -194,6 +208,8 @@ def run_training(config: RecordConfig, *, out: Path | None, tool: str, setup: Ru
 
             sparse = SparseBCallback(mask)
         add_first(trainer, [c for c in (drift_guard, sparse, recorder) if c is not None] + list(callbacks))
+        if config.logging_dir is not None:  # transformers 5 takes TensorBoard's directory from the environment only
+            stack.enter_context(_environment("TENSORBOARD_LOGGING_DIR", config.logging_dir))
         try:
             trainer.train(resume_from_checkpoint=resume_from_checkpoint)
         finally:

@@ -49,22 +49,25 @@ def config_fields(regime: str) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(config_class(regime)) if f.init}
 
 
-def check_overrides(regime: str, overrides: Mapping[str, Any]) -> None:
-    """Fail early, in one line, on override keys that are not fields of the regime's TRL config, and on
-    ``use_vllm`` without vLLM installed (TRL would raise its ImportError only when the trainer is built)."""
-    unknown = sorted(set(overrides) - set(config_fields(regime)))
-    if unknown:
-        raise GradlensError(f"unknown {config_class(regime).__name__} field(s): {', '.join(unknown)}")
-    if overrides.get("use_vllm") and importlib.util.find_spec("vllm") is None:
+def check_overrides(regime: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """The user's TRL fields typed as TRL types them (:mod:`gradlens.training.trl_fields`); fails early, in one line,
+    on unknown fields, wrong values, reporters that are not installed, and ``use_vllm`` without vLLM installed (TRL
+    would raise its ImportError only when the trainer is built)."""
+    from gradlens.training.trl_fields import check_reporters, typed_trl_fields
+
+    typed = typed_trl_fields(config_class(regime), overrides)
+    if "report_to" in typed:
+        check_reporters(typed["report_to"])
+    if typed.get("use_vllm") and importlib.util.find_spec("vllm") is None:
         raise GradlensError("--use_vllm true: vLLM is not installed in this environment (pip install vllm, or drop "
                             "--use_vllm to generate with transformers)")
+    return typed
 
 
 def build_trl_config(regime: str, output_dir: str, overrides: Mapping[str, Any] | None = None):
     """A TRL ``SFTConfig``/``GRPOConfig`` from the CPU-safe defaults updated by ``overrides``."""
     fields = config_fields(regime)
-    overrides = dict(overrides or {})
-    check_overrides(regime, overrides)
+    overrides = check_overrides(regime, overrides or {})
     kwargs = {k: v for k, v in CPU_SAFE_DEFAULTS.items() if k in fields}
     import torch
 
@@ -100,7 +103,8 @@ def trl_settings(config: RecordConfig, task: Task, device: str = "cpu", model_dt
                  ) -> dict[str, Any]:
     """The TRL config fields of one run: device/dtype needs, the task's defaults, the user's TRL fields, then the
     gradlens flags (``max_steps``, ``seed`` and ``data_seed``, ``learning_rate`` when given)."""
-    out = {**device_settings(device, model_dtype), **task.trl_defaults(config.regime), **config.trl,
+    out = {**device_settings(device, model_dtype), **task.trl_defaults(config.regime),
+           **check_overrides(config.regime, config.trl),
            "max_steps": config.max_steps, "seed": config.seed, "data_seed": config.seed}
     if config.learning_rate is not None:
         out["learning_rate"] = config.learning_rate

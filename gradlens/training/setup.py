@@ -43,8 +43,9 @@ def load_base(config: ModelTaskConfig, *, progress: bool = True) -> LoadedBase:
     from gradlens.models import load_model, resolve_device, resolve_dtype
 
     device = resolve_device(config.device)
-    model_dtype = resolve_dtype(config.model_dtype, device, config.model)
-    model, tokenizer = load_model(config.model, model_dtype, progress=progress)
+    model_dtype = resolve_dtype(config.dtype, device, config.model)
+    extra = {"attn_implementation": config.attn_implementation} if config.attn_implementation else {}
+    model, tokenizer = load_model(config.model, model_dtype, progress=progress, **extra)
     return LoadedBase(model.to(device), tokenizer, device, model_dtype)
 
 
@@ -64,8 +65,7 @@ def setup_run(config: RecordConfig, *, base: LoadedBase | None = None, task: Tas
     set_seed(config.seed)
     base = LoadedBase(copy.deepcopy(base.model), base.tokenizer, base.device, base.model_dtype) if base else (
         load_base(config))
-    model = attach_lora(base.model, r=config.lora_r, alpha=config.lora_alpha,
-                        target_modules=config.lora_target_modules, seed=config.seed)
+    model = attach_lora(base.model, **config.lora_kwargs(), seed=config.seed)
     task = task or load_task_for(config, model, base.tokenizer)
     data = data if data is not None else task.dataset(task.train_split, config.n_train)
     eval_data = task.dataset(task.eval_split, config.n_eval) if config.n_eval > 0 else None
