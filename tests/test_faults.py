@@ -303,6 +303,7 @@ def test_nan_loss_step_is_recorded_flagged_reported_and_excluded(tmp_path: Path,
 HOLD_SCRIPT = """
 import sys
 sys.path.insert(0, {repo!r})
+from tests.helpers.store import SPECS, make_grads, meta
 from gradlens.store import RunWriter
 w = RunWriter({path!r}, SPECS, steps_per_shard=2)
 for s in range(4):
