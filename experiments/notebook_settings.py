@@ -117,6 +117,7 @@ def record_or_load(config: RecordConfig) -> Path:
     """Record the run of ``config`` into ``config.out``, or reuse the complete run already there if it was recorded
     with the same settings (an interrupted one is resumed); a run with other settings is an error."""
     from gradlens.store import MANIFEST, open_run
+    from gradlens.store.runstate import run_state
     from gradlens.training import record
 
     out = Path(config.out)
@@ -127,6 +128,7 @@ def record_or_load(config: RecordConfig) -> Path:
             raise GradlensError(f"{out} holds a run recorded with other settings; delete it or set {OUT_ENV}")
         if run.meta.get("complete"):
             return out
+        print(f"{out}: {run_state(run.meta).describe('keeping')}; resuming it")
         config = replace(config, resume=True)
     record(config)
     return out

@@ -1,16 +1,14 @@
 """gradlens: record, analyze and act on the LoRA-B gradients of TRL SFT and GRPO runs.
 
 The public names are imported lazily, so ``import gradlens`` (and the CLI's ``--help``) does not import torch.
-``record`` and ``compare`` are submodules, not re-exported functions here: use ``from gradlens.record import record``
+``record`` and ``compare`` are submodules, not re-exported functions here: use ``from gradlens.training import record``
 and ``from gradlens.compare import compare`` (a lazy function export would be shadowed by its own submodule).
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 from gradlens.errors import GradlensError
+from gradlens.lazy import lazy_exports
 
 __version__ = "0.2.0"
 
@@ -27,8 +25,4 @@ _LAZY = {
 
 __all__ = ["GradlensError", "__version__", *_LAZY]
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'gradlens' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)

@@ -105,3 +105,24 @@ def safetensors_header(path: str | os.PathLike[str], what: str) -> dict[str, Any
     if size != 8 + n + end:
         raise GradlensError(f"{path}: truncated or corrupt {what} file ({size} bytes, header says {8 + n + end})")
     return header
+
+
+def check_unused_out(path: str | os.PathLike[str], overwrite: bool) -> None:
+    """Refuse an output (a directory or a file) that already holds something, so the results of two inputs never sit
+    side by side under one name; ``overwrite`` allows it (the caller replaces what it writes)."""
+    out = Path(path)
+    if overwrite or not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    held = "files" if out.is_dir() else "a file"
+    raise GradlensError(f"{out} already holds {held}; choose a new --out, or pass --overwrite to replace them "
+                        "(overwrite=True in the config)")
+
+
+def remove_if_empty(path: str | os.PathLike[str]) -> bool:
+    """Remove the directory ``path`` if it exists and holds nothing (e.g. a Trainer output dir no checkpoint or log was
+    written to); True if it was removed."""
+    out = Path(path)
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+        return True
+    return False

@@ -16,6 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from gradlens.config import TOY_PREFIX
 from gradlens.errors import GradlensError
+from gradlens.fsio import read_json
 
 # Files one of which every saved tokenizer has; a model directory with none of them has no tokenizer.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
@@ -52,6 +53,11 @@ def load_model_and_tokenizer(name_or_path: str | os.PathLike[str], *, dtype: str
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     name = str(name_or_path)
+    if (Path(name) / "adapter_config.json").is_file():
+        base = read_json(Path(name) / "adapter_config.json", "PEFT adapter config")
+        base = base.get("base_model_name_or_path") if isinstance(base, dict) else None
+        raise GradlensError(f"{name} is a PEFT adapter, not a model; pass its base model (base_model_name_or_path="
+                            f"{base!r}) as the model")
     looks_local = os.path.sep in name or name.startswith(".") or Path(name).exists()
     if looks_local and not Path(name).is_dir():
         raise GradlensError(f"model path {name!r} does not exist or is not a directory")

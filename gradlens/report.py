@@ -32,10 +32,11 @@ from gradlens.analysis.figures import FIGURES
 from gradlens.compare.tables import PLACEMENT, format_ci, format_pct
 from gradlens.config import AnalyzeConfig, ReportConfig
 from gradlens.errors import GradlensError
-from gradlens.fsio import atomic_write
+from gradlens.fsio import atomic_write, check_unused_out
 from gradlens.modules import sort_projections
 from gradlens.provenance import package_versions
 from gradlens.store import MANIFEST
+from gradlens.store.runstate import adapter_line
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Whole-adapter and per-projection statistics shown, with their column headers.
@@ -276,13 +277,15 @@ def _runs_table(a: Analysis) -> str:
         s = summary.loc[label] if label in summary.index else pd.Series(dtype=object)
         size = a.disk_bytes.get(label)
         zero = r.get("zero_gradient_steps")
-        rows.append([label, str(r.get("regime")), str((r.get("record_config") or {}).get("model", "–")),
+        model = (r.get("record_config") or {}).get("model") or (r.get("recording") or {}).get("model") or "–"
+        state = (r.get("run_state") or {}).get("description") or r.get("complete")
+        rows.append([label, str(r.get("regime")), str(model),
                      r.get("steps_used"), r.get("seed"), f"{_fmt(s.get('modules'))} ({projs.get(label, '')})",
                      s.get("entries"), None if size is None else f"{size / 2**20:.1f} MiB", str(r.get("dtype")),
-                     r.get("complete"), None if zero is None else len(zero), str(r.get("source", "–")),
+                     state, None if zero is None else len(zero), str(r.get("source", "–")),
                      str(r.get("path"))])
     return _table(["run", "regime", "model", "steps", "seed", "modules (projections)", "B entries", "on disk",
-                   "dtype", "complete", "zero-gradient steps", "statistics from", "path"], rows)
+                   "dtype", "state", "zero-gradient steps", "statistics from", "path"], rows)
 
 
 def _analysis_section(a: Analysis) -> str:
@@ -290,8 +293,16 @@ def _analysis_section(a: Analysis) -> str:
     window = (prov.get("config") or {}).get("window")
     parts = [f"<section>\n<h2>Analysis: {_esc(a.source)}</h2>\n<h3>What was run</h3>\n", _runs_table(a)]
     for r in prov.get("runs", []):
+        recording = dict(r.get("recording") or {})
+        training_args = recording.pop("training_args", None)
+        adapter = recording.get("adapter")
+        if isinstance(adapter, dict):
+            recording["adapter"] = adapter_line(adapter)
+        if r.get("record_config"):  # gradlens record's own config says it all; else the recorder's manifest fields
+            recording = {"task": recording.get("task"), "adapter": recording.get("adapter"), **r["record_config"]}
+        args = f"<h4>Training arguments</h4>\n{_kv(training_args)}" if training_args else ""
         parts.append(f"<details><summary>Run {_esc(r.get('label'))}: recording config and package versions"
-                     f"</summary>\n<h4>Recording config</h4>\n{_kv(r.get('record_config'))}"
+                     f"</summary>\n<h4>Recording config</h4>\n{_kv(recording)}{args}"
                      f"<h4>Package versions</h4>\n{_kv(r.get('versions'))}</details>\n")
     parts.append(f"<details><summary>Analysis config and package versions ({_esc(prov.get('tool', ''))}, "
                  f"{_esc(prov.get('created', ''))})</summary>\n{_kv(prov.get('config'))}"
@@ -380,6 +391,7 @@ def write_report(paths: Sequence[str | os.PathLike[str]], config: ReportConfig) 
     if not paths:
         raise GradlensError("no paths given (run, analysis or compare directories)")
     kinds = [(Path(p), input_kind(p)) for p in paths]  # every path checked before the long analysis
+    check_unused_out(config.out, config.overwrite)
     analyses, comparisons = collect(kinds, config)
     page = render(analyses, comparisons, config.title, kinds)
     out = Path(config.out)

@@ -105,6 +105,9 @@ def test_a_rate_that_must_diverge_is_marked_and_not_averaged(tmp_path) -> None:
     row = result.placement[result.placement.method == "random"].iloc[0]
     assert row.lr == 1e-2  # the diverging rate is never chosen
     assert any("lr 10000 diverged" in n for n in result.findings.splitlines())
+    # the yardstick of "diverged (accuracy below base)" on the validation prompts is printed, not only used
+    val_base = [n for n in result.findings.splitlines() if "base model's accuracy on the validation prompts" in n]
+    assert len(val_base) == 1 and 0.0 <= float(val_base[0].rsplit(" ", 1)[-1]) <= 1.0
 
 
 @pytest.mark.slow

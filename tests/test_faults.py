@@ -155,8 +155,8 @@ def test_analyze_skip_bad_leaves_out_a_run_that_cannot_be_opened(run_dir: Path, 
     assert f"Skipped run: {run_dir / file}: {what}" in proc.stdout
     assert (out / "summary.csv").read_text().count("\n") == 2  # header + the good run
     assert json.loads((out / "provenance.json").read_text())["skipped_runs"][0]["path"] == str(run_dir)
-    assert_one_line_error(gradlens_inproc(capsys, "analyze", str(run_dir), "--out", str(out), "--skip_bad"),
-                          "no run could be analysed", file)
+    assert_one_line_error(gradlens_inproc(capsys, "analyze", str(run_dir), "--out", str(tmp_path / "again"),
+                                          "--skip_bad"), "no run could be analysed", file)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import pytest
 from gradlens import open_run
 from gradlens.modules import ALL_PROJECTIONS
 from tests.helpers.cli import assert_one_line_error, gradlens_inproc
-from tests.helpers.models import END_OF_TEXT, ROWS, TURN_END, build_bpe_tokenizer, model_config
+from tests.helpers.models import END_OF_TEXT, ROWS, TURN_END, build_bpe_tokenizer, model_config, save_model
 
 PROJ_LABELS = ["down", "gate", "k", "o", "q", "up", "v"]
 QUIET = ["--logging_steps", "100", "--disable_tqdm", "true"]
@@ -52,14 +52,6 @@ def _teach_answer_format(model, tokenizer, chat: bool) -> None:
         opt.zero_grad()
 
 
-def _save(model, tokenizer, path: Path) -> Path:
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A Llama-layout chat-trained model, a Qwen2-layout base model, a GPT-2 model and a GSM8K JSONL file, on disk.
@@ -76,9 +68,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     _teach_answer_format(llama, chat_tok, chat=True)
     _teach_answer_format(qwen2, base_tok, chat=False)
     out = {
-        "llama": _save(llama, chat_tok, root / "my-sft-checkpoint"),
-        "qwen2": _save(qwen2, base_tok, root / "tiny-qwen2-chat"),
-        "gpt2": _save(transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        "llama": save_model(llama, chat_tok, root / "my-sft-checkpoint"),
+        "qwen2": save_model(qwen2, base_tok, root / "tiny-qwen2-chat"),
+        "gpt2": save_model(transformers.GPT2LMHeadModel(transformers.GPT2Config(
             vocab_size=len(base_tok), n_embd=32, n_layer=2, n_head=4, n_positions=256)), base_tok, root / "tiny-gpt2"),
     }
     data = root / "gsm"

@@ -15,13 +15,8 @@ import pytest
 
 from gradlens import open_run
 from gradlens.errors import GradlensError
-from tests.helpers.cli import QUIET, assert_one_line_error, gradlens_inproc
-
-
-def gradlens(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """The real command in a fresh process (slow to start: use for what needs a process of its own)."""
-    return subprocess.run([sys.executable, "-m", "gradlens.cli.main", *args], capture_output=True, text=True,
-                          timeout=timeout)
+from tests.helpers.cli import QUIET, assert_one_line_error, gradlens, gradlens_inproc
+from tests.helpers.store import committed_steps
 
 
 def test_record_sft_cli_writes_run_with_provenance(tmp_path: Path) -> None:
@@ -101,14 +96,6 @@ def test_record_task_file(tmp_path: Path) -> None:
 KILL_STEPS = 40
 KILL_ARGS = ["record", "--regime", "sft", "--max_steps", str(KILL_STEPS), "--steps_per_shard", "2", "--seed", "1",
              "--logging_steps", "100", "--disable_tqdm", "true", "--n_train", "256"]
-
-
-def committed_steps(out: Path) -> int:
-    """Steps the manifest of ``out`` lists right now (0 before the first one; it is replaced atomically)."""
-    try:
-        return len(json.loads((out / "manifest.json").read_text())["steps"])
-    except FileNotFoundError:
-        return 0
 
 
 def kill_when(argv: list[str], out: Path, target: int | None, delay: float, log: Path) -> None:

@@ -497,7 +497,8 @@ def test_output_dir_holding_another_run(tmp_path: Path) -> None:
     out = tmp_path / "run"
     record_sft(out, max_steps=1, recorder={"modules": ["v_proj"]})
     manifest = (out / "manifest.json").read_bytes()
-    for resume, needle in ((False, "already holds a run"), (True, "cannot resume")):
+    for resume, needle in ((False, r"already holds a run \(GradientRecorder\(\.\.\., resume=True\) continues it\)"),
+                           (True, "cannot resume")):
         trainer = sft_trainer(tmp_path, max_steps=1)
         GradientRecorder.attach(trainer, out, resume=resume)  # all 14 modules: a different run
         with pytest.raises(GradlensError, match=needle):

@@ -233,7 +233,7 @@ def test_kill_between_accumulators_and_manifest(tmp_path, monkeypatch):
 def test_existing_run_needs_resume_and_matching_layout(tmp_path):
     path = tmp_path / "run"
     write_run(path, range(2))
-    with pytest.raises(GradlensError, match="already holds a run; pass --resume"):
+    with pytest.raises(GradlensError, match=r"already holds a run \(RunWriter\(..., resume=True\) continues it\)"):
         RunWriter(path, SPECS)
     with pytest.raises(GradlensError, match="model.layers.1.self_attn.v_proj"):
         RunWriter(path, [*SPECS[:2], ModuleSpec.from_name(SPECS[2].name, (5, 3))], resume=True)

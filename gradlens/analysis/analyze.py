@@ -37,8 +37,10 @@ from gradlens.analysis.result import AnalysisResult
 from gradlens.analysis.run_stats import RAW_SOURCE, RunStats, ScopeStats, stat_columns
 from gradlens.config import AnalyzeConfig
 from gradlens.errors import GradlensError
+from gradlens.fsio import check_unused_out
 from gradlens.provenance import package_versions
 from gradlens.stats.core import histogram_edges
+from gradlens.store.runstate import announce
 
 TABLES = ("summary", "modules", "proj", "layers", "series", "hist")
 CSV_TABLES = ("summary", "modules", "proj", "layers")
@@ -264,6 +266,14 @@ def provenance(runs: Sequence[RunStats], labels: Sequence[str], config: AnalyzeC
     }
 
 
+def recording(meta: dict[str, Any]) -> dict[str, Any]:
+    """How a run was recorded, from its manifest: ``gradlens record``'s config, or for a run recorded from a user's
+    own script the recorder's settings, the model, the data and the training arguments."""
+    config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    keys = ("model", "dataset", "task", "trainer_class", "recorder", "adapter", "training_args")
+    return {key: config[key] for key in keys if config.get(key) is not None}
+
+
 def _write_parquet(df: pd.DataFrame, path: Path, prov: dict[str, Any]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -314,6 +324,9 @@ def analyze_runs(paths: Sequence[str | os.PathLike[str]], out_dir: str | os.Path
     paths = [Path(p) for p in paths]
     if not paths:
         raise GradlensError("no run directories given")
+    target = out_dir if out_dir is not None else config.out
+    if target:
+        check_unused_out(target, config.overwrite)
     if not config.skip_bad:
         for p in paths:  # fail fast on a bad path before the long passes
             open_run(p)
@@ -332,9 +345,14 @@ def analyze_runs(paths: Sequence[str | os.PathLike[str]], out_dir: str | os.Path
         raise GradlensError(f"no run could be analysed: {'; '.join(why for _, why in skipped_runs)}")
     labels = _labels(kept)
     tables = build_tables(runs, labels, config.lags, config.window)
-    result = AnalysisResult(**tables, runs=runs, findings=findings(runs, labels, skipped_runs),
+    states = [announce({**rs.meta, "steps": [{"step": s} for s in rs.steps]}, label)
+              for rs, label in zip(runs, labels, strict=True)]
+    notes = [note for state in states for note in state["notes"]]
+    result = AnalysisResult(**tables, runs=runs, findings="\n".join([findings(runs, labels, skipped_runs), *notes]),
                             provenance=provenance(runs, labels, config, skipped_runs), skipped_runs=skipped_runs)
-    target = out_dir if out_dir is not None else config.out
+    for run, rs, state in zip(result.provenance["runs"], runs, states, strict=True):
+        run.update(state, recording=recording(rs.meta))
+    result.provenance["notes"] += notes
     if target:
         result.files = write_outputs(result, Path(target), config)
     return result

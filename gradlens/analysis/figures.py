@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from gradlens.analysis.run_stats import RAW_SOURCE
 from gradlens.modules import sort_projections
 
 if TYPE_CHECKING:
@@ -122,7 +123,10 @@ def erank_figure(result: AnalysisResult, path: Path) -> Path:
         names = sort_projections(list(sub.index))
         a = _adapter(result, run["run"])
         if not np.isfinite(a["erank_traj"]):
-            _no_data(ax, f"{run['run']}: trajectory erank needs raw shards")
+            usable = run["steps"] - a["zero_steps"] - a["nonfinite_steps"]
+            why = ("needs raw shards" if a["source"] != RAW_SOURCE else
+                   f"is undefined: {usable} of {run['steps']} steps have a non-zero, finite gradient")
+            _no_data(ax, f"{run['run']}: trajectory erank {why}")
             continue
         x = np.arange(len(names) + 1)
         raw = [sub.loc[p, "erank_traj"] for p in names] + [a["erank_traj"]]

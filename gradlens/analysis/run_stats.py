@@ -167,7 +167,8 @@ def scope_members(specs: Sequence[Any]) -> list[tuple[str, str, list[int]]]:
 
 def run_meta(meta: dict[str, Any]) -> dict[str, Any]:
     """The manifest fields a :class:`RunStats` keeps."""
-    return {k: meta.get(k) for k in ("seed", "created", "complete", "dtype", "versions", "config")}
+    return {k: meta.get(k) for k in ("seed", "created", "complete", "dtype", "versions", "config", "status",
+                                     "planned_steps", "stop_reason", "writer")}
 
 
 def run_regime(meta: dict[str, Any]) -> str:

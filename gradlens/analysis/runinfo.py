@@ -12,12 +12,14 @@ from typing import Any
 
 from gradlens.errors import GradlensError
 from gradlens.store import open_run, verify_run
+from gradlens.store.runstate import adapter_line, adapter_note, run_state
 
 
 def run_info(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Facts about a run directory (validates every shard, so a missing or truncated one raises, naming the file)."""
     run = open_run(path)
     records = run.step_records
+    state = run_state(run.meta)
     config = run.meta.get("config", {})
     clipped = [r for r in records if isinstance(r.get("clip_coef"), float) and r["clip_coef"] < 1.0]
     losses = [r["loss"] for r in records if isinstance(r.get("loss"), float) and math.isfinite(r["loss"])]
@@ -26,6 +28,9 @@ def run_info(path: str | os.PathLike[str]) -> dict[str, Any]:
         "path": str(path),
         "regime": config.get("record", {}).get("regime") or config.get("trainer_class"),
         "complete": bool(run.meta.get("complete")),
+        "state": {**state.to_json(), "description": state.describe("describing")},
+        "planned_steps": run.meta.get("planned_steps"),
+        "adapter": config.get("adapter"),
         "modules": len(run.modules),
         "entries": sum(s.size for s in run.specs),
         "projections": dict(Counter(s.proj for s in run.specs)),
@@ -46,9 +51,8 @@ def run_info(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def format_run_info(info: dict[str, Any]) -> str:
     loss = info["loss_first_last"]
-    state = "complete" if info["complete"] else "INCOMPLETE"
     lines = [
-        f"{info['path']}: {info['regime'] or 'unknown regime'} run, {state}",
+        f"{info['path']}: {info['regime'] or 'unknown regime'} run, {info['state']['description']}",
         f"  steps:    {info['steps']} (steps {info['first_step']}..{info['last_step']}), "
         f"{info['clipped_steps']} clipped, {info['nonfinite_steps']} non-finite",
         f"  modules:  {info['modules']} ({', '.join(f'{k}:{v}' for k, v in info['projections'].items())}), "
@@ -56,6 +60,10 @@ def format_run_info(info: dict[str, Any]) -> str:
         f"  storage:  {info['dtype']}, raw shards {'on' if info['save_raw'] else 'off'}, "
         f"{info['bytes'] / 2**20:.1f} MiB, seed {info['seed']}, format {info['format_version']}",
     ]
+    if info["adapter"]:
+        lines.append(f"  adapter:  {adapter_line(info['adapter'])}")
+        if (note := adapter_note(info["adapter"])) is not None:
+            lines.append(f"  NOTE:     {note}")
     if info["no_signal_steps"]:  # complete is not the same as informative: say it
         lines.append(f"  WARNING:  {info['no_signal_steps']} of {info['steps']} steps had no learning signal "
                      "(zero_gradient / zero_reward_std in their step records)")

@@ -24,8 +24,11 @@ def run(args: argparse.Namespace) -> int:
     from gradlens.config import DiagnoseConfig
 
     config = config_from_args(DiagnoseConfig, args)
+    from gradlens.fsio import check_unused_out
     from gradlens.placement.diagnose import describe, diagnose, save
 
+    if config.out:  # refused before the statistics are read, not after
+        check_unused_out(config.out, config.overwrite)
     result = diagnose(args.path, config.budgets, config.scope, methods=config.methods, seed=config.seed,
                       train_steps=config.train_steps)
     print(describe(result))

@@ -99,6 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(one_line(f"{e.prog}: error: {e} (see {e.prog} --help)"), file=sys.stderr)
         return 2
     args.extra = extra
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the command line as given (e.g. to say how to resume)
     try:
         with console_warnings(args.command):
             return int(module.run(args) or 0)

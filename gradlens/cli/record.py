@@ -7,6 +7,7 @@ Flags mirror :class:`gradlens.record.RecordConfig`; any other ``--field value`` 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from gradlens.cli.dataclass_args import add_dataclass_arguments, config_from_args, parse_extra_flags
 
@@ -28,12 +29,34 @@ def _human_bytes(n: int) -> str:
     raise AssertionError("unreachable")
 
 
+def say_how_to_resume(out: str, argv: list[str]) -> None:
+    """After an interrupt: where the run stopped (from its manifest) and the command that continues it."""
+    import shlex
+    from pathlib import Path
+
+    from gradlens.store import MANIFEST
+    from gradlens.store.format import read_manifest_json
+    from gradlens.store.runstate import run_state
+
+    if not (Path(out) / MANIFEST).is_file():
+        print(f"gradlens record: interrupted before the first commit; {out} holds no step yet", file=sys.stderr)
+        return
+    state = run_state(read_manifest_json(Path(out)))
+    again = argv if "--resume" in argv else [*argv, "--resume"]
+    print(f"gradlens record: {out}: {state.describe('keeping')}; continue it with: "
+          f"{shlex.join(['gradlens', *again])}", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
     from gradlens.config import RecordConfig
     from gradlens.training import EVAL_FILE, record
 
     config = config_from_args(RecordConfig, args, parse_extra_flags(args.extra), extra_field="trl")
-    result = record(config)
+    try:
+        result = record(config)
+    except KeyboardInterrupt:
+        say_how_to_resume(config.out, args.argv)
+        raise
     print(f"gradlens record: {result.path}: {result.steps} steps, {_human_bytes(result.bytes)} "
           f"({config.regime}, model {config.model})")
     if result.no_signal_share:

@@ -156,8 +156,11 @@ class Comparison:
         row["diverged"] = method != "base" and (
             not finite or row["accuracy"] < runner.base_accuracy(split) - c.divergence_margin)
         if row["diverged"]:
+            why = "non-finite loss or weights" if not finite else (
+                f"accuracy {row['accuracy']:.3f} below the base model's {runner.base_accuracy(split):.3f} "
+                f"- margin {c.divergence_margin:g}")
             self.notes.append(f"{regime} {method} {key['budget'] or 'full'} seed {seed} lr {key['lr']:g} diverged "
-                              f"({'non-finite loss or weights' if not finite else 'accuracy below base'}) on {split}")
+                              f"({why}) on {split}")
         if c.export and mask is not None and split == "heldout":
             from gradlens.lora import default_alpha
             from gradlens.sparse.export import export_adapter
@@ -217,6 +220,9 @@ class Comparison:
         c = self.config
         self.run_one(self.placement, "heldout", regime, "base", "", 0, 0.0, None)
         full_lrs = c.full_lrs or [self.runner.default_lr(regime)]
+        if len(full_lrs) > 1 or len(c.sparse_lrs) > 1:  # the sweep's yardstick, said where its verdicts are read
+            self.notes.append(f"{regime}: the base model's accuracy on the validation prompts the rates are swept on "
+                              f"is {self.runner.base_accuracy('val'):.3f}")
         lr_of = {("full", ""): self.best_lr(regime, "full", "", full_lrs, {})}
         sweep_masks: dict[int, Masks] = {}
         if len(c.sparse_lrs) > 1:

@@ -94,12 +94,15 @@ def summarize(placement: pd.DataFrame) -> pd.DataFrame:
     """Per (regime, method, budget): mean held-out accuracy over the seeds that did not diverge, its 95% t-interval,
     how many runs diverged, and the share of the same-seed full-LoRA gain recovered, with its t-interval."""
     share = gain_shares(placement)
+    base = placement[placement["method"] == "base"].groupby("regime")["accuracy"].mean()
     rows = []
     for (regime, method, budget), g in placement.groupby(["regime", "method", "budget"], sort=False):
         kept = _kept(g)
         mean, lo, hi = t_interval(kept["accuracy"])
+        # full LoRA is all of its own gain, but only if it gained: full = base gives no share to speak of
+        gained = abs(mean - base.get(regime, math.nan)) > 1e-12
         gain, gain_lo, gain_hi = t_interval(share[kept.index]) if method not in ("base", "full") else (
-            (1.0, math.nan, math.nan) if method == "full" else (0.0, math.nan, math.nan))
+            (1.0 if gained else math.nan, math.nan, math.nan) if method == "full" else (0.0, math.nan, math.nan))
         rows.append({"regime": regime, "method": method, "budget": budget, "n_seeds": len(kept),
                      "n_diverged": len(g) - len(kept), "accuracy_mean": mean, "ci95_lo": lo, "ci95_hi": hi,
                      "sampled_accuracy_mean": kept["sampled_accuracy"].mean(), "lr": g["lr"].iloc[0],

@@ -39,6 +39,9 @@ class AnalyzeConfig:
     skip_bad: bool = field(default=False, metadata=field_help(
         "skip missing or corrupt shards (and runs that cannot be opened at all), analyse what is intact and report "
         "what was skipped"))
+    overwrite: bool = field(default=False, metadata=field_help(
+        "write into an --out that already holds files (by default a used --out is refused, so the outputs of two "
+        "inputs never mix)"))
 
     def __post_init__(self) -> None:
         if self.lags < 1:
@@ -62,6 +65,9 @@ class SelectConfig:
     budgets: list[str] = budgets_field(["1%"])
     scope: str = scope_field()
     seed: int = field(default=0, metadata=field_help("seed of the random selectors (informed ones are deterministic)"))
+    overwrite: bool = field(default=False, metadata=field_help(
+        "write into an --out that already holds files, removing its old masks first (by default a used --out is "
+        "refused, so the masks of two runs never mix)"))
 
     def __post_init__(self) -> None:
         if not self.out:
@@ -87,6 +93,9 @@ class DiagnoseConfig:
     train_steps: int | None = field(default=None, metadata=field_help(
         "optimizer steps of the training run the placement is for, the horizon of recovery_run (default: the "
         "probe's --train_steps if it recorded one, else none)"))
+    overwrite: bool = field(default=False, metadata=field_help(
+        "write into an --out that already holds files (by default a used --out is refused, so the outputs of two "
+        "inputs never mix)"))
 
     def __post_init__(self) -> None:
         check_methods(self.methods, INFORMED_METHODS)
@@ -110,6 +119,8 @@ class ReportConfig:
     window: int | None = field(default=None, metadata=field_help(
         "also take every statistic over the first N usable steps, for run directories analysed for the report "
         "(default: none)"))
+    overwrite: bool = field(default=False, metadata=field_help(
+        "replace an existing --out file (by default an existing report is refused)"))
 
     def __post_init__(self) -> None:
         if not self.out:

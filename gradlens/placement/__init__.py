@@ -8,8 +8,7 @@ Every name loads on first use, so importing this package (or :mod:`gradlens.budg
 torch.
 """
 
-import importlib
-from typing import Any
+from gradlens.lazy import lazy_exports
 
 _LAZY = {
     "SCOPES": "gradlens.budget", "Budget": "gradlens.budget",
@@ -23,7 +22,4 @@ _LAZY = {
 __all__ = list(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'gradlens.placement' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)

@@ -71,11 +71,12 @@ import numpy as np
 from gradlens.budget import Budget, Shapes
 from gradlens.config import DIAGNOSE_METHODS
 from gradlens.errors import GradlensError
-from gradlens.fsio import atomic_write, json_dump
+from gradlens.fsio import atomic_write, check_unused_out, json_dump
 from gradlens.placement.probe import PROBE_FILE, read_probe
 from gradlens.placement.selectors import scores, select
 from gradlens.provenance import package_versions
 from gradlens.stats.streaming import Accumulators, ModuleAccumulator
+from gradlens.store.runstate import announce
 
 CSV_FILE = "diagnose.csv"
 JSON_FILE = "diagnose.json"
@@ -188,7 +189,7 @@ def horizon_gain(drift: float, steps: int) -> float:
     return steps * phi / (steps * phi + 1 - phi)
 
 
-def _locate(path: Path) -> tuple[Path, dict[str, Any] | None]:
+def locate_run(path: Path) -> tuple[Path, dict[str, Any] | None]:
     """The run directory of ``path`` (itself, or ``path/run`` of a probe directory) and the probe's record."""
     if (path / PROBE_FILE).is_file():
         info = read_probe(path)
@@ -244,7 +245,7 @@ def diagnose(path: str | Path, budgets: Sequence[str | Budget], scope: str = "gl
     from gradlens.store import open_run
 
     path = Path(path)
-    run_dir, probe = _locate(path)
+    run_dir, probe = locate_run(path)
     if train_steps is None and probe is not None and isinstance(probe["config"].get("train_steps"), int):
         train_steps = probe["config"]["train_steps"]
     if train_steps is not None and train_steps < 1:
@@ -279,6 +280,7 @@ def diagnose(path: str | Path, budgets: Sequence[str | Budget], scope: str = "gl
                     "null": set_statistics(null_mask, null_st, t_grad)}
             rows.append(_row(budget, int(mask.sum()), n, method, sets, train_steps))
     meta = {key: run.meta.get(key) for key in ("config", "seed", "versions", "complete")}
+    meta.update(announce(run.meta, str(run_dir), doing="diagnosing"))  # a stopped run or a trained A, said
     return DiagnoseResult(path=path, run=run_dir, probe=probe, scope=scope, methods=list(methods), seed=seed,
                           steps=steps, zero_steps=zero, nonfinite_steps=list(run.meta.get("nonfinite_steps") or []),
                           train_steps=train_steps, adapter=adapter, rows=rows, run_meta=meta)
@@ -332,6 +334,7 @@ def describe(result: DiagnoseResult) -> str:
 def save(result: DiagnoseResult, out: str | Path, config: Any = None) -> list[Path]:
     """Write ``OUT/diagnose.csv`` (the rows) and ``OUT/diagnose.json`` (rows, adapter, provenance); returns them."""
     out = Path(out)
+    check_unused_out(out, bool(getattr(config, "overwrite", False)))
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -20,6 +20,7 @@ import atexit
 import json
 import math
 import os
+import sys
 import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -33,6 +34,7 @@ from gradlens.errors import GradlensError
 from gradlens.lora import require_lora
 from gradlens.models import unwrap
 from gradlens.modules import ModuleFilter, ModuleSpec, match_modules
+from gradlens.record.adapter import describe_adapter, describe_dataset
 from gradlens.record.checks import (
     SUPPORTED_SETUPS,
     SignalCounter,
@@ -46,6 +48,7 @@ from gradlens.record.checks import (
     warn,
 )
 from gradlens.store import DTYPES, AsyncRunWriter, RunWriter
+from gradlens.store.runstate import adapter_line, adapter_note, resume_hint, stop_reason
 
 LOG_PREFIX = "gradlens/"
 NORM_CHUNK = 2**16  # entries per float32 norm of the clip statistics (see sums_of_squares)
@@ -70,12 +73,14 @@ class GradientRecorder(TrainerCallback):
         config, seed: provenance stored in the manifest (the Trainer's arguments are added automatically).
         trainer: the Trainer, optional; with it each step also records the loss and, for GRPO, reward statistics.
             Use :meth:`attach` to add the recorder and bind the trainer in one call.
+        announce: print one line at train begin (where, what, dtype, regime, adapter); a trained A is warned about
+            either way.
     """
 
     def __init__(self, output_dir: str | os.PathLike[str], *, modules: ModuleFilter = None, every_n_steps: int = 1,
                  dtype: str = "float32", save_raw: bool = True, resume: bool = False,
                  steps_per_shard: int | None = None, max_queue: int = 4, config: dict[str, Any] | None = None,
-                 seed: int | None = None, trainer: Any = None) -> None:
+                 seed: int | None = None, trainer: Any = None, announce: bool = True) -> None:
         if every_n_steps < 1:
             raise GradlensError(f"every_n_steps must be >= 1, got {every_n_steps}")
         if dtype not in DTYPES:
@@ -93,6 +98,7 @@ class GradientRecorder(TrainerCallback):
         self.config = dict(config or {})
         self.seed = seed
         self.trainer = trainer
+        self.announce = announce
         self.writer: AsyncRunWriter | None = None
         self.specs: list[ModuleSpec] = []
         self.steps_recorded = 0
@@ -108,6 +114,10 @@ class GradientRecorder(TrainerCallback):
         self._main = True
         self._per_epoch: int | None = None  # micro-batches per epoch, None without a dataloader length
         self._read = {"loss": False, "rewards": False, "check_rewards": False}
+        self._planned: int | None = None  # the Trainer's max_steps at train begin
+        self._ended: tuple[int, int] | None = None  # (global_step, max_steps) at train end; None: it never came
+        self.adapter: dict[str, Any] = {}
+        self._source: dict[str, Any] = {}  # the model's name or path and the training data, as the Trainer holds them
 
     @classmethod
     def attach(cls, trainer: Any, output_dir: str | os.PathLike[str], **kwargs: Any) -> GradientRecorder:
@@ -146,6 +156,10 @@ class GradientRecorder(TrainerCallback):
         self._fresh = [False] * len(self._params)
         self._hooks = [p.register_post_accumulate_grad_hook(self._make_hook(i)) for i, p in enumerate(self._params)]
         self._main = state.is_world_process_zero
+        self._planned = state.max_steps if state.max_steps and state.max_steps > 0 else None
+        self.adapter = describe_adapter(model)
+        self._source = {"model": getattr(getattr(model, "config", None), "name_or_path", None),
+                        "dataset": describe_dataset(getattr(self.trainer, "train_dataset", None))}
         notes = self._check_setup(args, train_dataloader)
         error = None
         if self._main:
@@ -156,6 +170,10 @@ class GradientRecorder(TrainerCallback):
             except GradlensError as e:
                 error = e
         self._raise_everywhere(error)
+        if self._main and self.announce:
+            self._announce()
+        if (note := adapter_note(self.adapter)) is not None:
+            self._warn(f"{note}; the analysis assumes a frozen A (LoRA-FA), so read its results with that in mind")
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         step = state.global_step + 1
@@ -212,12 +230,17 @@ class GradientRecorder(TrainerCallback):
             state.log_history[-1].update(live)
 
     def on_train_end(self, args, state, control, **kwargs):
+        self._ended = (state.global_step, state.max_steps)
         if (summary := self.signal.summary()) is not None:
             self._warn(summary)
         self.close()
 
     def close(self) -> None:
-        """Flush and close the run (also done at train end and at interpreter exit); remove the gradient hooks."""
+        """Flush and close the run (also done at train end and at interpreter exit); remove the gradient hooks.
+
+        The run is complete if training ended at its planned last step; else stopped, with the reason: the exception
+        being raised as this runs (an interrupt, an error), or training that ended early.
+        """
         for h in self._hooks:
             h.remove()
         self._hooks = []
@@ -226,7 +249,25 @@ class GradientRecorder(TrainerCallback):
             atexit.unregister(hook)
         writer, self.writer = self.writer, None
         if writer is not None:
-            writer.close()
+            writer.close(stopped=self._stop_reason())
+
+    def _stop_reason(self) -> str | None:
+        """None if training ended at its last planned step; else why the run stopped (see :func:`stop_reason`)."""
+        if self._ended is not None:
+            step, planned = self._ended
+            return None if not planned or step >= planned else f"training ended early, at step {step}"
+        # close() runs in the `finally` of a failed train() (exc_info), or at exit after an uncaught one (last_value)
+        return stop_reason(sys.exc_info()[1] or getattr(sys, "last_value", None))
+
+    def _announce(self) -> None:
+        """One line at train begin: where the run goes, what is recorded, in which dtype, under which regime."""
+        entries = sum(s.size for s in self.specs)
+        regime = "GRPO" if self.signal.grpo else type(self.trainer).__name__ if self.trainer is not None else "Trainer"
+        planned = f", {self._planned} steps planned" if self._planned else ""
+        storage = f"{self.dtype} shards" if self.save_raw else "statistics only, no shards"
+        print(f"gradlens: recording {len(self.specs)} LoRA-B modules ({entries:,} B entries) every "
+              f"{self.every_n_steps} step(s) into {self.output_dir} ({storage}, {regime}{planned}); adapter: "
+              f"{adapter_line(self.adapter)}", flush=True)
 
     # ---------------------------------------------------------------------------------------------------------------
     # Helpers
@@ -255,11 +296,13 @@ class GradientRecorder(TrainerCallback):
             return
         config = {"recorder": {"modules": repr(self.module_filter), "every_n_steps": self.every_n_steps,
                                "dtype": self.dtype, "save_raw": self.save_raw, "warnings": notes},
+                  "adapter": self.adapter, **self._source,
                   "trainer_class": type(self.trainer).__name__ if self.trainer is not None else None,
                   "training_args": json.loads(args.to_json_string()), **self.config}
         run = RunWriter(self.output_dir, self.specs, dtype=self.dtype, save_raw=self.save_raw,
                         steps_per_shard=self.steps_per_shard, config=config,
-                        seed=self.seed if self.seed is not None else args.seed, resume=self.resume)
+                        seed=self.seed if self.seed is not None else args.seed, resume=self.resume,
+                        planned_steps=self._planned, resume_hint=resume_hint(self.config))
         self.writer = AsyncRunWriter(run, max_queue=self.max_queue)
         self._exit_hook = _close_at_exit(self)
 

@@ -6,8 +6,7 @@
 Which entries a mask should hold is the question of :mod:`gradlens.placement`. Names load on first use.
 """
 
-import importlib
-from typing import Any
+from gradlens.lazy import lazy_exports
 
 _LAZY = {
     "Mask": "gradlens.sparse.masks", "REQUIRED_METADATA": "gradlens.sparse.masks",
@@ -21,7 +20,4 @@ _LAZY = {
 __all__ = list(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'gradlens.sparse' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)

@@ -2,8 +2,7 @@
 (``RunWriter``, ``AsyncRunWriter``) and :mod:`.reader` (``open_run``, ``Run``). Names load on first use, so
 reading a run (:mod:`.reader`) never imports torch unless a bf16 shard needs it."""
 
-import importlib
-from typing import Any
+from gradlens.lazy import lazy_exports
 
 _LAZY = {
     "ModuleSpec": "gradlens.modules", "Accumulators": "gradlens.stats.streaming",
@@ -17,7 +16,4 @@ _LAZY = {
 __all__ = list(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'gradlens.store' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)

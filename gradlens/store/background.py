@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from gradlens.errors import GradlensError
+from gradlens.store.runstate import stop_reason
 from gradlens.store.writer import RunWriter
 
 _STOP = object()
@@ -146,20 +147,21 @@ class AsyncRunWriter:
         slot.fill(tensors)
         self._queue.put((step, slot, slot.flat, meta))
 
-    def close(self) -> None:
-        """Drain the queue, close the RunWriter (releasing its lock) and re-raise any error from the thread."""
+    def close(self, stopped: str | None = None) -> None:
+        """Drain the queue, close the RunWriter (releasing its lock; ``stopped``: see :meth:`RunWriter.close`) and
+        re-raise any error from the thread."""
         if self._closed:
             return
         self._closed = True
         self._queue.put(_STOP)
         self._thread.join()
         try:
-            self.run_writer.close()
+            self.run_writer.close(stopped=stopped)
         finally:
             self._raise_if_failed()
 
     def __enter__(self) -> AsyncRunWriter:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: object) -> None:
+        self.close(stopped=stop_reason(exc) if exc is not None else None)

@@ -163,6 +163,12 @@ class Manifest:
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     complete: bool = False
     format_version: int = FORMAT_VERSION
+    # The run's state (see :mod:`.runstate`): ``writing`` (by ``writer``: pid and host), ``complete`` or ``stopped``
+    # (``stop_reason``); ``planned_steps`` is the Trainer's max_steps. None in runs written before gradlens kept them.
+    status: str | None = None
+    planned_steps: int | None = None
+    stop_reason: str | None = None
+    writer: dict[str, Any] | None = None
 
     @property
     def nonfinite_steps(self) -> list[int]:
@@ -197,7 +203,8 @@ class Manifest:
             "accumulators": {"journal": self.journal, "base": self.base.to_json() if self.base else None,
                              "partials": [p.to_json() for p in self.partials]},
             "config": self.config, "seed": self.seed, "versions": self.versions, "created": self.created,
-            "complete": self.complete,
+            "complete": self.complete, "status": self.status, "planned_steps": self.planned_steps,
+            "stop_reason": self.stop_reason, "writer": self.writer,
         }
 
     @classmethod
@@ -218,7 +225,8 @@ class Manifest:
             config=obj.get("config") or {}, seed=obj.get("seed"),
             shards=[TensorFile.from_json(s, run_dir, checksums) for s in obj["shards"]],
             steps=list(obj["steps"]), versions=obj.get("versions") or {}, created=obj.get("created", ""),
-            complete=bool(obj.get("complete")), format_version=version)
+            complete=bool(obj.get("complete")), format_version=version, status=obj.get("status"),
+            planned_steps=obj.get("planned_steps"), stop_reason=obj.get("stop_reason"), writer=obj.get("writer"))
         for rec in manifest.steps:
             rec["step"] = _int(rec["step"])
         if checksums:

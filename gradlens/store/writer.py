@@ -50,6 +50,7 @@ from gradlens.store.format import (
     write_failure,
 )
 from gradlens.store.reader import accumulator_state
+from gradlens.store.runstate import COMPLETE, STOPPED, WRITING, stop_reason, writer_identity
 
 # The steps of a shard are buffered in host memory and a hard kill loses them: at most this many steps and bytes.
 MAX_STEPS_PER_SHARD = 64
@@ -81,7 +82,9 @@ class RunWriter:
 
     def __init__(self, path: str | os.PathLike[str], modules: list[ModuleSpec], *, dtype: str = "float32",
                  save_raw: bool = True, steps_per_shard: int | None = None, shard_bytes: int = SHARD_BYTES,
-                 config: dict[str, Any] | None = None, seed: int | None = None, resume: bool = False) -> None:
+                 config: dict[str, Any] | None = None, seed: int | None = None, resume: bool = False,
+                 planned_steps: int | None = None,
+                 resume_hint: str = "RunWriter(..., resume=True) continues it") -> None:
         if dtype not in DTYPES:
             raise GradlensError(f"RunWriter: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
         if not modules:
@@ -95,6 +98,8 @@ class RunWriter:
         self.steps_per_shard = steps_per_shard or default_steps_per_shard(modules, dtype, shard_bytes)
         if self.steps_per_shard < 1:
             raise GradlensError(f"RunWriter: steps_per_shard must be >= 1, got {steps_per_shard}")
+        self.planned_steps = planned_steps
+        self.resume_hint = resume_hint  # how the caller's user continues a run, in the caller's words
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock_fd = acquire_lock(self.path)
         self._closed = False
@@ -118,12 +123,14 @@ class RunWriter:
         journal = "shards" if self.save_raw and self.dtype == "float32" else "partials"
         self._manifest = Manifest(modules=self.specs, dtype=self.dtype, save_raw=self.save_raw,
                                   steps_per_shard=self.steps_per_shard, journal=journal, config=config or {},
-                                  seed=seed)
+                                  seed=seed, status=WRITING, planned_steps=self.planned_steps,
+                                  writer=writer_identity())
         json_dump(self._manifest.to_json(), self.path / MANIFEST)
 
     def _resume(self, resume: bool, config: dict[str, Any] | None, seed: int | None) -> None:
         if not resume:
-            raise GradlensError(f"{self.path}: already holds a run; pass --resume or choose another --out")
+            raise GradlensError(f"{self.path}: already holds a run ({self.resume_hint}), or choose another "
+                                "directory")
         manifest = load_manifest(self.path)
         if manifest.format_version != FORMAT_VERSION:
             raise GradlensError(f"{self.path / MANIFEST}: a format_version {manifest.format_version} run can be read "
@@ -137,6 +144,10 @@ class RunWriter:
             manifest.config = config
         if seed is not None:
             manifest.seed = seed
+        if self.planned_steps is not None:
+            manifest.planned_steps = self.planned_steps
+        manifest.status, manifest.stop_reason, manifest.writer = WRITING, None, writer_identity()
+        json_dump(manifest.to_json(), self.path / MANIFEST)  # "being written" again, by this process
         self._manifest = manifest
         self._resumed_through = manifest.steps[-1]["step"] if manifest.steps else None
 
@@ -210,13 +221,14 @@ class RunWriter:
         if self._pending and not self._broken:
             self._commit()
 
-    def close(self) -> None:
-        """Flush, compact the statistics, mark the run complete and release the lock; closing twice is harmless."""
+    def close(self, stopped: str | None = None) -> None:
+        """Flush, compact the statistics, mark the run complete (or, given a reason, ``stopped``: see
+        :mod:`.runstate`) and release the lock; closing twice is harmless."""
         if self._closed:
             return
         try:
             if not self._broken:
-                self._commit(final=True)
+                self._commit(final=True, stopped=stopped)
         finally:
             self._closed = True
             self._release_lock()
@@ -224,8 +236,8 @@ class RunWriter:
     def __enter__(self) -> RunWriter:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: object) -> None:
+        self.close(stopped=stop_reason(exc) if exc is not None else None)
 
     def _store(self, flat: torch.Tensor) -> None:
         """Cast the step to the storage dtype where it lives and copy each module into its row of the shard buffer
@@ -268,9 +280,9 @@ class RunWriter:
             raise GradlensError(f"{self.path}: step {step} meta is not JSON-serialisable ({e})") from None
         return record
 
-    def _commit(self, final: bool = False) -> None:
+    def _commit(self, final: bool = False, stopped: str | None = None) -> None:
         """Write shard -> partial statistics or compacted base -> manifest, each atomically; the manifest rename is
-        the commit point. ``final``: also compact and mark the run complete.
+        the commit point. ``final``: also compact and mark the run complete, or stopped for the reason ``stopped``.
 
         The in-memory manifest changes only after every write succeeds; if one fails the writer stops writing,
         leaving the directory exactly as a kill at that moment would (readable, resumable).
@@ -283,7 +295,9 @@ class RunWriter:
         steps = [rec["step"] for rec in records]
         old = self._manifest
         manifest = dataclasses.replace(old, shards=list(old.shards), steps=old.steps + records,
-                                       partials=list(old.partials), complete=final)
+                                       partials=list(old.partials), complete=final and stopped is None)
+        if final:
+            manifest.status, manifest.stop_reason = (STOPPED, stopped) if stopped else (COMPLETE, None)
         target = ""
         try:
             if self.save_raw and records:
@@ -311,8 +325,8 @@ class RunWriter:
             kept = f"through step {committed[-1]['step']}" if committed else "none yet"
             stopped = f"recording stopped at step {steps[0]}, " if steps else ""
             raise GradlensError(f"{self.path / target}: cannot write it: {write_failure(e)}; {stopped}the run keeps "
-                                f"its {len(committed)} committed step(s) ({kept}); free space and continue with "
-                                "--resume") from e
+                                f"its {len(committed)} committed step(s) ({kept}); free space, then "
+                                f"{self.resume_hint}") from e
         except BaseException:
             self._broken = True
             raise

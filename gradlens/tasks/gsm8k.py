@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from gradlens.config import MATH_PREFIX
-from gradlens.errors import GradlensError
+from gradlens.errors import GradlensError, cause, check_not_empty
 from gradlens.tasks.base import RewardFunction, Task, completion_text
 
 GSM8K_HUB_ID = "openai/gsm8k"
@@ -176,6 +176,7 @@ def _load_split(source: str, split: str, dataset_config: str | None):
             if path.suffix not in DATA_FILE_TYPES:
                 raise GradlensError(f"math task file {source}: unknown type {path.suffix!r}; use "
                                     f"{'/'.join(DATA_FILE_TYPES)}")
+            check_not_empty(path, "math task file")
             data = load_dataset(DATA_FILE_TYPES[path.suffix], data_files=str(path))
         elif path.is_dir():  # data files named by split: train.jsonl, test.parquet, ...
             data = load_dataset(str(path), dataset_config)
@@ -186,7 +187,7 @@ def _load_split(source: str, split: str, dataset_config: str | None):
     except GradlensError:
         raise
     except Exception as e:  # datasets raises many types; the message names the cause
-        raise GradlensError(f"cannot load math task {source}: {str(e).strip().splitlines()[0]}") from e
+        raise GradlensError(f"cannot load math task {source}: {cause(e)}") from e
     if isinstance(data, Dataset):  # save_to_disk of a single split
         data = DatasetDict({"train": data})
     if split not in data:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from gradlens.errors import GradlensError
+from gradlens.errors import GradlensError, cause, check_not_empty
 from gradlens.tasks.base import RewardFunction, Task, exact_match, exact_match_reward
 
 DATA_FILE_TYPES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -41,10 +41,11 @@ class PromptFileTask(Task):
     def _rows(self):
         from datasets import load_dataset
 
+        check_not_empty(self.path, "task file")
         try:
             data = load_dataset(DATA_FILE_TYPES[Path(self.path).suffix], data_files=self.path, split="train")
         except Exception as e:  # datasets raises many types; the message names the cause
-            raise GradlensError(f"cannot read task file {self.path}: {str(e).splitlines()[0]}") from e
+            raise GradlensError(f"cannot read task file {self.path}: {cause(e)}") from e
         missing = {"prompt", "answer"} - set(data.column_names)
         if missing:
             raise GradlensError(f"task file {self.path} lacks column(s) {', '.join(sorted(missing))}")

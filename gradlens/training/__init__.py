@@ -7,8 +7,7 @@ run, layered), :mod:`.trl_trainer` (:func:`build_trainer`, the only place a TRL 
 :mod:`.train_adapter` (:func:`train`, full-B or sparse-B). Names load on first use.
 """
 
-import importlib
-from typing import Any
+from gradlens.lazy import lazy_exports
 
 _LAZY = {
     "LoadedBase": "gradlens.training.setup", "RunSetup": "gradlens.training.setup",
@@ -23,7 +22,4 @@ _LAZY = {
 __all__ = list(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'gradlens.training' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)

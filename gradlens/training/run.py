@@ -26,6 +26,7 @@ from typing import Any
 
 from gradlens.config import RecordConfig
 from gradlens.errors import GradlensError, GradlensWarning
+from gradlens.fsio import remove_if_empty
 from gradlens.training.setup import RunSetup
 
 TRAIN_FILE = "train.json"
@@ -112,11 +113,6 @@ def _warn(notes: list[str], note: str) -> None:
     warnings.warn(note, GradlensWarning, stacklevel=2)
 
 
-def _remove_if_empty(directory: Path) -> None:
-    with contextlib.suppress(OSError):  # not empty (checkpoints, TensorBoard events) or already gone: keep it
-        directory.rmdir()
-
-
 @contextlib.contextmanager
 def _environment(name: str, value: str):
     """``os.environ[name] = value`` for the run, restored after it."""
@@ -201,7 +197,8 @@ def run_training(config: RecordConfig, *, out: Path | None, tool: str, setup: Ru
             recorder = GradientRecorder(record_dir, trainer=trainer, modules=config.modules,
                                         every_n_steps=config.every_n_steps, dtype=config.storage_dtype,
                                         save_raw=config.save_raw, resume=resume,
-                                        steps_per_shard=config.steps_per_shard, config=provenance, seed=config.seed)
+                                        steps_per_shard=config.steps_per_shard, config=provenance, seed=config.seed,
+                                        announce=progress)
         sparse = None
         if mask is not None:
             from gradlens.sparse.callback import SparseBCallback
@@ -230,7 +227,7 @@ def run_training(config: RecordConfig, *, out: Path | None, tool: str, setup: Ru
     adapter = evaluation = None
     if out is not None and trainer.is_world_process_zero():  # one writer under DDP, like the recorder
         adapter, evaluation = _write_outputs(trainer, setup, out, mask, mask_meta or {})
-        _remove_if_empty(out / TRAINER_DIR)
+        remove_if_empty(out / TRAINER_DIR)  # no checkpoint or log was written there
     info.update(adapter=str(adapter) if adapter else None, wall_seconds=time.perf_counter() - start,
                 eval=None if evaluation is None else {k: evaluation[k] for k in ("accuracy", "ci95", "n", "correct")})
     if out is not None and trainer.is_world_process_zero():

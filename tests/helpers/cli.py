@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 
 import pytest
 
@@ -10,6 +11,12 @@ from gradlens.cli.main import main
 from gradlens.errors import GradlensError
 
 QUIET = ["--logging_steps", "100", "--disable_tqdm", "true", "--n_train", "64"]
+
+
+def gradlens(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """The real command in a fresh process (slow to start: use for what needs a process of its own)."""
+    return subprocess.run([sys.executable, "-m", "gradlens.cli.main", *args], capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def gradlens_inproc(capsys: pytest.CaptureFixture, *args: str) -> subprocess.CompletedProcess:

@@ -3,6 +3,8 @@ template, tiny configs of several architectures, and a float32 tolerance for res
 
 from __future__ import annotations
 
+from pathlib import Path
+
 SIZES = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
          "num_key_value_heads": 2, "max_position_embeddings": 256}
 # Short GSM8K-format rows over the toy tokenizer's characters.
@@ -43,6 +45,14 @@ def model_config(arch: str, tokenizer, **extra):
     kwargs = {**SIZES, "head_dim": 8} if arch in ("qwen3", "gemma") else dict(SIZES)
     return cls(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                bos_token_id=None, **kwargs, **extra)
+
+
+def save_model(model, tokenizer, path: Path) -> Path:
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
 
 
 def float32_tolerance(reference, ulps: int = 64) -> float:

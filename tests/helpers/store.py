@@ -3,6 +3,7 @@ numpy reference of the accumulators."""
 
 from __future__ import annotations
 
+import json
 import pathlib
 from pathlib import Path
 
@@ -77,3 +78,11 @@ class Touch:
 
     def __reduce__(self):
         return (pathlib.Path.touch, (self.marker,))
+
+
+def committed_steps(out: Path) -> int:
+    """Steps the manifest of ``out`` lists right now (0 before the first one; it is replaced atomically)."""
+    try:
+        return len(json.loads((out / "manifest.json").read_text())["steps"])
+    except FileNotFoundError:
+        return 0
