@@ -4,6 +4,7 @@
 #   make demo   toy task -> record SFT and GRPO -> analyze -> placement contrast -> report.html, under $(DEMO_OUT)
 #   make lint   ruff check
 #   make clean  remove $(VENV) and build junk (keeps runs/)
+#   make gpu-wheels  download the wheels a lent GPU machine lacks into gpu-wheels/ (see README, Running on a GPU)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -18,7 +19,7 @@ DEMO_OUT ?= runs/demo
 
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint demo clean figures
+.PHONY: venv test lint demo clean figures gpu-wheels
 .DELETE_ON_ERROR:
 
 venv: $(STAMP)
@@ -67,6 +68,9 @@ demo: venv
 figures: venv
 	GRADLENS_SETTING=full $(VENV)/bin/jupyter nbconvert --to notebook --execute --ExecutePreprocessor.timeout=-1 \
 		--output-dir runs/notebooks/full/executed notebooks/*.ipynb
+
+gpu-wheels: venv
+	PYTHON=$(VENV)/bin/python bash scripts/gpu_wheels.sh
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache

@@ -3,9 +3,9 @@
 A stand-in model holds PEFT LoRA layers (r=16) whose ``lora_B`` have Qwen2.5-1.5B's exact shapes (all 7 projections
 of 28 layers, 10,321,920 entries; the base layers are 16 features wide, since only B's shape matters here). Each
 step a backward through it produces fresh rank-16 gradients, and the real :class:`GradientRecorder` sees the events a
-Trainer sends (``on_train_begin``, post-accumulate-grad hooks during backward, ``on_pre_optimizer_step``,
-``on_optimizer_step``, ``on_train_end``), so the whole write path runs: host copy, clip coefficient, background
-queue, float64 accumulators, shards, manifest. For each storage dtype:
+Trainer sends (``on_train_begin``, ``on_pre_optimizer_step``, ``on_optimizer_step``, ``on_train_end``; the loop
+does not clip, as a Trainer clips in its own time), so the whole write path runs: the copy into the ring, the clip
+statistics, background queue, float64 accumulators, shards, manifest. For each storage dtype:
 
 1. raw disk bandwidth (median of ``--disk-repeats``): the same bytes as the run's shards, in files of the shard size,
    written with ``ndarray.tofile`` + fsync;
@@ -104,7 +104,8 @@ class Loop:
         from transformers import TrainerControl, TrainerState, TrainingArguments
 
         self.model, self.recorder = model, recorder
-        self.args = TrainingArguments(output_dir=str(tmp / "trainer"), report_to="none", max_grad_norm=1.0)
+        # no clipping: a Trainer clips in its own time, and without one the recorder has no clipping to read
+        self.args = TrainingArguments(output_dir=str(tmp / "trainer"), report_to="none", max_grad_norm=0.0)
         self.state, self.control = TrainerState(), TrainerControl()
         if recorder is not None:
             recorder.on_train_begin(self.args, self.state, self.control, model=model)

@@ -1,24 +1,34 @@
-"""GPU check: the paths a GPU run takes, on one CUDA GPU in bf16, timed, with peak memory, in under 8 minutes.
+"""GPU check: the paths a GPU run takes, on one CUDA GPU, checked and timed, in one short blind run (under 6 minutes
+on an H100 by estimate). Run it through ``bash benchmarks/gpu_check.sh`` (which installs the prepared wheels and sets
+the path); see the README's "Running on a GPU".
 
-1. ``gradlens record`` and ``gradlens train --mask`` (a mask ``gradlens select`` made from the recorded run) under
-   SFT and GRPO on the toy:small base model, saved as a bf16 model directory so its weights really are bf16;
-2. a mini ``gradlens compare`` (random and fisher at 1%, one seed, both regimes, no sweep);
-3. the drift guard against what vLLM weight sync does (merge and unmerge the adapter in the bf16 base weights);
-4. the recording benchmark at the Qwen2.5-1.5B adapter shape (10.3 M B entries at r=16) with the gradients on the
-   GPU: the time the recorder adds to a step (device-to-host copy included) and its sustained MB/s, using
-   ``bench_recording.py``'s stand-in model.
+0. preflight: the imports (gradlens, torch, transformers, peft, trl, datasets) and the GPUs; if it fails, the JSON
+   says why and nothing else runs;
+1. ``recording``: the recording benchmark at the Qwen2.5-1.5B adapter shape (10.3 M B entries at r=16) with the
+   gradients on the GPU, first: the time the recorder blocks the training stream per step (timed with
+   ``torch.cuda.current_stream().synchronize()``, so the writer's side stream is not counted), against a bare device
+   copy of the same gradients, and the sustained write rate;
+2. ``correctness-*``: every recorded float32 step is compared bitwise with a ``.cpu()`` copy of the gradients taken
+   at the same point, and the run's per-entry sums with a CPU ``DeviceStats`` run on those copies; also with
+   ``max_queue=1``, with bf16 gradients, and with the adapter spread over two GPUs when there are two;
+3. ``drift``: the drift guard against what vLLM weight sync does (merge and unmerge in bf16 base weights);
+4. ``recipe`` (last): for now the toy path, ``gradlens record``, ``select``, ``train --mask`` under SFT and GRPO and a
+   mini ``compare``, on toy:small saved as a bf16 model directory.
 
-Writes one JSON: seconds, ``torch.cuda.max_memory_allocated`` and outcome of every part, the GPU and package
-versions. Without CUDA it exits with code 2 and one line (``--cpu`` runs the same script on the CPU at toy sizes, a
-smoke test of the script itself whose numbers mean nothing).
+Each part has a time budget; a part that would end past :data:`TOTAL_BUDGET_S` is skipped. Writes one JSON: the
+preflight, every part's seconds, ``torch.cuda.max_memory_allocated``, outcome and results, the GPU and versions.
+Without CUDA it exits with code 2 and one line; ``--cpu`` runs every part on the CPU at toy sizes (a test of the
+script; its numbers mean nothing).
 
-    python benchmarks/gpu_check.py --out gpu_check.json
+    python benchmarks/gpu_check.py --out gpu_check.json [--cpu]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -26,13 +36,11 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-import torch
-from _common import adapter_shapes, median
-
-BUDGET_S = 480  # parts not started by then are skipped (the check must fit in 8 minutes)
+TOTAL_BUDGET_S = 330  # 5.5 minutes of parts, so the whole check (imports, model saves) stays under 6
 QUIET = ["--logging_steps", "1000", "--disable_tqdm", "true"]
+PREFLIGHT_MODULES = ("torch", "transformers", "peft", "accelerate", "trl", "datasets", "gradlens")
 
 
 def positive(text: str) -> int:
@@ -47,32 +55,89 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("gpu_check.json"), help="the JSON to write")
     parser.add_argument("--steps", type=positive, default=20, help="optimizer steps of each toy training run")
     parser.add_argument("--record-steps", type=positive, default=30, help="steps of the 1.5B recording benchmark")
+    parser.add_argument("--check-steps", type=positive, default=6, help="steps of each correctness comparison")
     parser.add_argument("--layers", type=positive, default=28, help="layers of the benchmark adapter (28: 1.5B)")
+    parser.add_argument("--check-layers", type=positive, default=4, help="layers of the correctness adapter")
     parser.add_argument("--dir", default=tempfile.gettempdir(), help="scratch space (removed afterwards)")
-    parser.add_argument("--cpu", action="store_true", help="smoke-test this script on the CPU (numbers mean nothing)")
+    parser.add_argument("--cpu", action="store_true", help="run every part on the CPU at toy sizes (numbers mean "
+                        "nothing)")
     return parser.parse_args(argv)
 
 
-class Check:
-    """Runs the parts in order, each timed and with its peak GPU memory, within the time budget."""
+def preflight() -> dict[str, Any]:
+    """Import what the parts need, each timed; the first failure is the finding (then no part runs)."""
+    info: dict[str, Any] = {"python": sys.version.split()[0], "modules": {}}
+    start = time.perf_counter()
+    for name in PREFLIGHT_MODULES:
+        t0 = time.perf_counter()
+        try:
+            module = importlib.import_module(name)
+        except Exception as e:  # the JSON must say it: a failed import is the whole finding
+            info.update(ok=False, error=f"import {name}: {type(e).__name__}: {e}".splitlines()[0],
+                        traceback=traceback.format_exc(), seconds=time.perf_counter() - start)
+            return info
+        info["modules"][name] = {"version": getattr(module, "__version__", None),
+                                 "file": getattr(module, "__file__", None), "seconds": time.perf_counter() - t0}
+    import torch
 
-    def __init__(self, device: str, root: Path) -> None:
-        self.device, self.root = device, root
+    info.update(ok=True, cuda=torch.cuda.is_available(), gpus=torch.cuda.device_count(),
+                seconds=time.perf_counter() - start)
+    return info
+
+
+class Context:
+    """What every part gets: the device (``cuda`` or ``cpu``), scratch space and the settings."""
+
+    def __init__(self, device: str, root: Path, args: argparse.Namespace) -> None:
+        self.device, self.root, self.args = device, root, args
+        self._model: Path | None = None
+
+    def toy_model(self) -> Path:
+        """toy:small saved as a bfloat16 model directory (made once): loaded by path, its weights stay bf16."""
+        if self._model is None:
+            import torch
+
+            from gradlens.models import load_model
+
+            model, tokenizer = load_model("toy:small")
+            self._model = self.root / "toy-small-bf16"
+            model.to(torch.bfloat16).save_pretrained(self._model)
+            tokenizer.save_pretrained(self._model)
+        return self._model
+
+
+class Part(NamedTuple):
+    """One part of the check: its name, its time budget in seconds (on an H100, by estimate) and what it runs."""
+
+    name: str
+    budget_s: float
+    run: Callable[[Context], dict[str, Any] | None]
+
+
+class Check:
+    """Runs the parts in order, each timed and with its peak GPU memory, within the total budget; ``save`` is called
+    after each part (so a check killed midway still leaves what it found)."""
+
+    def __init__(self, context: Context, save: Callable[[list[dict[str, Any]]], None]) -> None:
+        self.context, self.save = context, save
         self.parts: list[dict[str, Any]] = []
         self.start = time.perf_counter()
 
-    def part(self, name: str, fn: Callable[[], dict[str, Any] | None]) -> bool:
-        if time.perf_counter() - self.start > BUDGET_S:
-            self.parts.append({"name": name, "ok": False, "skipped": f"over the {BUDGET_S} s budget"})
+    def run(self, part: Part) -> bool:
+        import torch
+
+        elapsed = time.perf_counter() - self.start
+        row: dict[str, Any] = {"name": part.name, "budget_s": part.budget_s}
+        if elapsed + part.budget_s > TOTAL_BUDGET_S and not self.context.args.cpu:
+            self.parts.append({**row, "ok": False, "skipped": f"would end past the {TOTAL_BUDGET_S} s budget"})
             return False
-        cuda = self.device == "cuda"
+        cuda = self.context.device == "cuda"
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        row: dict[str, Any] = {"name": name}
         t0 = time.perf_counter()
         try:
-            row.update(fn() or {})
+            row.update(part.run(self.context) or {})
             row["ok"] = True
         except Exception as e:  # a failed part is the finding: record it and go on with the others
             row.update(ok=False, error=f"{type(e).__name__}: {e}".splitlines()[0], traceback=traceback.format_exc())
@@ -80,75 +145,177 @@ class Check:
             torch.cuda.synchronize()
             row["max_memory_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
         row["seconds"] = time.perf_counter() - t0
-        print(f"gpu_check: {name}: {'ok' if row['ok'] else 'FAILED ' + row.get('error', '')} "
-              f"({row['seconds']:.1f} s)", flush=True)
+        row["over_budget"] = row["seconds"] > part.budget_s
+        print(f"gpu_check: {part.name}: {'ok' if row['ok'] else 'FAILED ' + row.get('error', '')} "
+              f"({row['seconds']:.1f} s of {part.budget_s:.0f})", flush=True)
         self.parts.append(row)
+        self.save(self.parts)
         return row["ok"]
 
 
-def gradlens(*argv: str) -> None:
-    """One gradlens command in this process (so its GPU memory is measured); a non-zero exit is an error."""
-    from gradlens.cli.main import main
-
-    rc = main(list(argv))
-    if rc != 0:
-        raise RuntimeError(f"gradlens {argv[0]} exited with {rc}")
+# ---------------------------------------------------------------------------------------------------------------------
+# 1. recording benchmark
 
 
-def bf16_toy_model(root: Path) -> Path:
-    """toy:small saved as a bfloat16 model directory: loaded by path, its weights stay bf16 on a bf16 GPU."""
-    from gradlens.models import load_model
+def stream_timed(fn: Callable[[], Any], device: str) -> float:
+    """Seconds of ``fn`` as the training stream sees them: its own queue drained before and after, not the device's
+    (the background writer's side stream keeps working)."""
+    import torch
 
-    model, tokenizer = load_model("toy:small")
-    path = root / "toy-small-bf16"
-    model.to(torch.bfloat16).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-def record_and_train(check: Check, model: Path, regime: str, steps: int, device: str) -> None:
-    root = check.root / regime
-    common = ["--model", str(model), "--regime", regime, "--max_steps", str(steps), "--device", device, *QUIET]
-
-    def record() -> dict[str, Any]:
-        gradlens("record", *common, "--out", str(root / "run"), "--n_eval", "100")
-        meta = json.loads((root / "run" / "manifest.json").read_text())
-        return {"steps": len(meta["steps"]), "model_dtype": meta["config"]["model_dtype"],
-                "accuracy": json.loads((root / "run" / "eval.json").read_text())["accuracy"]}
-
-    def train() -> dict[str, Any]:
-        gradlens("select", str(root / "run"), "--out", str(root / "sel"), "--methods", "fisher", "--budgets", "1%")
-        gradlens("train", *common, "--out", str(root / "train"), "--n_eval", "100", "--learning_rate", "0.03",
-                 "--mask", str(root / "sel" / "masks" / "fisher-1pct.safetensors"))
-        info = json.loads((root / "train" / "train.json").read_text())
-        return {"steps": info["steps"], "train_seconds": info["train_seconds"], "model_dtype": info["model_dtype"],
-                "b_nonzero": info["b_nonzero"], "mask_k": info["mask"]["k"], "accuracy": info["eval"]["accuracy"],
-                "drift_guard": {k: info["drift_guard"].get(k) for k in ("dtype", "drifted", "max_abs_change")},
-                "warnings": info["warnings"]}
-
-    if check.part(f"record-{regime}", record):
-        check.part(f"train-{regime}", train)
+    sync = torch.cuda.current_stream().synchronize if device == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
 
 
-def mini_compare(check: Check, model: Path, steps: int, device: str) -> dict[str, Any]:
-    out = check.root / "compare"
-    gradlens("compare", "--model", str(model), "--out", str(out), "--methods", "random", "fisher", "--budgets", "1%",
-             "--seeds", "0", "--max_steps", str(steps), "--probe_steps", "4", "--full_lrs", "3e-3", "--sparse_lrs",
-             "0.1", "--n_val", "50", "--n_eval", "100", "--eval_samples", "0", "--no-progress", "--device", device,
-             *QUIET)
-    import pandas as pd
+def recording_benchmark(ctx: Context, dtype: str) -> dict[str, Any]:
+    """Steps at the 1.5B adapter shape with and without the recorder (same backward, interleaved), paced so the
+    writer keeps up: the recorder's blocked time per step, and a bare device copy of the same gradients (the floor of
+    getting them off the step); then back to back for the sustained write rate."""
+    import torch
+    from _common import adapter_shapes, median
+    from bench_recording import POOL, WIDTH, Loop, lora_model
 
-    table = pd.read_csv(out / "placement.csv")
-    return {"rows": len(table), "accuracy": {f"{r.regime}/{r.method}": float(r.accuracy) for r in table.itertuples()}}
+    from gradlens.record.recorder import GradientRecorder
+
+    device, steps = ctx.device, ctx.args.record_steps
+    shapes = adapter_shapes(ctx.args.layers)
+    gen = torch.Generator(device=device).manual_seed(0)
+    upstream = [[torch.randn(WIDTH, d, generator=gen, device=device) for d, _ in shapes.values()] for _ in range(POOL)]
+    inputs = [torch.randn(WIDTH, WIDTH, generator=gen, device=device) for _ in range(2 * steps)]
+    model, bare = lora_model(shapes, 16).to(device), lora_model(shapes, 16).to(device)
+    rec = GradientRecorder(ctx.root / f"paced-{dtype}", dtype=dtype)
+    loop, plain = Loop(model, rec, ctx.root), Loop(bare, None, ctx.root)
+    grads = [p for n, p in bare.named_parameters() if "lora_B" in n]
+    copies = [torch.empty_like(p) for p in grads]
+    added, bare_steps, copy = [], [], []
+    for t in range(steps):
+        x, up = inputs[t], upstream[t % POOL]
+        bare_steps.append(stream_timed(lambda x=x, up=up: plain.step(x, up), device))
+        copy.append(stream_timed(lambda: torch._foreach_copy_(copies, [p.grad for p in grads]), device))
+        added.append(stream_timed(lambda x=x, up=up: loop.step(x, up), device) - bare_steps[-1])
+        time.sleep(0.2 if device == "cuda" else 0.0)  # let the writer keep up: this measures what a step waits for
+    loop.end()
+    rec = GradientRecorder(ctx.root / f"saturated-{dtype}", dtype=dtype)
+    loop = Loop(model, rec, ctx.root)
+    step_bytes = sum(s.size for s in rec.specs) * torch.empty((), dtype=getattr(torch, dtype)).element_size()
+
+    def back_to_back() -> None:
+        for t in range(steps):
+            loop.step(inputs[steps + t], upstream[t % POOL])
+        loop.end()  # returns once every shard is written
+
+    wall = stream_timed(back_to_back, device)
+    for d in (f"paced-{dtype}", f"saturated-{dtype}"):
+        shutil.rmtree(ctx.root / d, ignore_errors=True)
+    return {"dtype": dtype, "entries": sum(d * r for d, r in shapes.values()), "steps": steps,
+            "bare_step_ms": 1e3 * median(bare_steps), "recorder_blocked_ms": 1e3 * median(added),
+            "bare_device_copy_ms": 1e3 * median(copy), "sustained_mb_s": steps * step_bytes / wall / 1e6,
+            "shard_mb_per_step": step_bytes / 1e6}
 
 
-def drift_cycles(model_path: Path, device: str, cycles: int = 8) -> dict[str, Any]:
+def recording(ctx: Context) -> dict[str, Any]:
+    return {dtype: recording_benchmark(ctx, dtype) for dtype in ("bfloat16", "float32")}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 2. correctness
+
+
+def spread_model(ctx: Context, gpus: int, dtype: str) -> tuple[Any, dict[str, tuple[int, int]]]:
+    """The benchmark's stand-in adapter at ``--check-layers`` layers, in ``dtype``, its layers dealt over ``gpus``
+    devices in contiguous blocks (as ``device_map`` places them)."""
+    import torch
+    from _common import adapter_shapes
+    from bench_recording import lora_model
+
+    shapes = adapter_shapes(ctx.args.check_layers)
+    model = lora_model(shapes, 16).to(getattr(torch, dtype))
+    if ctx.device == "cuda":
+        layers = model.model.layers
+        for i, layer in enumerate(layers):
+            layer.to(torch.device("cuda", i * gpus // len(layers)))
+    return model, shapes
+
+
+def compare_with_copies(ctx: Context, name: str, *, max_queue: int = 4, dtype: str = "float32",
+                        gpus: int = 1) -> dict[str, Any]:
+    """Record ``--check-steps`` steps on the device, taking a ``.cpu()`` copy of every gradient at the point the
+    recorder reads them; every stored step must equal its copy bitwise, and the run's per-entry sums those of a CPU
+    ``DeviceStats`` fed the copies (one commit, so the float64 sums are added in the same order)."""
+    import numpy as np
+    import torch
+    from bench_recording import WIDTH
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from gradlens import open_run
+    from gradlens.record.recorder import GradientRecorder
+    from gradlens.stats.device import DeviceStats
+
+    model, shapes = spread_model(ctx, gpus, dtype)
+    steps = ctx.args.check_steps
+    params = [p for n, p in model.named_parameters() if "lora_B" in n]
+    mods = dict(model.named_modules())
+    gen = torch.Generator().manual_seed(1)
+    first = params[0].device
+    rec = GradientRecorder(ctx.root / name, max_queue=max_queue, steps_per_shard=steps)
+    args = TrainingArguments(output_dir=str(ctx.root / "trainer"), report_to="none", max_grad_norm=0.0)
+    state, control = TrainerState(), TrainerControl()
+    rec.on_train_begin(args, state, control, model=model)
+    copies = []
+    for _ in range(steps):
+        x = torch.randn(WIDTH, WIDTH, generator=gen).to(first, params[0].dtype)
+        for p in model.parameters():
+            p.grad = None
+        loss = sum((mods[n](x.to(p.device)) * torch.randn(WIDTH, d, generator=gen).to(p)).sum().float().to(first)
+                   for (n, (d, _)), p in zip(shapes.items(), params, strict=True))
+        loss.backward()
+        copies.append([p.grad.cpu() for p in params])  # synchronizes: exactly what the step's gradients were
+        rec.on_pre_optimizer_step(args, state, control, model=model)
+        state.global_step += 1
+    rec.on_train_end(args, state, control)
+    run = open_run(ctx.root / name)
+    mismatched = sorted({step for step, copy in zip(run.steps, copies, strict=True) for i, n in enumerate(run.modules)
+                         if not np.array_equal(run.gradients(n, [step])[0], copy[i].float().numpy())})
+    reference = DeviceStats(run.specs)
+    for step, copy in zip(run.steps, copies, strict=True):
+        reference.add(step, [c.float() for c in copy])
+    ref, acc = reference.host().accumulators(run.path), run.accumulators()
+    unequal = [f"{n}.{k}" for n in run.modules for k in ("sum", "sumsq", "sumabs", "sumsign", "nonzero")
+               if not np.array_equal(getattr(acc[n], k), getattr(ref[n], k))]
+    sq_diff = max(float(np.max(np.abs(acc[n].sqnorm / ref[n].sqnorm - 1))) for n in run.modules)
+    shutil.rmtree(ctx.root / name)
+    result = {"steps": len(run.steps), "modules": len(run.modules), "gradient_dtype": dtype, "max_queue": max_queue,
+              "gpus": gpus, "mismatched_steps": mismatched, "unequal_sums": unequal[:10],
+              "sqnorm_max_rel_diff": sq_diff}
+    if len(run.steps) != steps or mismatched or unequal or not sq_diff < 1e-12:
+        raise AssertionError(f"recorded run differs from the .cpu() copies: {json.dumps(result)}")
+    return result
+
+
+def two_gpus(ctx: Context) -> dict[str, Any]:
+    import torch
+
+    if ctx.device != "cuda" or torch.cuda.device_count() < 2:
+        return {"skipped": "needs two GPUs"}
+    return compare_with_copies(ctx, "two-gpus", gpus=2)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 3. drift guard; 4. the recipe slot
+
+
+def drift_cycles(ctx: Context, cycles: int = 8) -> dict[str, Any]:
     """``cycles`` merge/unmerge rounds (one per vLLM weight sync) on the bf16 model with a non-zero adapter."""
+    import torch
+
     from gradlens.drift import DriftGuard
     from gradlens.lora import attach_lora, lora_b_parameters
     from gradlens.models import load_model_and_tokenizer
 
-    model = attach_lora(load_model_and_tokenizer(model_path, dtype=torch.bfloat16)[0].to(device), r=16)
+    model = attach_lora(load_model_and_tokenizer(ctx.toy_model(), dtype=torch.bfloat16)[0].to(ctx.device), r=16)
     with torch.no_grad():
         for _, p in lora_b_parameters(model):
             p.normal_(0, 0.02)
@@ -162,91 +329,114 @@ def drift_cycles(model_path: Path, device: str, cycles: int = 8) -> dict[str, An
                                                         "max_abs_change")}}
 
 
-def timed(fn: Callable[[], Any], device: str) -> float:
-    if device == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
+def gradlens(*argv: str) -> None:
+    """One gradlens command in this process (so its GPU memory is measured); a non-zero exit is an error."""
+    from gradlens.cli.main import main
+
+    rc = main(list(argv))
+    if rc != 0:
+        raise RuntimeError(f"gradlens {argv[0]} exited with {rc}")
 
 
-def recording_benchmark(root: Path, steps: int, layers: int, dtype: str, device: str) -> dict[str, Any]:
-    """Steps at the 1.5B adapter shape with and without the recorder (same backward, interleaved, GPU synced), then
-    back to back for the sustained write rate."""
-    from bench_recording import POOL, WIDTH, Loop, lora_model
+def record_and_train(ctx: Context, regime: str) -> dict[str, Any]:
+    root, model = ctx.root / regime, ctx.toy_model()
+    common = ["--model", str(model), "--regime", regime, "--max_steps", str(ctx.args.steps), "--device", ctx.device,
+              *QUIET]
+    gradlens("record", *common, "--out", str(root / "run"), "--n_eval", "100")
+    meta = json.loads((root / "run" / "manifest.json").read_text())
+    recorded = {"steps": len(meta["steps"]), "model_dtype": meta["config"]["model_dtype"],
+                "accuracy": json.loads((root / "run" / "eval.json").read_text())["accuracy"]}
+    gradlens("select", str(root / "run"), "--out", str(root / "sel"), "--methods", "fisher", "--budgets", "1%")
+    gradlens("train", *common, "--out", str(root / "train"), "--n_eval", "100", "--learning_rate", "0.03",
+             "--mask", str(root / "sel" / "masks" / "fisher-1pct.safetensors"))
+    info = json.loads((root / "train" / "train.json").read_text())
+    trained = {"steps": info["steps"], "train_seconds": info["train_seconds"], "model_dtype": info["model_dtype"],
+               "b_nonzero": info["b_nonzero"], "mask_k": info["mask"]["k"], "accuracy": info["eval"]["accuracy"],
+               "drift_guard": {k: info["drift_guard"].get(k) for k in ("dtype", "drifted", "max_abs_change")},
+               "warnings": info["warnings"]}
+    return {"record": recorded, "train": trained}
 
-    from gradlens.record.recorder import GradientRecorder
 
-    shapes = adapter_shapes(layers)
-    gen = torch.Generator(device=device).manual_seed(0)
-    upstream = [[torch.randn(WIDTH, d, generator=gen, device=device) for d, _ in shapes.values()] for _ in range(POOL)]
-    inputs = [torch.randn(WIDTH, WIDTH, generator=gen, device=device) for _ in range(2 * steps)]
-    model, bare = lora_model(shapes, 16).to(device), lora_model(shapes, 16).to(device)
-    rec = GradientRecorder(root / f"paced-{dtype}", dtype=dtype)
-    loop, plain = Loop(model, rec, root), Loop(bare, None, root)
-    added, bare_steps = [], []
-    for t in range(steps):
-        x, up = inputs[t], upstream[t % POOL]
-        bare_steps.append(timed(lambda x=x, up=up: plain.step(x, up), device))
-        added.append(timed(lambda x=x, up=up: loop.step(x, up), device) - bare_steps[-1])
-        time.sleep(0.2)  # let the background writer keep up: this part measures what a step waits for
-    loop.end()
-    rec = GradientRecorder(root / f"saturated-{dtype}", dtype=dtype)
-    loop = Loop(model, rec, root)
-    step_bytes = sum(s.size for s in rec.specs) * torch.empty((), dtype=getattr(torch, dtype)).element_size()
-    def back_to_back() -> None:
-        for t in range(steps):
-            loop.step(inputs[steps + t], upstream[t % POOL])
-        loop.end()  # returns once every shard is written
+def mini_compare(ctx: Context) -> dict[str, Any]:
+    import pandas as pd
 
-    wall = timed(back_to_back, device)
-    for d in (f"paced-{dtype}", f"saturated-{dtype}"):
-        shutil.rmtree(root / d, ignore_errors=True)
-    return {"dtype": dtype, "entries": sum(d * r for d, r in shapes.values()), "steps": steps,
-            "bare_step_ms": 1e3 * median(bare_steps), "recorder_added_ms": 1e3 * median(added),
-            "sustained_mb_s": steps * step_bytes / wall / 1e6, "shard_mb_per_step": step_bytes / 1e6}
+    out = ctx.root / "compare"
+    gradlens("compare", "--model", str(ctx.toy_model()), "--out", str(out), "--methods", "random", "fisher",
+             "--budgets", "1%", "--seeds", "0", "--max_steps", str(ctx.args.steps), "--probe_steps", "4",
+             "--full_lrs", "3e-3", "--sparse_lrs", "0.1", "--n_val", "50", "--n_eval", "100", "--eval_samples", "0",
+             "--no-progress", "--device", ctx.device, *QUIET)
+    table = pd.read_csv(out / "placement.csv")
+    return {"rows": len(table), "accuracy": {f"{r.regime}/{r.method}": float(r.accuracy) for r in table.itertuples()}}
+
+
+def recipe(ctx: Context) -> dict[str, Any]:
+    """The slot for the recipe path (``gradlens record --config`` on a recipe); until it lands, the toy path:
+    record, select, train with the mask under SFT and GRPO, and a mini compare."""
+    return {**{regime: record_and_train(ctx, regime) for regime in ("sft", "grpo")}, "compare": mini_compare(ctx)}
+
+
+# The parts, in order: the recording benchmark first (the main GPU-path check), the recipe path last.
+PARTS = [
+    Part("recording-1.5b", 45, recording),
+    Part("correctness-float32", 20, lambda ctx: compare_with_copies(ctx, "float32")),
+    Part("correctness-max-queue-1", 15, lambda ctx: compare_with_copies(ctx, "queue1", max_queue=1)),
+    Part("correctness-bf16-gradients", 15, lambda ctx: compare_with_copies(ctx, "bf16", dtype="bfloat16")),
+    Part("correctness-two-gpus", 20, two_gpus),
+    Part("drift-merge-unmerge-bf16", 20, drift_cycles),
+    Part("recipe", 180, recipe),
+]
 
 
 def environment(device: str) -> dict[str, Any]:
+    import torch
+
     from gradlens.provenance import package_versions
 
     info: dict[str, Any] = {"device": device, "versions": package_versions(), "torch_cuda": torch.version.cuda}
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
-        info.update(gpu=props.name, capability=f"{props.major}.{props.minor}",
+        info.update(gpu=props.name, gpus=torch.cuda.device_count(), capability=f"{props.major}.{props.minor}",
                     total_memory_gib=props.total_memory / 2**30, bf16_supported=torch.cuda.is_bf16_supported())
     return info
 
 
+def write(out: Path, result: dict[str, Any]) -> None:
+    """Write the JSON whole or not at all (it is rewritten after every part)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    os.replace(tmp, out)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if not args.cpu and not torch.cuda.is_available():
+    start = time.perf_counter()
+    result: dict[str, Any] = {"check": "gpu", "ok": False, "budget_seconds": TOTAL_BUDGET_S,
+                              "settings": {k: str(v) for k, v in vars(args).items()}, "preflight": preflight()}
+    if not result["preflight"]["ok"]:
+        result["total_seconds"] = time.perf_counter() - start
+        write(args.out, result)
+        print(f"gpu_check: preflight FAILED: {result['preflight']['error']}; wrote {args.out}", file=sys.stderr)
+        return 1
+    if not args.cpu and not result["preflight"]["cuda"]:
         print("gpu_check: no CUDA GPU is available to this process (torch.cuda.is_available() is False); this check "
               "needs one (CI has none: nothing was run)", file=sys.stderr)
         return 2
     device = "cpu" if args.cpu else "cuda"
     if args.cpu:
         args.steps, args.record_steps, args.layers = min(args.steps, 2), min(args.record_steps, 3), min(args.layers, 1)
+        args.check_steps, args.check_layers = min(args.check_steps, 3), min(args.check_layers, 1)
     root = Path(tempfile.mkdtemp(prefix="gradlens-gpu-check-", dir=args.dir))
-    check = Check(device, root)
+    check = Check(Context(device, root, args),
+                  lambda parts: write(args.out, {**result, "finished": False, "parts": parts}))
     try:
-        model = bf16_toy_model(root)
-        for regime in ("sft", "grpo"):
-            record_and_train(check, model, regime, args.steps, device)
-        check.part("compare-mini", lambda: mini_compare(check, model, args.steps, device))
-        check.part("drift-merge-unmerge-bf16", lambda: drift_cycles(model, device))
-        for dtype in ("bfloat16", "float32"):
-            check.part(f"recording-1.5b-{dtype}",
-                       lambda dtype=dtype: recording_benchmark(root, args.record_steps, args.layers, dtype, device))
+        for part in PARTS:
+            check.run(part)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    result = {"check": "gpu", "ok": all(p["ok"] for p in check.parts),
-              "total_seconds": time.perf_counter() - check.start, "budget_seconds": BUDGET_S,
-              "settings": {k: str(v) for k, v in vars(args).items()}, **environment(device), "parts": check.parts}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    result.update(ok=all(p["ok"] for p in check.parts), finished=True, total_seconds=time.perf_counter() - start,
+                  **environment(device), parts=check.parts)
+    write(args.out, result)
     print(f"gpu_check: {'ok' if result['ok'] else 'FAILED'} in {result['total_seconds']:.0f} s; wrote {args.out}")
     return 0 if result["ok"] else 1
 

@@ -21,6 +21,8 @@ from gradlens.errors import GradlensError, GradlensWarning
 from gradlens.lora import require_lora
 from gradlens.models import unwrap
 
+CHECKSUM_CHUNK = 2**22  # entries per float64 piece of a checksum: 32 MiB of transient float64
+
 
 def base_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """``(module name, base weight)`` of every PEFT LoRA layer (names without PEFT's ``base_model.model.``)."""
@@ -33,9 +35,14 @@ def base_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
 
 def checksum(weights: list[torch.Tensor]) -> dict[str, float]:
     """Float64 sum and sum of squares over all ``weights``: two numbers that move when any weight does (one host
-    sync for all layers)."""
+    sync for all layers). Taken over :data:`CHECKSUM_CHUNK`-entry pieces, so the float64 copy is one piece at a time,
+    not a whole weight (a 7B MLP weight in float64 is over 1 GB)."""
     with torch.no_grad():
-        parts = [torch.stack([torch.sum(w, dtype=torch.float64), torch.sum(w.double() ** 2)]) for w in weights]
+        parts = []
+        for w in weights:
+            for piece in w.detach().reshape(-1).split(CHECKSUM_CHUNK):
+                wide = piece.to(torch.float64)
+                parts.append(torch.stack([wide.sum(), wide.square_().sum()]))
         total = torch.stack([p.to(parts[0].device) for p in parts]).sum(0).tolist()
     return {"sum": total[0], "sum_sq": total[1]}
 
@@ -46,13 +53,15 @@ class DriftGuard(TrainerCallback):
     ``report`` is filled in place (a dict that a :class:`~gradlens.record.recorder.GradientRecorder` given it in its
     ``config`` writes into the run manifest when it closes: add the guard *before* the recorder, so that the guard's
     ``on_train_end`` runs first). With ``keep_copy`` (default) a host copy of the weights gives the exact number of
-    changed layers and the largest absolute change; without it only the checksums are compared.
+    changed layers and the largest absolute change; without it only the checksums are compared. Under DDP only the
+    main process keeps a copy (every process holds the same weights; the others compare checksums).
     """
 
     def __init__(self, keep_copy: bool = True) -> None:
         self.keep_copy = keep_copy
         self.report: dict[str, Any] = {"checked": False}
         self._copies: list[torch.Tensor] = []
+        self._kept = False  # whether start() kept a copy
 
     @classmethod
     def attach(cls, trainer: Any, keep_copy: bool = True) -> DriftGuard:
@@ -61,12 +70,14 @@ class DriftGuard(TrainerCallback):
         add_first(trainer, [guard])
         return guard
 
-    def start(self, model: torch.nn.Module) -> None:
-        """Fingerprint the base weights now (the reference for :meth:`finish`)."""
+    def start(self, model: torch.nn.Module, copy: bool = True) -> None:
+        """Fingerprint the base weights now (the reference for :meth:`finish`); ``copy=False``: checksums only, even
+        with ``keep_copy``."""
         require_lora(unwrap(model), "drift guard: the model")
         found = list(base_weights(model))
         weights = [w for _, w in found]
-        self._copies = [w.detach().to("cpu", copy=True) for w in weights] if self.keep_copy else []
+        self._kept = self.keep_copy and copy
+        self._copies = [w.detach().to("cpu", copy=True) for w in weights] if self._kept else []
         self.report.clear()
         self.report.update(checked=False, layers=len(found), entries=sum(w.numel() for w in weights),
                            dtype=str(weights[0].dtype).removeprefix("torch."), checksum_begin=checksum(weights))
@@ -87,16 +98,16 @@ class DriftGuard(TrainerCallback):
                         changed.append(name)
                         max_change = max(max_change, float((w.float() - before.float()).abs().max()))
             self._copies = []
-        drifted = bool(changed) if self.keep_copy else end != self.report["checksum_begin"]
+        drifted = bool(changed) if self._kept else end != self.report["checksum_begin"]
         self.report.update(checked=True, checksum_end=end, max_abs_change=max_change, drifted=drifted,
-                           changed_layers=len(changed) if self.keep_copy else None,
+                           changed_layers=len(changed) if self._kept else None,
                            first_changed=changed[0] if changed else None)
         if drifted:
             warnings.warn(describe(self.report), GradlensWarning, stacklevel=2)
         return self.report
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self.start(model)
+        self.start(model, copy=state.is_world_process_zero)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         self.finish(model)

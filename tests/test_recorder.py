@@ -38,25 +38,17 @@ from tests.helpers.recorder import (
     N_TRAIN,
     SFT_SETTINGS,
     RewardTask,
+    SnapshotLoraB,
     assert_grad_close,
     global_norm,
     lora_model,
     recorded,
     restore_lora_b,
     sft_reference,
+    sft_step_batches,
     sft_trainer,
     torch_clip_coef,
 )
-
-
-class SnapshotLoraB(TrainerCallback):
-    """Copies every ``lora_B`` weight at the beginning of each optimizer step (observation only)."""
-
-    def __init__(self) -> None:
-        self.snapshots: list[dict[str, torch.Tensor]] = []
-
-    def on_step_begin(self, args, state, control, model=None, **kwargs):
-        self.snapshots.append({n: p.detach().clone() for n, p in lora_b_parameters(model)})
 
 
 class ObservingGRPOTrainer(GRPOTrainer):
@@ -82,15 +74,6 @@ def record_sft(out: Path, *, recorder: dict | None = None, snapshot: bool = Fals
     rec = GradientRecorder.attach(trainer, out, **(recorder or {}))
     trainer.train()
     return trainer, rec, snaps
-
-
-def sft_step_batches(trainer: SFTTrainer, step: int) -> list[dict[str, torch.Tensor]]:
-    """The micro-batches of optimizer step ``step`` (1-based) under sequential sampling, rebuilt with the trainer's own
-    collator from the rows it tokenized."""
-    bs, ga = trainer.args.per_device_train_batch_size, trainer.args.gradient_accumulation_steps
-    first = (step - 1) * bs * ga
-    data = trainer.train_dataset
-    return [trainer.data_collator([data[i] for i in range(first + k * bs, first + (k + 1) * bs)]) for k in range(ga)]
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ import pytest
 import torch
 
 from gradlens import open_run
+from gradlens.record.collective import ELSEWHERE
 from gradlens.record.recorder import GradientRecorder
 from gradlens.store import ModuleSpec, RunWriter
 from tests.helpers.recorder import (
@@ -151,3 +153,30 @@ def test_two_processes_fail_together_when_the_main_process_cannot_write(tmp_path
     assert (tmp_path / "run" / "manifest.json").read_bytes() == manifest
     assert not list(tmp_path.glob("rank*.pt"))
     np.testing.assert_equal(open_run(tmp_path / "run").steps, [])
+
+
+def test_two_processes_fail_together_when_the_main_process_gets_an_os_error_at_start(tmp_path: Path) -> None:
+    """A file where the run directory should be: an OSError on rank 0 alone; every rank stops with a one-line error."""
+    (tmp_path / "run").write_text("a file, not a run directory\n")
+    start = time.perf_counter()
+    proc = launch(tmp_path, "--steps", "2")
+    assert proc.returncode != 0
+    assert f"GradlensError: gradient recorder: {tmp_path / 'run'}: File exists" in proc.stderr
+    assert f"GradlensError: {ELSEWHERE}" in proc.stderr
+    assert not list(tmp_path.glob("rank*.pt"))
+    assert time.perf_counter() - start < 120, "the ranks did not stop together"
+
+
+def test_two_processes_stop_together_when_the_main_process_writer_fails_mid_run(tmp_path: Path) -> None:
+    """Rank 0's writer fails after step 1 (its shard folder becomes a file): both ranks exit with an error within
+    seconds, at the next agreement, instead of rank 1 waiting in the next all-reduce for the backend's timeout."""
+    start = time.perf_counter()
+    proc = launch(tmp_path, "--steps", "5", "--break_run_at", "1")
+    took = time.perf_counter() - start
+    assert proc.returncode != 0
+    assert "background gradient writer failed" in proc.stderr and "shards" in proc.stderr
+    assert f"GradlensError: {ELSEWHERE}" in proc.stderr  # rank 1 stopped because rank 0 failed
+    assert not list(tmp_path.glob("rank*.pt"))  # no rank finished training
+    run = open_run(tmp_path / "run")
+    assert len(run.steps) <= 1  # what was committed before the failure stays readable
+    assert took < 120, f"took {took:.0f} s: the ranks did not stop together"

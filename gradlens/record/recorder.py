@@ -2,14 +2,17 @@
 
 It reads the ``lora_B`` gradients in ``on_pre_optimizer_step``: once per optimizer step, after gradient accumulation,
 after the all-reduce, and *after* the Trainer clipped them. The Trainer does not hand the pre-clip norm to callbacks,
-so the recorder takes its own copy of the local accumulated ``lora_B`` gradients in a post-accumulate-grad hook (the
-gradients before any all-reduce or clipping), averages it over processes, and compares it with what the optimizer is
-about to see: the ratio of their norms is the clip coefficient ``c`` and the pre-clip global norm is
-``||g_post|| / c``. The stored gradient is ``g_post`` (what the optimizer used); the raw gradient is ``g_post / c``.
+so the recorder reads it from the Trainer's own clipping (:class:`~gradlens.record.clip.ClipWatch` wraps
+``accelerator.clip_grad_norm_`` for the run): the clip coefficient ``c`` is the factor that clipping applied, and the
+pre-clip B norm is ``||g_post|| / c``. The stored gradient is ``g_post`` (what the optimizer used); the raw gradient
+is ``g_post / c``.
 
-Only the main process writes, through a background writer: a training step pays for the clip statistics (one host
-sync) and one copy of the gradients into a reusable buffer on their own device; the statistics (on that device), the
-cast to the storage dtype, the copy to the host and the disk I/O run on the writer's thread.
+Only the main process writes, through a background writer: a training step pays for one copy of the gradients into a
+reusable flat buffer on their own device, its norm, and one host sync (the norm, the clipping's norm and the loss),
+with no per-module Python beyond listing the gradients; the statistics (on that device), the cast to the storage
+dtype, the copy to the host and the disk I/O run on the writer's thread. Under DDP the processes agree at each
+recorded step and at train end whether the main process failed, so a failure stops every process together
+(:mod:`gradlens.record.collective`).
 A run that learns nothing is said: steps whose recorded gradients are all zero (``zero_gradient``) or, under GRPO,
 whose every group has equal rewards (``zero_reward_std``) are flagged in their step records and warned about.
 """
@@ -47,16 +50,13 @@ from gradlens.record.checks import (
     sharded_training,
     warn,
 )
+from gradlens.record.clip import ClipWatch, clip_statistics
+from gradlens.record.collective import agree, distributed
 from gradlens.store import DTYPES, AsyncRunWriter, RunWriter
+from gradlens.store.background import NORM_CHUNK
 from gradlens.store.runstate import adapter_line, adapter_note, resume_hint, stop_reason
 
 LOG_PREFIX = "gradlens/"
-NORM_CHUNK = 2**16  # entries per float32 norm of the clip statistics (see sums_of_squares)
-
-
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized() and \
-        torch.distributed.get_world_size() > 1
 
 
 class GradientRecorder(TrainerCallback):
@@ -104,9 +104,9 @@ class GradientRecorder(TrainerCallback):
         self.steps_recorded = 0
         self.signal = SignalCounter(self._warn)  # recorded steps of this session without a learning signal
         self._params: list[torch.nn.Parameter] = []
-        self._local: list[torch.Tensor | None] = []  # local accumulated gradient copies, reused across steps
-        self._fresh: list[bool] = []  # whether _local[i] was written since the last optimizer step
-        self._hooks: list[Any] = []
+        self._clip = ClipWatch()
+        self._clip_unseen_said = False
+        self._failure: BaseException | None = None  # under DDP: raised on every process at the next agreement
         self._exit_hook: Callable[[], None] | None = None
         self._loss_seen = (0.0, None)  # (trainer._tr_loss at the last read, trainer._globalstep_last_logged then)
         self._reward: tuple[float | None, ...] = (None, None, None)  # reward mean, std, share of zero-std groups
@@ -152,9 +152,7 @@ class GradientRecorder(TrainerCallback):
         ours = {id(p) for p in self._params}
         # Every other trainable parameter counts in the global norm the Trainer clipped (unrecorded LoRA modules too).
         self._others = [p for p in model.parameters() if p.requires_grad and id(p) not in ours]
-        self._local = [None] * len(self._params)
-        self._fresh = [False] * len(self._params)
-        self._hooks = [p.register_post_accumulate_grad_hook(self._make_hook(i)) for i, p in enumerate(self._params)]
+        self._clip.install(self.trainer)
         self._main = state.is_world_process_zero
         self._planned = state.max_steps if state.max_steps and state.max_steps > 0 else None
         self.adapter = describe_adapter(model)
@@ -167,9 +165,9 @@ class GradientRecorder(TrainerCallback):
                 self._warn(note)
             try:
                 self._open_writer(args, notes)
-            except GradlensError as e:
+            except Exception as e:  # an OSError too: every process must stop, not only this one
                 error = e
-        self._raise_everywhere(error)
+        agree(error)
         if self._main and self.announce:
             self._announce()
         if (note := adapter_note(self.adapter)) is not None:
@@ -182,41 +180,64 @@ class GradientRecorder(TrainerCallback):
         # each log, so a skipped step must not leak into the next recorded one.
         loss = self._step_loss(recorded)
         grpo_meta = self._grpo_meta(args, step)
+        clipped = self._clip.take()  # at every step: a skipped step's clipping must not count for the next one
         if not recorded:
             return
-        post = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
-        pre = [loc if fresh else torch.zeros_like(p)
-               for loc, fresh, p in zip(self._local, self._fresh, self._params, strict=True)]
-        if _distributed():
-            pre = self._all_reduce_mean(pre)
+        if distributed():  # the mean loss over processes, and whether the main process failed (then all raise)
+            failure = self._failure or (self.writer.failure() if self.writer is not None else None)
+            loss = agree(failure, loss)
+            loss = None if loss is None else loss / torch.distributed.get_world_size()
         if not state.is_world_process_zero:
             return
+        try:
+            self._record(step, args, loss, clipped, grpo_meta, optimizer, state)
+        except Exception as e:
+            if not distributed():
+                raise
+            self._failure = e
+            self._warn(f"recording failed at step {step}: {e}; every process stops at the next recorded step or at "
+                       "train end")
+
+    def _record(self, step: int, args, loss: torch.Tensor | None, clipped: tuple[torch.Tensor, torch.Tensor] | None,
+                grpo_meta: dict[str, Any], optimizer, state) -> None:
+        """Copy this step's gradients into the writer's ring, take its statistics (one host sync), queue it."""
+        grads = [p.grad for p in self._params]
+        if any(g is None for g in grads):
+            grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self._params, strict=True)]
+        slot = self.writer.stage(grads)  # one fused copy into a flat buffer on their device
         with torch.no_grad():
-            device = post[0].device
-            others = [p.grad for p in self._others if p.grad is not None]
-            sums = sums_of_squares((post, others, pre), device)
+            device = slot.flat.device
+            if clipped is not None:
+                extra = list(clipped)
+            else:  # no clipping seen: the global norm from the gradients themselves
+                extra = [sums_of_squares([[p.grad for p in self._others if p.grad is not None]], device)]
             if loss is not None:
-                sums = torch.cat([sums, loss.to(device, torch.float64).reshape(1)])
-            values = sums.tolist()  # the step's one host sync (before the gradients' copy)
-        coef, pre_norm, post_norm, b_norm = clip_statistics(args.max_grad_norm, *values[:3])
+                extra.append(loss)
+            parts = [slot.squared_norm(), *(t.to(device, torch.float64).reshape(()) for t in extra)]
+            values = torch.stack(parts).tolist()  # the step's one host sync
+        b_sq, rest = values[0], values[1:]
+        seen = (rest.pop(0), rest.pop(0)) if clipped is not None else None
+        others_sq = rest.pop(0) if clipped is None else 0.0
+        coef, pre_norm, post_norm, b_norm = clip_statistics(args.max_grad_norm, seen, b_sq, others_sq)
+        if coef is None and not self._clip_unseen_said:
+            self._clip_unseen_said = True
+            self._warn(f"step {step}: the Trainer's gradient clipping (accelerator.clip_grad_norm_) was not seen, so "
+                       "clip_coef, grad_norm and b_grad_norm are not recorded (None) for such steps")
         meta: dict[str, Any] = {
-            "loss": values[3] if loss is not None else None,
+            "loss": rest[0] if loss is not None else None,
             "learning_rate": float(optimizer.param_groups[0]["lr"]) if optimizer is not None else None,
             "grad_norm": pre_norm,
             "grad_norm_clipped": post_norm,
             "clip_coef": coef,
             "b_grad_norm": b_norm,
-            "zero_gradient": b_norm == 0.0,  # exactly: nothing in the recorded modules moves (e.g. constant reward)
+            "zero_gradient": b_sq == 0.0,  # exactly: nothing in the recorded modules moves (e.g. constant reward)
             "epoch": state.epoch,
         }
-        self._last_b_norm = b_norm
+        self._last_b_norm = b_norm if b_norm is not None else math.nan
         meta.update(grpo_meta)
         self.signal.note(step, meta)
-        self.writer.submit(step, post, meta)  # copied into the writer's ring on their device; the rest is its thread
+        self.writer.queue(step, slot, meta)  # the rest is the writer's thread
         self.steps_recorded += 1
-
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        self._fresh = [False] * len(self._params)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.writer is None or logs is None or "loss" not in logs:  # add to training logs only
@@ -233,17 +254,20 @@ class GradientRecorder(TrainerCallback):
         self._ended = (state.global_step, state.max_steps)
         if (summary := self.signal.summary()) is not None:
             self._warn(summary)
-        self.close()
+        error = self._failure
+        try:
+            self.close()
+        except Exception as e:
+            error = error or e
+        agree(error)  # under DDP every process stops together if the main process failed
 
     def close(self) -> None:
-        """Flush and close the run (also done at train end and at interpreter exit); remove the gradient hooks.
+        """Flush and close the run (also done at train end and at interpreter exit); unwrap the Trainer's clipping.
 
         The run is complete if training ended at its planned last step; else stopped, with the reason: the exception
         being raised as this runs (an interrupt, an error), or training that ended early.
         """
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
+        self._clip.remove()
         hook, self._exit_hook = self._exit_hook, None
         if hook is not None:
             atexit.unregister(hook)
@@ -306,43 +330,10 @@ class GradientRecorder(TrainerCallback):
         self.writer = AsyncRunWriter(run, max_queue=self.max_queue)
         self._exit_hook = _close_at_exit(self)
 
-    def _make_hook(self, i: int) -> Callable[[torch.Tensor], None]:
-        def hook(param: torch.Tensor) -> None:
-            # Runs after each backward's accumulation, before DDP's all-reduce: keeps the local accumulated gradient.
-            if self._local[i] is None:
-                self._local[i] = param.grad.detach().clone()
-            else:
-                self._local[i].copy_(param.grad)
-            self._fresh[i] = True
-
-        return hook
-
-    @staticmethod
-    def _raise_everywhere(error: GradlensError | None) -> None:
-        """Raise ``error`` on every process if any process has one, so none waits forever in a collective."""
-        if _distributed():
-            flag = torch.tensor([0 if error is None else 1], dtype=torch.int64, device=_collective_device())
-            torch.distributed.all_reduce(flag)
-            if error is None and flag.item():
-                raise GradlensError("the gradient recorder failed on the main process; see its error")
-        if error is not None:
-            raise error
-
-    @staticmethod
-    def _all_reduce_mean(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        flat = torch.cat([t.reshape(-1) for t in tensors]).to(_collective_device())
-        torch.distributed.all_reduce(flat)
-        flat /= torch.distributed.get_world_size()
-        out, i = [], 0
-        for t in tensors:
-            out.append(flat[i : i + t.numel()].view_as(t).to(t.device))
-            i += t.numel()
-        return out
-
     def _step_loss(self, recorded: bool = True) -> torch.Tensor | None:
         """This step's training loss (a float64 tensor), from the Trainer's running sum (which it resets at each log).
 
-        Must be called at every optimizer step; only a ``recorded`` step pays for the all-reduce.
+        Must be called at every optimizer step; the local loss (the caller averages it over processes).
         """
         if not self._read["loss"]:
             return None
@@ -353,12 +344,7 @@ class GradientRecorder(TrainerCallback):
         self._loss_seen = (total, last_logged)
         if not recorded:
             return None
-        loss = total - (seen if seen_logged == last_logged else 0.0)  # a new tensor: total stays local
-        if _distributed():  # the mean over processes of the local step losses, as the Trainer logs it
-            loss = loss.to(_collective_device())
-            torch.distributed.all_reduce(loss)
-            loss /= torch.distributed.get_world_size()
-        return loss
+        return total - (seen if seen_logged == last_logged else 0.0)  # a new tensor: total stays local
 
     def _grpo_meta(self, args, step: int) -> dict[str, Any]:
         """GRPO only: reward statistics of the generation batch this step trained on last, and that batch's index.
@@ -385,9 +371,11 @@ class GradientRecorder(TrainerCallback):
 def sums_of_squares(groups: Sequence[Sequence[torch.Tensor]], device: torch.device) -> torch.Tensor:
     """The float64 sum of squares of each group of tensors, as one tensor on ``device``, without a host sync.
 
-    Fused float32 norms (one ``_foreach_norm`` per device and dtype, as ``clip_grad_norm_`` computes them) of every
-    tensor, or of its :data:`NORM_CHUNK`-entry chunks if larger, squared and summed in float64: the float32 error stays
-    that of one chunk's reduction, whatever the size (a CPU norm of a whole 10M-entry tensor is off by ~6000 eps).
+    Fused float32 norms (float64 for float64 tensors; one ``_foreach_norm`` per device and dtype, as
+    ``clip_grad_norm_`` computes them) of every tensor, or of its :data:`NORM_CHUNK`-entry chunks if larger, squared
+    and summed in float64: the float32 error stays that of one chunk's reduction, whatever the size (a CPU norm of a
+    whole 10M-entry tensor is off by ~6000 eps). Used for the gradients outside the recorded modules when the
+    Trainer's clipping was not seen.
     """
     kinds: dict[tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], list[int]]] = {}
     for g, tensors in enumerate(groups):
@@ -397,34 +385,12 @@ def sums_of_squares(groups: Sequence[Sequence[torch.Tensor]], device: torch.devi
             chunks.extend(parts)
             owners.extend([g] * len(parts))
     sums = [torch.zeros((), dtype=torch.float64, device=device) for _ in groups]
-    for chunks, owners in kinds.values():  # owners ascend: each group's chunks are contiguous
-        squares = torch.stack(torch._foreach_norm(chunks, 2, dtype=torch.float32)).to(device, torch.float64).square()
+    for (_, dtype), (chunks, owners) in kinds.items():  # owners ascend: each group's chunks are contiguous
+        norms = torch._foreach_norm(chunks, 2, dtype=torch.promote_types(dtype, torch.float32))  # float64 stays
+        squares = torch.stack(norms).to(device, torch.float64).square()
         for g, part in enumerate(squares.split([owners.count(g) for g in range(len(groups))])):
             sums[g] += part.sum()
     return torch.stack(sums)
-
-
-def clip_statistics(max_norm: float | None, post_sq: float, others_sq: float, pre_sq: float
-                    ) -> tuple[float, float, float, float]:
-    """(clip coefficient, pre-clip global norm, post-clip global norm, pre-clip B norm) of one step.
-
-    ``post_sq``/``pre_sq``: squared norms of the recorded gradients after and before clipping, ``others_sq`` of every
-    other trainable gradient after it. The Trainer scales all gradients by one factor, so it is the norm ratio.
-    """
-    post_norm, b_norm = math.sqrt(post_sq + others_sq), math.sqrt(pre_sq)
-    if max_norm is None or max_norm <= 0 or pre_sq == 0:
-        return 1.0, post_norm, post_norm, b_norm
-    coef = math.sqrt(post_sq / pre_sq)
-    pre_norm = post_norm / coef if coef > 0 else math.nan
-    if pre_norm + 1e-6 <= max_norm:  # the Trainer did not clip: undo rounding noise of the estimate
-        return 1.0, post_norm, post_norm, b_norm
-    return coef, pre_norm, post_norm, b_norm
-
-
-def _collective_device() -> torch.device:
-    if torch.distributed.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def _close_at_exit(recorder: GradientRecorder) -> Callable[[], None]:

@@ -24,20 +24,23 @@ from gradlens.store.runstate import stop_reason
 from gradlens.store.writer import RunWriter
 
 _STOP = object()
+NORM_CHUNK = 2**16  # entries per float32 norm (see Slot.squared_norm)
 
 
 class Slot:
-    """One reusable buffer of the ring: a float32 copy of every module's gradient. With the gradients on one GPU, two
-    events order the training stream's copy into it before the writer's reads, and those reads before the next copy;
-    spread over several GPUs, the copy is simply waited for."""
+    """One reusable buffer of the ring: a float32 copy of every module's gradient, in one flat vector zero-padded to
+    whole :data:`NORM_CHUNK`-entry rows (so its norm is one fused reduction). On a GPU two events on the buffer's
+    device order the training stream's copy into it before the writer's reads, and those reads before the next copy;
+    gradients spread over several GPUs are copied in on that device's stream too (a cross-device copy is ordered
+    against both devices' current streams), so one pair of events covers them."""
 
     def __init__(self, like: Sequence[torch.Tensor]) -> None:
-        devices = {t.device for t in like}
-        self.flat = torch.empty(sum(t.numel() for t in like), dtype=torch.float32, device=like[0].device)
+        size = sum(t.numel() for t in like)
+        self.padded = torch.zeros(-(-size // NORM_CHUNK) * NORM_CHUNK, dtype=torch.float32, device=like[0].device)
+        self.flat = self.padded[:size]
         self.tensors = [v.view(t.shape) for v, t in zip(self.flat.split([t.numel() for t in like]), like,
                                                          strict=True)]
-        self.device = devices.pop() if len(devices) == 1 and like[0].device.type == "cuda" else None
-        self.gpus = sorted({t.device.index for t in like if t.device.type == "cuda"})
+        self.device = like[0].device if like[0].device.type == "cuda" else None
         self.filled = torch.cuda.Event() if self.device is not None else None
         self.read = torch.cuda.Event() if self.device is not None else None
         self.used = False  # whether self.read has been recorded (an unrecorded event must not be waited on)
@@ -48,11 +51,16 @@ class Slot:
         if stream is not None and self.used:
             stream.wait_event(self.read)
         with torch.no_grad():
-            torch._foreach_copy_(self.tensors, [g.detach() for g in grads])
+            torch._foreach_copy_(self.tensors, grads)
         if stream is not None:
             self.filled.record(stream)
-        for gpu in self.gpus if stream is None else ():
-            torch.cuda.synchronize(gpu)
+
+    def squared_norm(self) -> torch.Tensor:
+        """The float64 squared norm of the copy, on its device, without a host sync: float32 norms of the
+        :data:`NORM_CHUNK`-entry rows (the float32 error stays that of one row's reduction), squared and summed in
+        float64. Two kernels, whatever the number of modules."""
+        rows = torch.linalg.vector_norm(self.padded.view(-1, NORM_CHUNK), dim=1)
+        return rows.to(torch.float64).square().sum()
 
 
 class AsyncRunWriter:
@@ -116,10 +124,19 @@ class AsyncRunWriter:
             fresh = self.run_writer.live_summary(signs=self._queue.empty())
             self.latest = {**self.latest, **fresh}
 
+    def failure(self) -> GradlensError | None:
+        """The thread's error, as the GradlensError the next :meth:`stage`, :meth:`submit` or :meth:`close` raises;
+        None while it works. Raises nothing: processes that must stop together first agree on it."""
+        if self._error is None:
+            return None
+        where = "" if isinstance(self._error, GradlensError) else f"{self.run_writer.path}: "  # else it names its file
+        error = GradlensError(f"{where}background gradient writer failed: {self._error}")
+        error.__cause__ = self._error
+        return error
+
     def _raise_if_failed(self) -> None:
-        if self._error is not None:  # a GradlensError already names its file (the run's, or one inside it)
-            where = "" if isinstance(self._error, GradlensError) else f"{self.run_writer.path}: "
-            raise GradlensError(f"{where}background gradient writer failed: {self._error}") from self._error
+        if (error := self.failure()) is not None:
+            raise error
 
     def _take_slot(self, grads: Sequence[torch.Tensor]) -> Slot:
         """A free buffer; a new one while the ring is not full, else wait for the writer to return one."""
@@ -134,6 +151,24 @@ class AsyncRunWriter:
             return Slot(grads)
         return self._free.get()
 
+    def stage(self, grads: Sequence[torch.Tensor]) -> Slot:
+        """Copy one step's gradients (tensors of the modules' shapes, in module order) into a free buffer of the ring
+        and return it, for :meth:`queue`; the caller may read it (e.g. its norm) on its stream in between."""
+        if self._closed:
+            raise GradlensError(f"{self.run_writer.path}: background writer is closed; cannot take a step")
+        self._raise_if_failed()
+        slot = self._take_slot(grads)
+        try:
+            slot.fill(grads)
+        except BaseException:
+            self._free.put(slot)
+            raise
+        return slot
+
+    def queue(self, step: int, slot: Slot, meta: dict[str, Any]) -> None:
+        """Hand a buffer from :meth:`stage` to the thread, for :meth:`RunWriter.add_step`."""
+        self._queue.put((step, slot, slot.flat, meta))
+
     def submit(self, step: int, grads: Sequence[np.ndarray | torch.Tensor], meta: dict[str, Any]) -> None:
         """Queue one step for :meth:`RunWriter.add_step`: ``grads`` in module order, on one device."""
         if self._closed:
@@ -143,9 +178,7 @@ class AsyncRunWriter:
         if [tuple(t.shape) for t in tensors] != [s.shape for s in self.run_writer.specs]:
             self._queue.put((step, None, tensors, meta))  # the writer names the mismatch, in the step it belongs to
             return
-        slot = self._take_slot(tensors)
-        slot.fill(tensors)
-        self._queue.put((step, slot, slot.flat, meta))
+        self.queue(step, self.stage(tensors), meta)
 
     def close(self, stopped: str | None = None) -> None:
         """Drain the queue, close the RunWriter (releasing its lock; ``stopped``: see :meth:`RunWriter.close`) and
@@ -155,6 +188,8 @@ class AsyncRunWriter:
         self._closed = True
         self._queue.put(_STOP)
         self._thread.join()
+        if self._stream is not None:  # the thread's last reads, before the final commit on this thread's stream
+            self._stream.synchronize()
         try:
             self.run_writer.close(stopped=stopped)
         finally:

@@ -106,6 +106,8 @@ class RunWriter:
         self._broken = False  # a commit failed: the directory is as a kill would leave it, so write nothing more
         self._pending: list[dict[str, Any]] = []  # step records of the buffered steps
         self._buffers: list[torch.Tensor] = []  # per module (steps_per_shard, d_out, r) in the storage dtype
+        self._staging: torch.Tensor | None = None  # pinned host vector of one step, with the gradients on a GPU
+        self._live: tuple[tuple[int, bool] | None, dict[str, float]] = (None, {})  # cached, on a GPU
         try:
             if (self.path / MANIFEST).exists():
                 self._resume(resume, config, seed)
@@ -191,7 +193,13 @@ class RunWriter:
     def live_summary(self, signs: bool = True) -> dict[str, float]:
         """Whole-adapter diagnostics of the steps added so far (see :meth:`StreamingStats.live_summary`); with the
         statistics on an accelerator, of the committed steps (reading the device sums every step would copy them)."""
-        return self._acc.live_summary(self._part.host(prev=False) if self._part.on_host else None, signs=signs)
+        if self._part.on_host:
+            return self._acc.live_summary(self._part.host(prev=False), signs=signs)
+        # the committed steps change only at a commit: the sign stability (a pass over every entry) once per commit
+        key = (len(self._manifest.steps), signs)
+        if self._live[0] != key:
+            self._live = (key, self._acc.live_summary(None, signs=signs))
+        return dict(self._live[1])
 
     def add_step(self, step: int, grads: Sequence[np.ndarray | torch.Tensor] | torch.Tensor,
                  meta: dict[str, Any]) -> None:
@@ -240,15 +248,22 @@ class RunWriter:
         self.close(stopped=stop_reason(exc) if exc is not None else None)
 
     def _store(self, flat: torch.Tensor) -> None:
-        """Cast the step to the storage dtype where it lives and copy each module into its row of the shard buffer
-        (one fused copy; from a GPU, asynchronous into pinned memory: the commit waits for it)."""
+        """Cast the step to the storage dtype where it lives and copy each module into its row of the shard buffer.
+        From a GPU: one device-to-host copy into a pinned staging vector, waited for on this thread's stream (the
+        background writer's side stream, not the training's), then one fused host copy into the rows (a copy per
+        module to the host would be a transfer, and a trip through the GIL, per module)."""
         dtype, row = getattr(torch, self.dtype), len(self._pending)
         if not self._buffers:
-            pin = flat.device.type == "cuda"
-            self._buffers = [torch.empty((self.steps_per_shard, *s.shape), dtype=dtype, pin_memory=pin)
-                             for s in self.specs]
+            self._buffers = [torch.empty((self.steps_per_shard, *s.shape), dtype=dtype) for s in self.specs]
+            cuda = flat.device.type == "cuda"
+            self._staging = torch.empty(flat.numel(), dtype=dtype, pin_memory=True) if cuda else None
+        source = flat.to(dtype)
+        if self._staging is not None:
+            self._staging.copy_(source, non_blocking=True)
+            torch.cuda.current_stream(flat.device).synchronize()
+            source = self._staging
         torch._foreach_copy_([buf[row].view(-1) for buf in self._buffers],
-                             list(flat.to(dtype).split([s.size for s in self.specs])), non_blocking=True)
+                             list(source.split([s.size for s in self.specs])))
 
     def _flat_grads(self, step: int, grads: Sequence[np.ndarray | torch.Tensor] | torch.Tensor) -> torch.Tensor:
         """The step as one flat float32 vector (:meth:`DeviceStats.flatten`), after checking the count and shape of
@@ -288,9 +303,13 @@ class RunWriter:
         leaving the directory exactly as a kill at that moment would (readable, resumable).
         """
         if self._part.device is not None and self._part.device.type == "cuda":
-            # The statistics and the rows' copies were queued on the writer thread's stream; a commit may also run
-            # on the thread that closes the writer, so wait for the whole device rather than for one stream.
-            torch.cuda.synchronize(self._part.device)
+            # The statistics and the rows' copies were queued on this thread's stream (the background writer's side
+            # stream): wait for it alone, not for the training stream's queue. The final commit runs on the thread
+            # that closes the writer, after that thread waited for the side stream; it waits for the device anyway.
+            if final:
+                torch.cuda.synchronize(self._part.device)
+            else:
+                torch.cuda.current_stream(self._part.device).synchronize()
         records = [dict(rec) for rec in self._pending]
         steps = [rec["step"] for rec in records]
         old = self._manifest

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 import torch.nn.functional as F
+from transformers import TrainerCallback
 
 from gradlens.lora import attach_lora, lora_b_parameters
 from gradlens.models import load_model
@@ -99,3 +100,22 @@ class RewardTask(AdditionTask):
 
     def reward_functions(self) -> list[Callable[..., list[float]]]:
         return [self.reward]
+
+
+class SnapshotLoraB(TrainerCallback):
+    """Copies every ``lora_B`` weight at the beginning of each optimizer step (observation only)."""
+
+    def __init__(self) -> None:
+        self.snapshots: list[dict[str, torch.Tensor]] = []
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self.snapshots.append({n: p.detach().clone() for n, p in lora_b_parameters(model)})
+
+
+def sft_step_batches(trainer: SFTTrainer, step: int) -> list[dict[str, torch.Tensor]]:
+    """The micro-batches of optimizer step ``step`` (1-based) under sequential sampling, rebuilt with the trainer's own
+    collator from the rows it tokenized."""
+    bs, ga = trainer.args.per_device_train_batch_size, trainer.args.gradient_accumulation_steps
+    first = (step - 1) * bs * ga
+    data = trainer.train_dataset
+    return [trainer.data_collator([data[i] for i in range(first + k * bs, first + (k + 1) * bs)]) for k in range(ga)]

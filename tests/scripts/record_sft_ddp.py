@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -49,6 +50,19 @@ class SnapshotLoraB(TrainerCallback):
         self.snapshots.append({n: p.detach().cpu().clone() for n, p in lora_b_parameters(model)})
 
 
+class BreakRunDirectory(TrainerCallback):
+    """On the main process only, after optimizer step ``step``: puts a file where the run's shard folder is, so the
+    writer's next commit fails with an OSError there alone (a full disk or lost permissions, mid-run)."""
+
+    def __init__(self, run: Path, step: int) -> None:
+        self.run, self.step = run, step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and state.global_step == self.step:
+            shutil.rmtree(self.run / "shards", ignore_errors=True)
+            (self.run / "shards").write_text("not a folder\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
@@ -58,6 +72,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--max_grad_norm", type=float, default=4.0)
     parser.add_argument("--n_train", type=int, default=64)
+    parser.add_argument("--break_run_at", type=int, help="make the main process's writer fail after this step")
     args = parser.parse_args()
 
     model, tokenizer = load_model("toy:tiny")
@@ -71,7 +86,9 @@ def main() -> None:
     trainer = ObservingSFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer)
     snapshots = SnapshotLoraB()
     trainer.add_callback(snapshots)
-    recorder = GradientRecorder.attach(trainer, args.out / "run")
+    if args.break_run_at is not None:
+        trainer.add_callback(BreakRunDirectory(args.out / "run", args.break_run_at))
+    recorder = GradientRecorder.attach(trainer, args.out / "run", steps_per_shard=1 if args.break_run_at else None)
     trainer.train()
 
     rank = trainer.args.process_index
