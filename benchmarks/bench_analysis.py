@@ -105,7 +105,7 @@ def plain_read(run: Path) -> None:
 
 def dense_svd(run_dir: Path) -> None:
     """The obvious implementation: each module's ``T x d_out*r`` matrix, dense SVD, entropy effective rank."""
-    from gradlens.stats import erank
+    from gradlens.stats.core import erank
     from gradlens.store import open_run
 
     run = open_run(run_dir)

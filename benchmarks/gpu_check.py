@@ -399,8 +399,8 @@ def recipe_run(root: Path, steps: int, device: str) -> dict[str, Any]:
 
     from real_shape import ROOT, build_world
 
-    sys.path.insert(0, str(ROOT))  # tests.hub_cache: the offline hub cache the tests use too
-    from tests.hub_cache import offline_env
+    sys.path.insert(0, str(ROOT))  # tests.helpers.hub_cache: the offline hub cache the tests use too
+    from tests.helpers.hub_cache import offline_env
 
     config = QWEN25_15B if device == "cuda" else {**QWEN25_15B, "num_hidden_layers": 1, "max_window_layers": 1,
                                                   "hidden_size": 48, "intermediate_size": 96}

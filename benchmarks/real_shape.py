@@ -83,8 +83,8 @@ def build_world(config: dict[str, Any], work: Path, n_rows: int, hub_id: str = H
     import torch
     import transformers
 
-    from tests.hub_cache import save_to_hub_cache
-    from tests.test_real_model import END_OF_TEXT, build_bpe_tokenizer
+    from tests.helpers.hub_cache import save_to_hub_cache
+    from tests.helpers.models import END_OF_TEXT, build_bpe_tokenizer
 
     tokenizer = build_bpe_tokenizer(END_OF_TEXT)
     torch.manual_seed(0)
@@ -141,7 +141,7 @@ def child(args: argparse.Namespace) -> None:
 
 
 def run_child(args: argparse.Namespace, work: Path, kind: str) -> dict[str, Any]:
-    from tests.hub_cache import offline_env
+    from tests.helpers.hub_cache import offline_env
 
     env = {**os.environ, **offline_env(work / "hf_home"), "PYTHONPATH": str(ROOT)}
     argv = [sys.executable, __file__, "--child", kind, str(work), "--steps", str(args.steps), "--batch",
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         child(args)
         return
-    sys.path.insert(0, str(ROOT))  # tests.hub_cache: the hub-cache layout the tests use too
+    sys.path.insert(0, str(ROOT))  # tests.helpers.hub_cache: the hub-cache layout the tests use too
     config = model_config(args)
     weights = 4 * (config["vocab_size"] * config["hidden_size"] + config["num_hidden_layers"] * (
         4 * config["hidden_size"] ** 2 + 3 * config["hidden_size"] * config["intermediate_size"]))

@@ -17,7 +17,8 @@ _LAZY = {
     "ModuleSpec": "gradlens.modules", "GradientRecorder": "gradlens.record.recorder",
     "attach_lora": "gradlens.lora", "load_model_and_tokenizer": "gradlens.models", "Task": "gradlens.tasks.base",
     "RecordConfig": "gradlens.config",
-    "analyze_runs": "gradlens.analyze", "AnalyzeConfig": "gradlens.config", "probe": "gradlens.placement.probe",
+    "analyze_runs": "gradlens.analysis.analyze", "AnalyzeConfig": "gradlens.config",
+    "probe": "gradlens.placement.probe",
     "ProbeConfig": "gradlens.config", "CompareConfig": "gradlens.config", "TrainConfig": "gradlens.config",
     "DriftGuard": "gradlens.drift",
 }

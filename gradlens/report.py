@@ -27,11 +27,11 @@ from typing import Any
 
 import pandas as pd
 
-from gradlens.analyze import PROVENANCE, analyze_runs
+from gradlens.analysis.analyze import PROVENANCE, analyze_runs
+from gradlens.analysis.figures import FIGURES
 from gradlens.compare.tables import PLACEMENT, format_ci, format_pct
 from gradlens.config import AnalyzeConfig, ReportConfig
 from gradlens.errors import GradlensError
-from gradlens.figures import FIGURES
 from gradlens.fsio import atomic_write, check_unused_out
 from gradlens.modules import sort_projections
 from gradlens.provenance import package_versions
@@ -171,7 +171,7 @@ def _figures(directory: Path) -> dict[str, bytes]:
 
 def _analysis_of_runs(paths: Sequence[Path], config: ReportConfig) -> Analysis:
     """Analyse run directories together in a temporary directory, keeping the tables, finding and figures."""
-    from gradlens.runinfo import run_info
+    from gradlens.analysis.runinfo import run_info
 
     with tempfile.TemporaryDirectory(prefix="gradlens-report-") as tmp:
         result = analyze_runs(paths, tmp, AnalyzeConfig(lags=config.lags, window=config.window, progress=False))

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: experiments/ is not installed
+
 
 def ci(mean: float, lo: float, hi: float, signed: bool = False) -> str:
     f = "{:+.3f}" if signed else "{:.3f}"
@@ -26,7 +28,7 @@ def ci(mean: float, lo: float, hi: float, signed: bool = False) -> str:
 
 def budget_order(column: pd.Series) -> pd.Series:
     """Sort key: budgets by their share of the adapter, other columns as they are."""
-    from gradlens.placement.budget import Budget
+    from gradlens.budget import Budget
 
     if column.name != "budget":
         return column
@@ -120,9 +122,9 @@ def grown_grid(cell: Path) -> list[str]:
     """Rows of one compare resumed with a larger ``--sparse_lrs`` grid: its placement.csv then holds runs at the old
     and the new chosen rate, so keep, per regime, method and budget, the runs at the rate the grown sweep picks
     (compare's own rule, :func:`gradlens.compare.protocol.sweep_rates`), on the seeds both methods ran at it."""
+    from experiments.rivals import gap_table
     from gradlens.compare.protocol import sweep_rates
     from gradlens.compare.tables import t_interval, with_references
-    from gradlens.rivals import gap_table
 
     runs = pd.read_csv(cell / "placement.csv", dtype={"budget": str}).fillna({"budget": ""})
     sweep = pd.read_csv(cell / "sweep.csv", dtype={"budget": str}).fillna({"budget": ""})

@@ -8,7 +8,7 @@ against the budget, SFT and GRPO, at two widths and (at the first width) two run
 Writes OUT/<cell>-<regime>/ (one ``gradlens compare`` per cell and regime; ``--regimes sft`` and ``--regimes grpo``
 can run as two processes into one OUT, then once more with ``--resume`` to draw both), OUT/phase.csv,
 OUT/phase.json, OUT/phase.png and a copy of the figure at --figure (default figures/04_phase.png). The default widths
-include ``toy:wide``, a preset that gradlens/toy/presets.py must define (hidden 512, MLP 1024, 2 layers); pass
+include ``toy:wide``, a preset that gradlens/toy_presets.py must define (hidden 512, MLP 1024, 2 layers); pass
 --widths toy:small without it.
 """
 
@@ -21,8 +21,10 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: experiments/ is not installed
+
+from experiments.rivals import PhaseConfig, run_phase
 from gradlens.errors import GradlensError
-from gradlens.rivals import PhaseConfig, run_phase
 
 
 def parse(argv: list[str]) -> tuple[PhaseConfig, Path | None, bool]:

@@ -24,11 +24,13 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: experiments/ is not installed
+
 import pandas as pd
 
+from experiments.rivals import PHASE_BUDGETS, persistence, rank_table, record_like_probe, update_sparsity
 from gradlens.compare.tables import t_interval
 from gradlens.errors import GradlensError
-from gradlens.rivals import PHASE_BUDGETS, persistence, rank_table, record_like_probe, update_sparsity
 
 HEADLINE = {"rank": ("erank_step", "erank_step_gaussian", "erank_traj", "erank_traj_gaussian", "erank_traj_unit",
                      "erank_traj_unit_gaussian", "erank_step_ratio", "erank_traj_ratio", "erank_traj_unit_ratio",
@@ -52,7 +54,7 @@ def probes(phase: Path, seeds: list[int] | None, cells: list[str]) -> list[tuple
 
 def measure(cell: str, regime: str, seed: int, probe_dir: Path, out: Path, budgets: list[str],
             resume: bool) -> dict[str, pd.DataFrame]:
-    from gradlens.stats.driver import analyze_run
+    from gradlens.analysis.driver import analyze_run
     from gradlens.store import open_run
 
     run_dir = out / "runs" / f"{cell}-seed{seed}"

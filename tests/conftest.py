@@ -3,14 +3,9 @@ a tiny model under a hub id, and the addition task with a test's own reward."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
-from gradlens.tasks.addition import AdditionTask
-from gradlens.tasks.base import exact_match_reward
 
 
 @pytest.fixture(scope="session")
@@ -52,8 +47,8 @@ def hub_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
     import transformers
 
-    from tests.hub_cache import save_dataset_to_cache, save_to_hub_cache
-    from tests.test_real_model import END_OF_TEXT, ROWS, SIZES, build_bpe_tokenizer, teach_answer_format
+    from tests.helpers.hub_cache import save_dataset_to_cache, save_to_hub_cache
+    from tests.helpers.models import END_OF_TEXT, ROWS, SIZES, build_bpe_tokenizer, teach_answer_format
 
     home = tmp_path_factory.mktemp("hf_home")
     tokenizer = build_bpe_tokenizer(END_OF_TEXT)
@@ -73,7 +68,7 @@ def gsm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A directory of GSM8K-format ``train.jsonl``/``test.jsonl`` over the hub model's tokenizer corpus."""
     import json
 
-    from tests.test_real_model import ROWS
+    from tests.helpers.models import ROWS
 
     data = tmp_path_factory.mktemp("gsm")
     for split, rows in (("train", ROWS), ("test", ROWS[:3])):
@@ -84,29 +79,8 @@ def gsm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def offline_hub(hub_home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """:func:`hub_home`, with this process offline and reading only that cache (undone after the test); returns
-    the ``HF_HOME``. Child processes get the same through ``tests.hub_cache.offline_env``."""
-    from tests.hub_cache import patch_offline
+    the ``HF_HOME``. Child processes get the same through ``tests.helpers.hub_cache.offline_env``."""
+    from tests.helpers.hub_cache import patch_offline
 
     patch_offline(monkeypatch, hub_home)
     return hub_home
-
-
-@dataclass(frozen=True)
-class RewardTask(AdditionTask):
-    """The addition task with a test's own GRPO reward function."""
-
-    reward: Callable[..., list[float]] = exact_match_reward
-
-    def reward_functions(self) -> list[Callable[..., list[float]]]:
-        return [self.reward]
-
-
-def float32_tolerance(reference, ulps: int = 64) -> float:
-    """An absolute tolerance for float32 results that differ only in summation order (a merged weight, a fused
-    kernel): ``ulps`` units of float32 rounding at the largest magnitude of ``reference``. The errors of reordered
-    sums grow with the number and size of the summands, so a tolerance fixed in absolute terms sits at the rounding
-    edge for some inputs (1.05e-5 against 1e-5 was seen on logits of size ~7)."""
-    import torch
-
-    scale = float(torch.as_tensor(reference).abs().max())
-    return ulps * float(torch.finfo(torch.float32).eps) * max(scale, 1.0)

@@ -14,7 +14,7 @@ from gradlens.modules import ALL_PROJECTIONS
 from gradlens.tasks.addition import AdditionTask
 from gradlens.training.settings import build_trl_config
 from gradlens.training.trl_trainer import build_trainer
-from tests.conftest import RewardTask
+from tests.helpers.recorder import RewardTask
 
 N_LAYERS = 2
 EXPECTED_MODULES = {f"model.layers.{i}.{'self_attn' if p in ALL_PROJECTIONS[:4] else 'mlp'}.{p}"

@@ -1,9 +1,9 @@
-"""Tests for ``gradlens analyze`` and ``gradlens.analyze.analyze_runs`` on two real toy runs (SFT and GRPO), and of
-the analysis of synthetic runs with exactly zero steps, without raw shards and on different module sets.
+"""Tests for ``gradlens analyze`` and ``gradlens.analysis.analyze.analyze_runs`` on two real toy runs (SFT and GRPO),
+and of the analysis of synthetic runs with exactly zero steps, without raw shards and on different module sets.
 
 The toy runs are recorded once per module by ``gradlens.record`` (real TRL training, nothing mocked); ``summary.csv``
 is checked against a numpy computation done straight from ``open_run(...).gradients(...)``. The synthetic runs are
-written by ``RunWriter`` and checked against the plain-numpy reference of ``tests/test_stats.py``.
+written by ``RunWriter`` and checked against the plain-numpy reference of ``tests/helpers/stats.py``.
 """
 
 from __future__ import annotations
@@ -16,14 +16,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gradlens import stats
-from gradlens.analyze import analyze_runs
+from gradlens.analysis.analyze import analyze_runs
+from gradlens.analysis.driver import analyze_run
+from gradlens.analysis.run_stats import ACC_SOURCE, stat_columns
 from gradlens.cli.main import main
 from gradlens.config import AnalyzeConfig, RecordConfig
 from gradlens.errors import GradlensError
-from gradlens.stats import analyze_run, stat_columns
+from gradlens.stats import core as stats
 from gradlens.store import ModuleSpec, open_run
-from tests.test_stats import (
+from tests.helpers.stats import (
     LAGS,
     SPECS,
     assert_row,
@@ -252,7 +253,7 @@ def test_run_without_raw_shards_gets_what_its_accumulators_allow(tmp_path):
     rs = analyze_run(path, lags=LAGS, window=W)
     keep = [t for t in range(T) if t != 6]
     clean = [grads[t] for t in keep]
-    assert rs.source == stats.ACC_SOURCE and rs.excluded == [12] and rs.zero_steps == [6]
+    assert rs.source == ACC_SOURCE and rs.excluded == [12] and rs.zero_steps == [6]
     assert rs.steps == [steps[t] for t in keep] and rs.window == W
     raw_only = ["cos_lag2_mean", "cos_lag3_mean", "cos_lag4_mean", "cos_to_mean_mean", "erank_traj",
                 "erank_traj_unit", "stable_rank_traj", "stable_rank_traj_unit", "energy90_traj", "energy90_traj_unit",

@@ -58,7 +58,7 @@ def test_toy_base_reports_the_shipped_model(capsys):
 def test_toy_base_builds_then_caches_a_new_preset(tmp_path, monkeypatch, capsys):
     import dataclasses
 
-    import gradlens.toy.presets as toy_presets
+    import gradlens.toy_presets as toy_presets
 
     quick = dataclasses.replace(toy_presets.PRESETS["tiny"], pretrain_steps=5)
     monkeypatch.setitem(toy_presets.PRESETS, "tiny5", quick)

@@ -32,7 +32,7 @@ from gradlens.config import (
     SelectConfig,
     TrainConfig,
 )
-from tests.test_store import write_run
+from tests.helpers.store import write_run
 
 CONFIGS: dict[str, type] = {"record": RecordConfig, "probe": ProbeConfig, "compare": CompareConfig,
                             "analyze": AnalyzeConfig, "select": SelectConfig, "report": ReportConfig,
@@ -52,7 +52,9 @@ OUT_OF_RANGE: dict[str, list[str]] = {
 }
 REPORT_OUT = ["", "report.txt", "page"]
 TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=12)
-GUARDED = ["gradlens.models.load_model", "gradlens.compare.runs.CompareRuns", "gradlens.toy.report.ensure_base_model"]
+GUARDED = [
+    "gradlens.models.load_model", "gradlens.compare.runs.CompareRuns", "gradlens.toy_base_report.ensure_base_model",
+]
 
 
 def _parses(kind: type, s: str) -> bool:

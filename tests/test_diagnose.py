@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gradlens.budget import Budget
 from gradlens.errors import GradlensError
-from gradlens.placement.budget import Budget
 from gradlens.placement.diagnose import COLUMNS, diagnose, horizon_gain, null_moments, sign_flip_null
 from gradlens.placement.selectors import select
 from gradlens.store import ModuleSpec, RunWriter, open_run
-from tests.test_record import assert_one_line_error, gradlens_inproc
+from tests.helpers.cli import assert_one_line_error, gradlens_inproc
 
 METHODS = ("sign", "sign_magnitude", "fisher")
 # Float64 sums of O(1) float32 values over at most a few thousand terms: relative error far below 1e-10.

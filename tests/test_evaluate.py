@@ -9,14 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.test_real_model import (
-    END_OF_TEXT,
-    QWEN_TEMPLATE,
-    ROWS,
-    TURN_END,
-    _config,
-    build_bpe_tokenizer,
-)
+from tests.helpers.models import END_OF_TEXT, QWEN_TEMPLATE, ROWS, TURN_END, build_bpe_tokenizer, model_config
 
 NEW_TOKENS = 12
 
@@ -32,7 +25,7 @@ def _model(arch: str, tokenizer, seed: int = 0, generation_eos: list[int] | None
     import transformers
 
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(_config(arch, tokenizer)).eval()
+    model = transformers.AutoModelForCausalLM.from_config(model_config(arch, tokenizer)).eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     if generation_eos is not None:
         model.generation_config.eos_token_id = generation_eos

@@ -1,9 +1,9 @@
 """Faults and bad input: damaged run directories, a full disk, NaN steps, two writers, hostile files, determinism.
 
 Each test is one promise of the README's "Guarantees" section. Runs are written by ``RunWriter`` with the synthetic
-gradients of ``tests.test_store`` where the fault is in the files, and recorded by real TRL training (nothing mocked)
-where it is in the recording; a full disk is a real size-limited tmpfs where the machine lets a test mount one, and
-an ENOSPC raised at gradlens's own file-write boundary everywhere.
+gradients of ``tests/helpers/store.py`` where the fault is in the files, and recorded by real TRL training (nothing
+mocked) where it is in the recording; a full disk is a real size-limited tmpfs where the machine lets a test mount one,
+and an ENOSPC raised at gradlens's own file-write boundary everywhere.
 """
 
 from __future__ import annotations
@@ -24,17 +24,16 @@ from transformers import TrainerCallback
 
 import gradlens.store.writer as store_writer
 from gradlens import GradientRecorder, open_run
-from gradlens.analyze import analyze_runs
+from gradlens.analysis.analyze import analyze_runs
+from gradlens.budget import Budget
 from gradlens.config import AnalyzeConfig, RecordConfig
-from gradlens.errors import GradlensError
-from gradlens.placement.budget import Budget
 from gradlens.placement.selectors import INFORMED, SELECTORS, scores, select
 from gradlens.sparse.masks import load_mask, shapes_of
 from gradlens.store import ModuleSpec, RunWriter
 from gradlens.training import record
-from tests.test_record import QUIET, assert_one_line_error, gradlens_inproc
-from tests.test_recorder import sft_trainer
-from tests.test_store import SPECS, _Touch, make_grads, meta, write_run
+from tests.helpers.cli import QUIET, assert_one_line_error, gradlens_inproc, raises_one_line
+from tests.helpers.recorder import sft_trainer
+from tests.helpers.store import SPECS, Touch, make_grads, meta, write_run
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = list(range(6))  # three shards of two steps
@@ -47,15 +46,6 @@ def run_dir(tmp_path: Path) -> Path:
     path = tmp_path / "run"
     write_run(path, STEPS, steps_per_shard=2)
     return path
-
-
-def raises_one_line(match: str, fn, *args, **kwargs) -> str:
-    """Call ``fn`` expecting a GradlensError whose message is one line holding ``match``; returns the message."""
-    with pytest.raises(GradlensError) as err:
-        fn(*args, **kwargs)
-    message = str(err.value)
-    assert match in message and len(message.splitlines()) == 1, message
-    return message
 
 
 def assert_intact_steps_read(path: Path, steps: list[int] = INTACT) -> None:
@@ -313,7 +303,7 @@ def test_nan_loss_step_is_recorded_flagged_reported_and_excluded(tmp_path: Path,
 HOLD_SCRIPT = """
 import sys
 sys.path.insert(0, {repo!r})
-from tests.test_store import SPECS, make_grads, meta
+from tests.helpers.store import SPECS, make_grads, meta
 from gradlens.store import RunWriter
 w = RunWriter({path!r}, SPECS, steps_per_shard=2)
 for s in range(4):
@@ -357,7 +347,7 @@ def test_pickle_accumulators_and_mask_are_refused_never_unpickled(run_dir: Path,
     import pickle
 
     marker = tmp_path / "unpickled"
-    payload = pickle.dumps({"m0.sum": _Touch(marker), "pad": np.zeros(64)})
+    payload = pickle.dumps({"m0.sum": Touch(marker), "pad": np.zeros(64)})
     if target == "accumulators":
         (run_dir / "accumulators.safetensors").write_bytes(payload)
         (run_dir / "accumulators.prev.safetensors").write_bytes(payload)

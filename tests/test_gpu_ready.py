@@ -12,7 +12,14 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from test_recorder import (
+from transformers import TrainerControl, TrainerState, TrainingArguments
+
+from gradlens import open_run
+from gradlens.lora import lora_b_parameters
+from gradlens.record.collective import collective_device, uses_nccl
+from gradlens.record.recorder import GradientRecorder, sums_of_squares
+from gradlens.store.background import NORM_CHUNK, Slot
+from tests.helpers.recorder import (
     SnapshotLoraB,
     global_norm,
     recorded,
@@ -21,13 +28,6 @@ from test_recorder import (
     sft_step_batches,
     sft_trainer,
 )
-from transformers import TrainerControl, TrainerState, TrainingArguments
-
-from gradlens import open_run
-from gradlens.lora import lora_b_parameters
-from gradlens.record.collective import collective_device, uses_nccl
-from gradlens.record.recorder import GradientRecorder, sums_of_squares
-from gradlens.store.background import NORM_CHUNK, Slot
 
 SCALE = 2.0**12  # the GradScaler's loss scale: a statistic read before unscaling is off by this factor
 
@@ -89,7 +89,7 @@ class Events:
 
 
 def float64_lora_model() -> torch.nn.Module:
-    from test_recorder import lora_model
+    from tests.helpers.recorder import lora_model
 
     model = lora_model()[0].double()
     with torch.no_grad():

@@ -1,6 +1,7 @@
 """Hub ids resolve as transformers resolves them: an existing directory is a local model, anything else goes to
 ``from_pretrained`` (hub cache, ``HF_HUB_OFFLINE``, ``--model_revision``). All offline: the model sits in a hub cache
-the fixture wrote (tests/hub_cache.py); errors for ids the cache lacks are one line naming the id and the cause."""
+the fixture wrote (tests/helpers/hub_cache.py); errors for ids the cache lacks are one line naming the id and the
+cause."""
 
 from __future__ import annotations
 
@@ -16,11 +17,12 @@ import pytest
 
 from gradlens import open_run
 from tests.conftest import HUB_DATASET_ID, HUB_MODEL_ID
-from tests.hub_cache import commit_of, offline_env
-from tests.test_real_model import QUIET, ROWS
-from tests.test_record import assert_one_line_error, gradlens_inproc
+from tests.helpers.cli import assert_one_line_error, gradlens_inproc
+from tests.helpers.hub_cache import commit_of, offline_env
+from tests.helpers.models import ROWS
 
 ROOT = Path(__file__).resolve().parents[1]
+QUIET = ["--logging_steps", "100", "--disable_tqdm", "true"]
 TINY_SFT = ["--max_steps", "2", "--lora_r", "2", "--per_device_train_batch_size", "4", "--max_length", "128", *QUIET]
 
 

@@ -43,8 +43,8 @@ def test_every_notebook_is_known_and_saved_without_outputs() -> None:
 
 
 def test_settings_and_output_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from experiments.notebook_settings import figures_dir, output_dir, placement_config, repo_root, setting
     from gradlens.errors import GradlensError
-    from gradlens.notebook_settings import figures_dir, output_dir, placement_config, repo_root, setting
 
     monkeypatch.delenv("GRADLENS_SETTING", raising=False)
     monkeypatch.delenv("GRADLENS_OUT", raising=False)
@@ -62,9 +62,9 @@ def test_settings_and_output_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
 @pytest.mark.slow
 def test_record_or_load_reuses_a_matching_run_and_refuses_another(tmp_path: Path) -> None:
+    from experiments.notebook_settings import record_or_load
     from gradlens.config import RecordConfig
     from gradlens.errors import GradlensError
-    from gradlens.notebook_settings import record_or_load
     from gradlens.store import MANIFEST
 
     config = RecordConfig(regime="sft", out=str(tmp_path / "sft"), max_steps=2, trl={"per_device_train_batch_size": 4})
@@ -108,7 +108,7 @@ def test_notebook_executes_in_the_small_setting(path: Path, out_base: Path, monk
         summary = pd.read_csv(out / "analysis" / "summary.csv")
         assert sorted(summary["regime"]) == ["grpo", "sft"] and (summary["steps"] == 12).all()
     elif path.stem == "02_placement":
-        from gradlens.notebook_settings import PLACEMENT
+        from experiments.notebook_settings import PLACEMENT
 
         p = PLACEMENT["small"]
         df = pd.read_csv(out / "placement.csv", dtype={"budget": str})
@@ -122,7 +122,7 @@ def test_notebook_executes_in_the_small_setting(path: Path, out_base: Path, monk
         assert set(curves["step"]) == set(range(p["curve_every"], p["max_steps"] + 1, p["curve_every"]))
         assert json.loads((out / "provenance.json").read_text())["findings"]
     elif path.stem == "04_regime_diagnosis":
-        from gradlens.notebook_settings import PHASE
+        from experiments.notebook_settings import PHASE
 
         p = PHASE["small"]
         phase = pd.read_csv(out / "phase.csv", dtype={"budget": str})

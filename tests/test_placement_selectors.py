@@ -13,19 +13,8 @@ import numpy as np
 import pytest
 
 from gradlens.errors import GradlensError
-from gradlens.placement import (
-    INFORMED,
-    SELECTORS,
-    Budget,
-    check_mask_fits,
-    load_mask,
-    save_mask,
-    scores,
-    select,
-    shapes_of,
-    specs_for,
-    where_table,
-)
+from gradlens.placement import INFORMED, SELECTORS, Budget, scores, select
+from gradlens.sparse import check_mask_fits, load_mask, save_mask, shapes_of, specs_for, where_table
 from gradlens.store import Accumulators, ModuleAccumulator, ModuleSpec, RunWriter, open_run
 
 REPO = Path(__file__).resolve().parents[1]

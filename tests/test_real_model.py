@@ -14,89 +14,19 @@ import pytest
 
 from gradlens import open_run
 from gradlens.modules import ALL_PROJECTIONS
-from tests.test_record import assert_one_line_error, gradlens_inproc
+from tests.helpers.cli import assert_one_line_error, gradlens_inproc
+from tests.helpers.models import (
+    END_OF_TEXT,
+    ROWS,
+    TURN_END,
+    build_bpe_tokenizer,
+    model_config,
+    save_model,
+    teach_answer_format,
+)
 
 PROJ_LABELS = ["down", "gate", "k", "o", "q", "up", "v"]
-SIZES = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-         "num_key_value_heads": 2, "max_position_embeddings": 256}
-# Short GSM8K-format rows over the toy tokenizer's characters.
-ROWS = [{"question": f"Tom has {a} apples and buys {b} more. How many apples does he have?",
-         "answer": f"Tom has {a}+{b} = <<{a}+{b}={a + b}>>{a + b} apples.\n#### {a + b}"}
-        for a, b in [(3, 4), (12, 30), (7, 8), (25, 25), (9, 1), (40, 2), (6, 6), (11, 22)]]
 QUIET = ["--logging_steps", "100", "--disable_tqdm", "true"]
-END_OF_TEXT, TURN_START, TURN_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
-QWEN_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
-def build_bpe_tokenizer(eos: str = TURN_END, template: str | None = QWEN_TEMPLATE):
-    """A byte-level BPE tokenizer trained in memory on the GSM8K-format rows, with Qwen's special tokens: a chat
-    release's when ``eos`` is the end of turn, a base release's (which ships the template too) when it is
-    end-of-text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    corpus = [f"Question: {r['question']}\nAnswer: {r['answer']}" for r in ROWS]
-    core.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=400, special_tokens=[END_OF_TEXT, TURN_START, TURN_END], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    specials = [t for t in (TURN_START, TURN_END) if t != eos]
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token=eos, pad_token=END_OF_TEXT,
-                                  additional_special_tokens=specials)
-    tok.chat_template = template
-    return tok
-
-
-def _config(arch: str, tokenizer, **extra):
-    import transformers
-
-    cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
-           "mistral": transformers.MistralConfig, "gemma": transformers.GemmaConfig}[arch]
-    kwargs = {**SIZES, "head_dim": 8} if arch in ("qwen3", "gemma") else dict(SIZES)
-    return cls(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-               bos_token_id=None, **kwargs, **extra)
-
-
-def teach_answer_format(model, tokenizer, chat: bool) -> None:
-    """A few full-batch steps on ``prompt -> "#### <answer>"``, so that sampled GRPO completions sometimes earn the
-    correctness and format rewards (a random model never does, and GRPO without reward variance has all-zero
-    gradients). Few enough that most groups of 4 samples still differ in reward (15 steps: 5 to 8 of the 8 prompts'
-    groups on three seeds; from 30 on the format is always right and the answers mostly fixed)."""
-    import torch
-
-    from gradlens.tasks.gsm8k import MathTask, gold_answer
-
-    task = MathTask(chat=chat)
-    prompts = task.prompt_texts([task.prompt(r["question"]) for r in ROWS], tokenizer)
-    seqs, starts = [], []
-    for prompt, row in zip(prompts, ROWS, strict=True):
-        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        target = tokenizer(f"#### {gold_answer(row['answer'])}", add_special_tokens=False)["input_ids"]
-        seqs.append(ids + target + [tokenizer.eos_token_id])
-        starts.append(len(ids))
-    width = max(map(len, seqs))
-    ids = torch.full((len(seqs), width), tokenizer.pad_token_id)
-    labels = torch.full((len(seqs), width), -100)
-    for i, (seq, start) in enumerate(zip(seqs, starts, strict=True)):
-        ids[i, : len(seq)] = torch.tensor(seq)
-        labels[i, start : len(seq)] = torch.tensor(seq[start:])
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(15):
-        model(input_ids=ids, attention_mask=(labels != -100) | (ids != tokenizer.pad_token_id),
-              labels=labels).loss.backward()
-        opt.step()
-        opt.zero_grad()
-
-
-def _save(model, tokenizer, path: Path) -> Path:
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -110,14 +40,14 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("real")
     chat_tok, base_tok = build_bpe_tokenizer(TURN_END), build_bpe_tokenizer(END_OF_TEXT)
     torch.manual_seed(0)
-    llama = transformers.LlamaForCausalLM(_config("llama", chat_tok))
-    qwen2 = transformers.Qwen2ForCausalLM(_config("qwen2", base_tok))
+    llama = transformers.LlamaForCausalLM(model_config("llama", chat_tok))
+    qwen2 = transformers.Qwen2ForCausalLM(model_config("qwen2", base_tok))
     teach_answer_format(llama, chat_tok, chat=True)
     teach_answer_format(qwen2, base_tok, chat=False)
     out = {
-        "llama": _save(llama, chat_tok, root / "my-sft-checkpoint"),
-        "qwen2": _save(qwen2, base_tok, root / "tiny-qwen2-chat"),
-        "gpt2": _save(transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        "llama": save_model(llama, chat_tok, root / "my-sft-checkpoint"),
+        "qwen2": save_model(qwen2, base_tok, root / "tiny-qwen2-chat"),
+        "gpt2": save_model(transformers.GPT2LMHeadModel(transformers.GPT2Config(
             vocab_size=len(base_tok), n_embd=32, n_layer=2, n_head=4, n_positions=256)), base_tok, root / "tiny-gpt2"),
     }
     data = root / "gsm"
@@ -176,7 +106,7 @@ def test_default_lora_targets_and_labels_per_architecture(char_tokenizer, arch: 
     from gradlens.lora import attach_lora, default_lora_targets, lora_b_parameters
     from gradlens.store import ModuleSpec
 
-    model = transformers.AutoModelForCausalLM.from_config(_config(arch, char_tokenizer))
+    model = transformers.AutoModelForCausalLM.from_config(model_config(arch, char_tokenizer))
     assert default_lora_targets(model) == list(ALL_PROJECTIONS)
     peft_model = attach_lora(model, r=2)
     assert default_lora_targets(peft_model) == list(ALL_PROJECTIONS)  # e.g. for a second (GRPO reference) adapter

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from tests.conftest import HUB_MODEL_ID
-from tests.test_record import gradlens_inproc
+from tests.helpers.cli import gradlens_inproc
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 QUIET = ["--disable_tqdm", "true"]

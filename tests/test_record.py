@@ -14,34 +14,9 @@ import numpy as np
 import pytest
 
 from gradlens import open_run
-from gradlens.cli.main import main
 from gradlens.errors import GradlensError
-
-QUIET = ["--logging_steps", "100", "--disable_tqdm", "true", "--n_train", "64"]
-
-
-def gradlens(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """The real command in a fresh process (slow to start: use for what needs a process of its own)."""
-    return subprocess.run([sys.executable, "-m", "gradlens.cli.main", *args], capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def gradlens_inproc(capsys: pytest.CaptureFixture, *args: str) -> subprocess.CompletedProcess:
-    """The same entry point in this process: exit code, stdout and stderr as a CompletedProcess."""
-    capsys.readouterr()
-    rc = main(list(args))
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(args, rc, out, err)
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
-    """Exit code 2 and exactly one ``gradlens ...`` line on stderr holding every needle; returns that line."""
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("gradlens ")]
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
+from tests.helpers.cli import QUIET, assert_one_line_error, gradlens, gradlens_inproc
+from tests.helpers.store import committed_steps
 
 
 def test_record_sft_cli_writes_run_with_provenance(tmp_path: Path) -> None:
@@ -121,14 +96,6 @@ def test_record_task_file(tmp_path: Path) -> None:
 KILL_STEPS = 40
 KILL_ARGS = ["record", "--regime", "sft", "--max_steps", str(KILL_STEPS), "--steps_per_shard", "2", "--seed", "1",
              "--logging_steps", "100", "--disable_tqdm", "true", "--n_train", "256"]
-
-
-def committed_steps(out: Path) -> int:
-    """Steps the manifest of ``out`` lists right now (0 before the first one; it is replaced atomically)."""
-    try:
-        return len(json.loads((out / "manifest.json").read_text())["steps"])
-    except FileNotFoundError:
-        return 0
 
 
 def kill_when(argv: list[str], out: Path, target: int | None, delay: float, log: Path) -> None:

@@ -19,7 +19,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_recorder import (  # the sibling test module: the shared reference helpers
+
+from gradlens import open_run
+from gradlens.record.collective import ELSEWHERE
+from gradlens.record.recorder import GradientRecorder
+from gradlens.store import ModuleSpec, RunWriter
+from tests.helpers.recorder import (
     RTOL,
     assert_grad_close,
     global_norm,
@@ -30,11 +35,6 @@ from test_recorder import (  # the sibling test module: the shared reference hel
     sft_trainer,
     torch_clip_coef,
 )
-
-from gradlens import open_run
-from gradlens.record.collective import ELSEWHERE
-from gradlens.record.recorder import GradientRecorder
-from gradlens.store import ModuleSpec, RunWriter
 
 pytestmark = pytest.mark.slow
 

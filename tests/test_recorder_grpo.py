@@ -27,8 +27,7 @@ from gradlens.tasks.addition import AdditionTask
 from gradlens.tasks.base import completion_text
 from gradlens.training import record
 from gradlens.training.trl_trainer import build_trainer
-from tests.conftest import RewardTask
-from tests.test_recorder import lora_model, sft_trainer
+from tests.helpers.recorder import RewardTask, lora_model, sft_trainer
 
 GRPO = {"per_device_train_batch_size": 8, "num_generations": 4, "max_completion_length": 4, "beta": 0.0,
         "learning_rate": 1e-2, "logging_steps": 1, "disable_tqdm": True, "seed": 0}

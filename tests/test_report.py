@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gradlens.analyze import analyze_runs
+from gradlens.analysis.analyze import analyze_runs
 from gradlens.cli.main import main
 from gradlens.compare.protocol import write_results
 from gradlens.compare.tables import where_rows
@@ -24,7 +24,7 @@ from gradlens.config import AnalyzeConfig, CompareConfig, ReportConfig
 from gradlens.errors import GradlensError
 from gradlens.report import PNG_SIGNATURE, input_kind, write_report
 from gradlens.store import ModuleSpec, RunWriter
-from tests.test_stats import random_grads, reference_row, stacked
+from tests.helpers.stats import random_grads, reference_row, stacked
 
 EVIL = "<script>alert(1)</script>"
 SPECS = [ModuleSpec.from_name(n, s) for n, s in [

@@ -1,4 +1,4 @@
-"""gradlens.rivals: every measurement against an independent numpy computation on known inputs (Gaussian
+"""experiments.rivals: every measurement against an independent numpy computation on known inputs (Gaussian
 references, a synthetic recorded run, a hand-made adapter, hand-made placement rows), and one end-to-end probe-to-run
 recording on the tiny toy model."""
 
@@ -11,9 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gradlens.errors import GradlensError
-from gradlens.modules import ModuleSpec
-from gradlens.rivals import (
+from experiments.rivals import (
     agreement,
     energy_count_share,
     gap_table,
@@ -23,6 +21,8 @@ from gradlens.rivals import (
     rank_table,
     update_sparsity,
 )
+from gradlens.errors import GradlensError
+from gradlens.modules import ModuleSpec
 from gradlens.store import RunWriter, open_run
 
 # Float64 spectra of O(1) float32 data through a Gram (eigvalsh) against a direct SVD: rounding far below 1e-8.
@@ -67,7 +67,7 @@ def test_gaussian_references_match_a_direct_svd() -> None:
 
 
 def test_rank_table_against_numpy_on_a_structured_run(tmp_path: Path) -> None:
-    from gradlens.stats.driver import analyze_run
+    from gradlens.analysis.driver import analyze_run
 
     rng = np.random.default_rng(0)
     t, d, r = 12, 32, 4
@@ -202,9 +202,9 @@ def test_agreement_rank_correlation_and_wrong_cells() -> None:
 
 @pytest.mark.slow
 def test_record_like_probe_records_the_run_the_probe_was_for(tmp_path: Path) -> None:
+    from experiments.rivals import record_like_probe
     from gradlens.config import ProbeConfig
     from gradlens.placement.probe import probe
-    from gradlens.rivals import record_like_probe
 
     cfg = ProbeConfig(regime="sft", out=str(tmp_path / "probe"), max_steps=2, train_steps=4, learning_rate=5e-3,
                       seed=3, methods=["sign"], trl={"per_device_train_batch_size": 4})

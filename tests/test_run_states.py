@@ -19,8 +19,8 @@ from transformers import TrainerCallback
 from gradlens import open_run
 from gradlens.errors import GradlensError
 from gradlens.store import RunWriter
-from tests.test_record import assert_one_line_error, committed_steps, gradlens, gradlens_inproc
-from tests.test_store import SPECS, make_grads, meta, write_run
+from tests.helpers.cli import assert_one_line_error, gradlens, gradlens_inproc
+from tests.helpers.store import SPECS, committed_steps, make_grads, meta, write_run
 
 SIGINT_STEPS = 40
 SIGINT_ARGS = ["record", "--regime", "sft", "--max_steps", str(SIGINT_STEPS), "--steps_per_shard", "2", "--seed",
@@ -87,7 +87,7 @@ def test_library_run_stopped_by_an_interrupt_or_early_end_is_stopped_not_complet
     as ``finally`` or the exit hook does), or a callback ending training there, leaves a stopped run, not a complete
     one; the message speaks Python."""
     from gradlens.record import GradientRecorder
-    from tests.test_recorder import sft_trainer
+    from tests.helpers.recorder import sft_trainer
 
     trainer = sft_trainer(tmp_path, max_steps=8, logging_steps=100)
     trainer.add_callback(StopAt(3, interrupt))
@@ -210,15 +210,15 @@ def test_full_lora_that_gained_nothing_recovers_no_share_of_a_gain() -> None:
 
 
 def test_erank_figure_of_an_all_zero_run_with_raw_shards_says_why(tmp_path: Path, monkeypatch) -> None:
-    import gradlens.figures
-    from gradlens.analyze import analyze_runs
+    import gradlens.analysis.figures
+    from gradlens.analysis.analyze import analyze_runs
     from gradlens.config import AnalyzeConfig
 
     with RunWriter(tmp_path / "zero", SPECS, steps_per_shard=2) as writer:
         for s in range(4):
             writer.add_step(s, [np.zeros(spec.shape, np.float32) for spec in SPECS], meta(s))
     said: list[str] = []
-    monkeypatch.setattr(gradlens.figures, "_no_data", lambda ax, text: said.append(text))
+    monkeypatch.setattr(gradlens.analysis.figures, "_no_data", lambda ax, text: said.append(text))
     analyze_runs([tmp_path / "zero"], tmp_path / "a", AnalyzeConfig(progress=False))
     erank = [text for text in said if "trajectory erank" in text]
     assert erank == ["zero: trajectory erank is undefined: 0 of 4 steps have a non-zero, finite gradient"], said
@@ -256,7 +256,7 @@ def test_record_leaves_no_empty_trainer_dir(tmp_path: Path, capsys) -> None:
 @pytest.mark.slow
 def test_readme_toy_table_row_is_what_toy_base_prints() -> None:
     """The README's `tiny` row (greedy, sampled, pass@8) is what ``gradlens toy base`` measures with this install."""
-    from gradlens.toy.report import evaluate_base_model
+    from gradlens.toy_base_report import evaluate_base_model
 
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     row = next(line for line in readme.splitlines() if line.startswith("| `tiny` |"))

@@ -25,7 +25,7 @@ from gradlens.sparse import MASK_FILE, SparseBCallback, apply_mask, export_adapt
 from gradlens.sparse.masks import load_mask
 from gradlens.tasks.addition import AdditionTask
 from gradlens.training.trl_trainer import build_trainer
-from tests.conftest import float32_tolerance
+from tests.helpers.models import float32_tolerance
 
 SHARE = 0.05
 # AdamW with weight decay: decay alone would move a masked entry that ever became non-zero, so "exactly 0" is earned.

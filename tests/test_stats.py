@@ -13,21 +13,29 @@ import subprocess
 import sys
 import threading
 import time
-import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from gradlens import stats
+from gradlens.analysis.driver import analyze_run
 from gradlens.errors import GradlensError
-from gradlens.stats import analyze_run, stat_columns
+from gradlens.stats import core as stats
 from gradlens.store import ModuleSpec, RunWriter
+from tests.helpers.stats import (
+    LAGS,
+    SPECS,
+    assert_row,
+    nanmean,
+    random_grads,
+    ref_cos,
+    ref_erank,
+    ref_spectrum,
+    reference_row,
+    scope_members,
+    stacked,
+    write,
+)
 
-LAGS = 4
-NAMES_SHAPES = [("model.layers.0.self_attn.q_proj", (12, 4)), ("model.layers.0.mlp.down_proj", (9, 4)),
-                ("model.layers.1.self_attn.q_proj", (12, 4)), ("model.layers.1.self_attn.v_proj", (5, 2))]
-SPECS = [ModuleSpec.from_name(n, s) for n, s in NAMES_SHAPES]
 EPS64 = float(np.finfo(np.float64).eps)
 
 
@@ -35,140 +43,8 @@ EPS64 = float(np.finfo(np.float64).eps)
 # Independent reference
 
 
-def _ref_erank(s: np.ndarray) -> float:
-    s = s[s > 1e-9 * s.max()] if s.size and s.max() > 0 else np.zeros(0)
-    if s.size == 0:
-        return math.nan
-    total = 0.0
-    for v in s:
-        p = v / s.sum()
-        total -= p * math.log(p)
-    return math.exp(total)
-
-
-def _ref_spectrum(m: np.ndarray) -> tuple[float, float, float]:
-    """(erank, stable rank, 90%-energy count) of a dense matrix by numpy's SVD."""
-    s = np.linalg.svd(m, compute_uv=False)
-    if s.max() == 0:
-        return math.nan, math.nan, math.nan
-    energy = s**2
-    k, acc = 0, 0.0
-    while acc < 0.9 * energy.sum() * (1 - 1e-12):
-        acc += energy[k]
-        k += 1
-    return _ref_erank(s), float(energy.sum() / energy.max()), float(k)
-
-
-def ref_cos(a: np.ndarray, b: np.ndarray) -> float:
-    na, nb = math.sqrt(float(a @ a)), math.sqrt(float(b @ b))
-    return math.nan if na == 0 or nb == 0 else float(a @ b) / (na * nb)
-
-
-def _nanmean(values) -> float:
-    values = [v for v in np.ravel(values) if np.isfinite(v)]
-    return sum(values) / len(values) if values else math.nan
-
-
-def _ref_null(n: int, thr: float | None = None) -> float:
-    """E|S_n|/n (``thr`` None) or P(|S_n|/n > thr) for n random signs, by summing the binomial terms."""
-    terms = [(math.comb(n, k) / 2**n, abs(2 * k - n) / n) for k in range(n + 1)]
-    return sum(p * x for p, x in terms) if thr is None else sum(p for p, x in terms if x > thr)
-
-
-def reference_sign_row(grads: list[np.ndarray]) -> dict[str, float]:
-    """Sign statistics of the concatenated entries: each entry over its own steps with a non-zero gradient."""
-    sums = np.concatenate([np.sign(g.astype(np.float64)).sum(axis=0).ravel() for g in grads])
-    counts = np.concatenate([(g != 0).sum(axis=0).ravel() for g in grads])
-    live = counts > 0
-    stab = np.abs(sums[live]) / counts[live]
-    row = {"sign_entries": int(live.sum()), "sign_stability_mean": float(stab.mean()) if stab.size else math.nan}
-    for thr in (0.5, 0.8):
-        row[f"sign_stable_frac_{thr}"] = float((stab > thr).mean()) if stab.size else math.nan
-    per_n = {int(n): int((counts[live] == n).sum()) for n in np.unique(counts[live])}
-    null = {thr: sum(c * _ref_null(n, thr) for n, c in per_n.items()) / max(live.sum(), 1) for thr in (None, 0.5, 0.8)}
-    row["sign_null_mean"] = null[None] if stab.size else math.nan
-    for thr in (0.5, 0.8):
-        row[f"sign_null_frac_{thr}"] = null[thr] if stab.size else math.nan
-    return row
-
-
-def reference_row(grads: list[np.ndarray], lags: int = LAGS) -> dict[str, float]:
-    """All statistics of the concatenation of ``grads`` (a list of float ``(T, d_out, r)`` arrays, one per module)."""
-    T = len(grads[0])
-    v = np.concatenate([g.reshape(T, -1).astype(np.float64) for g in grads], axis=1)
-    row: dict[str, float] = {"steps": T, "nonzero_steps": int((np.abs(v).sum(axis=1) > 0).sum())}
-    for lag in range(1, lags + 1):
-        row[f"cos_lag{lag}_mean"] = _nanmean([ref_cos(v[t], v[t + lag]) for t in range(T - lag)])
-    mean = v.mean(axis=0)
-    row["cos_to_mean_mean"] = _nanmean([ref_cos(v[t], mean) for t in range(T)])
-    norms = np.linalg.norm(v, axis=1)
-    unit = v[norms > 0] / norms[norms > 0, None]
-    for suffix, m in (("", v), ("_unit", unit)):
-        e, sr, k = _ref_spectrum(m)
-        row[f"erank_traj{suffix}"], row[f"stable_rank_traj{suffix}"], row[f"energy90_traj{suffix}"] = e, sr, k
-    per_step = np.array([[_ref_spectrum(g[t].astype(np.float64)) for t in range(T)] for g in grads])  # (M, T, 3)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        step_means = np.nanmean(per_step, axis=0)  # mean over modules, per step
-    for j, key in enumerate(("erank", "stable_rank", "energy90")):
-        row[f"{key}_step_mean"] = _nanmean(step_means[:, j])
-    row.update(reference_sign_row(grads))
-    return row
-
-
-def assert_row(actual: dict[str, float], expected: dict[str, float], rtol: float = 1e-8, atol: float = 1e-10) -> None:
-    assert list(actual) == stat_columns(len([k for k in expected if k.startswith("cos_lag")]))
-    assert set(expected) == set(actual)
-    for key, want in expected.items():
-        got = actual[key]
-        if isinstance(want, float) and math.isnan(want):
-            assert math.isnan(got), (key, got)
-        else:
-            assert got == pytest.approx(want, rel=rtol, abs=atol), (key, got, want)
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # Synthetic runs
-
-
-def write(path: Path, steps: list[int], grads: list[list[np.ndarray]], specs=SPECS, clip=None, regime="sft",
-          **kw) -> Path:
-    """Write ``grads[t]`` (one array per module) at ``steps[t]`` with RunWriter (``clip[t]``: its clip_coef)."""
-    kw.setdefault("steps_per_shard", 3)
-    clip = clip if clip is not None else [1.0] * len(steps)
-    with RunWriter(path, specs, config={"record": {"regime": regime}}, seed=7, **kw) as w:
-        for step, g, c in zip(steps, grads, clip, strict=True):
-            w.add_step(step, g, {"loss": 0.0, "clip_coef": c})
-    return path
-
-
-def random_grads(T: int, specs=SPECS, seed: int = 0) -> list[list[np.ndarray]]:
-    """Random gradients with a shared drift (so cosines are neither 0 nor 1), varying norms and some exact zeros."""
-    rng = np.random.default_rng(seed)
-    drift = [rng.standard_normal(s.shape) for s in specs]
-    out = []
-    for t in range(T):
-        step = []
-        for s, d in zip(specs, drift, strict=True):
-            g = (0.7 * d + rng.standard_normal(s.shape)) * (1 + t % 3)
-            g[rng.random(s.shape) < 0.1] = 0.0
-            step.append(g.astype(np.float32))
-        out.append(step)
-    return out
-
-
-def stacked(grads: list[list[np.ndarray]], i: int) -> np.ndarray:
-    return np.stack([g[i] for g in grads]).astype(np.float64)
-
-
-def scope_members(scope: str, name: str) -> list[int]:
-    if scope == "module":
-        return [i for i, s in enumerate(SPECS) if s.name == name]
-    if scope == "proj":
-        return [i for i, s in enumerate(SPECS) if s.proj == name]
-    if scope == "layer":
-        return [i for i, s in enumerate(SPECS) if str(s.layer) == name]
-    return list(range(len(SPECS)))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -212,7 +88,7 @@ def test_gram_spectrum_equals_dense_svd(rank):
     got = stats.trajectory_stats(gram)
     norms = np.linalg.norm(x, axis=1)
     for suffix, m in (("", x), ("_unit", x[norms > 0] / norms[norms > 0, None])):
-        e, sr, k = _ref_spectrum(m)
+        e, sr, k = ref_spectrum(m)
         assert got[f"erank_traj{suffix}"] == pytest.approx(e, rel=1e-7)
         assert got[f"stable_rank_traj{suffix}"] == pytest.approx(sr, rel=1e-9)
         assert got[f"energy90_traj{suffix}"] == k
@@ -285,7 +161,7 @@ def test_near_rank_one_trajectory_erank_is_exact(tmp_path):
         v = np.concatenate([g.reshape(T, -1).astype(np.float64) for g in mats], axis=1)
         unit = v / np.linalg.norm(v, axis=1, keepdims=True)
         for key, m in (("erank_traj", v), ("erank_traj_unit", unit)):
-            want, rtol = _ref_erank(np.linalg.svd(m, compute_uv=False)), _erank_rtol(m)
+            want, rtol = ref_erank(np.linalg.svd(m, compute_uv=False)), _erank_rtol(m)
             assert 1e-12 < rtol < 1e-5, rtol  # float64 rounding (a float32 Gram: delta 2^29 times larger)
             assert sc.row[key] == pytest.approx(want, rel=rtol), (sc.name, key, sc.row[key], want, rtol)
         assert sc.row["erank_traj"] < 1.6  # near rank 1 indeed
@@ -298,7 +174,7 @@ def test_rank_deficient_trajectory_through_the_gram():
     T, D = 12, 4000
     x = (rng.standard_normal((T, 2)) @ rng.standard_normal((2, D))).astype(np.float32)
     got = stats.trajectory_stats(stats.gram_product(x))
-    e, sr, k = _ref_spectrum(x.astype(np.float64))
+    e, sr, k = ref_spectrum(x.astype(np.float64))
     assert got["erank_traj"] == pytest.approx(e, rel=_erank_rtol(x)) and got["energy90_traj"] == k
     assert got["stable_rank_traj"] == pytest.approx(sr, rel=1e-12)
 
@@ -314,7 +190,7 @@ def test_cosines_from_gram_equal_loops():
         want = [ref_cos(x[t], x[t + lag]) for t in range(T - lag)]
         np.testing.assert_allclose(series[lag - 1], want, rtol=1e-12)
     means = stats.lag_cosine_means(gram, 10)
-    assert means[0] == pytest.approx(_nanmean([ref_cos(x[t], x[t + 1]) for t in range(T - 1)]))
+    assert means[0] == pytest.approx(nanmean([ref_cos(x[t], x[t + 1]) for t in range(T - 1)]))
     assert np.isnan(means[T - 1:]).all()  # no pair at lag >= T
     np.testing.assert_allclose(stats.cosine_to_mean(gram), [ref_cos(x[t], x.mean(0)) for t in range(T)], rtol=1e-12)
 
@@ -326,7 +202,7 @@ def test_step_spectrum_equals_per_matrix_svd():
     g[2] = 0.0
     got = stats.step_spectrum_stats(g)
     for t in range(5):
-        want = _ref_spectrum(g[t])
+        want = ref_spectrum(g[t])
         for j, key in enumerate(("erank", "stable_rank", "energy90")):
             assert got[key][t] == pytest.approx(want[j], rel=1e-9, nan_ok=True)
     assert got["erank"][1] == pytest.approx(1.0, abs=1e-9)
@@ -433,7 +309,7 @@ def test_a_run_within_the_budget_is_read_once(tmp_path, monkeypatch):
 
 
 def test_prefetch_reads_one_item_ahead_and_raises_the_readers_error():
-    from gradlens.stats.passes import prefetch
+    from gradlens.analysis.passes import prefetch
 
     produced: list[int] = []
 
@@ -462,7 +338,7 @@ def test_prefetch_reads_one_item_ahead_and_raises_the_readers_error():
 def test_the_analysis_needs_no_scipy(tmp_path):
     """The sign null comes from Pascal's rule, not scipy.stats (1-2 s of imports of every ``gradlens analyze``)."""
     path = write(tmp_path / "run", list(range(4)), random_grads(4, seed=24))
-    code = f"import sys; from gradlens.stats import analyze_run; analyze_run({str(path)!r}); print(sorted(" \
+    code = f"import sys; from gradlens.analysis.driver import analyze_run; analyze_run({str(path)!r}); print(sorted(" \
            "m for m in sys.modules if m.split('.')[0] == 'scipy'))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

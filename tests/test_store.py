@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 import pickle
 import subprocess
 import sys
@@ -18,65 +17,18 @@ import torch
 import gradlens.store.writer as store_writer
 from gradlens.errors import GradlensError
 from gradlens.store import AsyncRunWriter, ModuleSpec, RunWriter, open_run
+from tests.helpers.store import (
+    NAMES_SHAPES,
+    SPECS,
+    Touch,
+    assert_accumulators,
+    assert_same_accumulators,
+    make_grads,
+    meta,
+    write_run,
+)
 
 REPO = Path(__file__).resolve().parents[1]
-NAMES_SHAPES = [("model.layers.0.self_attn.q_proj", (8, 4)), ("model.layers.0.mlp.down_proj", (6, 4)),
-                ("model.layers.1.self_attn.v_proj", (5, 2))]
-SPECS = [ModuleSpec.from_name(n, s) for n, s in NAMES_SHAPES]
-
-
-def make_grads(step: int, specs: list[ModuleSpec] = SPECS) -> list[np.ndarray]:
-    """Deterministic float32 gradients with some exact zeros, so nonzero counts and signs are exercised."""
-    rng = np.random.default_rng(1000 + step)
-    grads = []
-    for spec in specs:
-        g = rng.standard_normal(spec.shape).astype(np.float32)
-        g[rng.random(spec.shape) < 0.2] = 0.0
-        grads.append(g)
-    return grads
-
-
-def meta(step: int) -> dict:
-    return {"loss": 1.0 / (step + 1), "learning_rate": np.float32(1e-4), "grad_norm_preclip": 2.0, "clip_coef": 1.0}
-
-
-def write_run(path: Path, steps, **kw) -> None:
-    with RunWriter(path, SPECS, **kw) as w:
-        for s in steps:
-            w.add_step(s, make_grads(s), meta(s))
-
-
-def numpy_accumulators(steps, specs: list[ModuleSpec] = SPECS) -> list[dict[str, np.ndarray]]:
-    """Independent reference: the moments computed directly over the stacked float64 gradients."""
-    out = []
-    for i in range(len(specs)):
-        g = np.stack([make_grads(s, specs)[i] for s in steps]).astype(np.float64)
-        flat = g.reshape(len(steps), -1)
-        dots = np.full(len(steps), np.nan)
-        dots[1:] = (flat[1:] * flat[:-1]).sum(axis=1)
-        out.append({"count": len(steps), "sum": g.sum(0), "sumsq": (g**2).sum(0), "sumabs": np.abs(g).sum(0),
-                    "sumsign": np.sign(g).sum(0), "nonzero": (g != 0).sum(0), "sqnorm": (flat**2).sum(1),
-                    "dot_prev": dots})
-    return out
-
-
-def assert_accumulators(run, steps, exact: bool = False) -> None:
-    acc = run.accumulators()
-    np.testing.assert_array_equal(acc.steps, steps)
-    for spec, ref in zip(SPECS, numpy_accumulators(steps), strict=True):
-        got = acc[spec.name]
-        for key, want in ref.items():
-            if exact or key in ("count", "nonzero"):
-                np.testing.assert_array_equal(getattr(got, key), want, err_msg=key)
-            else:
-                np.testing.assert_allclose(getattr(got, key), want, rtol=1e-12, atol=1e-12, err_msg=key)
-
-
-def assert_same_accumulators(a, b) -> None:
-    np.testing.assert_array_equal(a.steps, b.steps)
-    for name in a.modules:
-        for key in ("count", "sum", "sumsq", "sumabs", "sumsign", "nonzero", "sqnorm", "dot_prev"):
-            np.testing.assert_array_equal(getattr(a[name], key), getattr(b[name], key), err_msg=f"{name}.{key}")
 
 
 # --- specs --------------------------------------------------------------------------------------------------------
@@ -193,7 +145,7 @@ def test_save_raw_false_keeps_accumulators_only(tmp_path):
 CRASH_SCRIPT = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, {tests!r})
-    from test_store import SPECS, make_grads, meta
+    from helpers.store import SPECS, make_grads, meta
     from gradlens.store import RunWriter
     w = RunWriter({path!r}, SPECS, steps_per_shard=3)
     for s in range({n}):
@@ -423,21 +375,11 @@ def test_corrupt_shard_header(run_dir):
         open_run(run_dir)
 
 
-class _Touch:
-    """Unpickling this creates a marker file: proof that a loader executed the pickle."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (pathlib.Path.touch, (self.marker,))
-
-
 def test_pickle_shard_is_refused_not_unpickled(run_dir, tmp_path):
     marker = tmp_path / "unpickled"
     for protocol in (2, pickle.HIGHEST_PROTOCOL):
         with open(run_dir / "shards" / "shard-000000.safetensors", "wb") as f:
-            pickle.dump({"m0": _Touch(marker), "pad": np.zeros(100)}, f, protocol=protocol)
+            pickle.dump({"m0": Touch(marker), "pad": np.zeros(100)}, f, protocol=protocol)
         with pytest.raises(GradlensError, match="shard-000000.safetensors: "):
             open_run(run_dir)
         run = open_run(run_dir, skip_bad=True)

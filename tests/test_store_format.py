@@ -19,9 +19,8 @@ import torch
 import gradlens.store.writer as store_writer
 from gradlens.store import Manifest, ModuleSpec, RunWriter, open_run
 from gradlens.store.format import load_manifest
-from tests.test_faults import raises_one_line
-from tests.test_record import assert_one_line_error, gradlens_inproc
-from tests.test_store import SPECS, assert_accumulators, assert_same_accumulators, make_grads, meta, write_run
+from tests.helpers.cli import assert_one_line_error, gradlens_inproc, raises_one_line
+from tests.helpers.store import SPECS, assert_accumulators, assert_same_accumulators, make_grads, meta, write_run
 
 REPO = Path(__file__).resolve().parents[1]
 V1_RUN = REPO / "tests" / "data" / "run-v1"  # written by the format-1 writer (commit b7a7f9c): steps 0-4, 3 is NaN
@@ -230,7 +229,7 @@ KILL_IN_COMPACTION = textwrap.dedent("""
     import json, os, signal, sys
     from pathlib import Path
     sys.path.insert(0, {tests!r})
-    from test_store import SPECS, make_grads, meta
+    from helpers.store import SPECS, make_grads, meta
     import gradlens.store.writer as sw
     run, point, state = Path({path!r}), {point!r}, {{"n": 0, "compacting": False}}
     real_write, real_dump = sw.atomic_write, sw.json_dump

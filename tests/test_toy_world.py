@@ -10,13 +10,13 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 import gradlens.toy.model as toy_model
-import gradlens.toy.presets as toy_presets
+import gradlens.toy_presets as toy_presets
 from gradlens.errors import GradlensError
 from gradlens.evaluate import accuracy
 from gradlens.tasks.addition import AdditionTask, carryless_sum, exact_match_reward
 from gradlens.toy.model import build_base_model, ensure_base_model, get_preset, shipped_model_path
-from gradlens.toy.report import base_model_source
 from gradlens.toy.tokenizer import EOS, PAD
+from gradlens.toy_base_report import base_model_source
 
 QUICK = "tiny5"  # the tiny preset with a 5-step recipe: builds in about a second
 

@@ -19,7 +19,7 @@ from gradlens.config import TrainConfig
 from gradlens.evaluate import wilson_interval
 from gradlens.sparse import MASK_FILE
 from gradlens.sparse.masks import check_mask_adapter, load_mask, save_mask
-from tests.test_record import assert_one_line_error, gradlens_inproc
+from tests.helpers.cli import assert_one_line_error, gradlens_inproc
 
 ROOT = Path(__file__).resolve().parent.parent
 QUIET = ["--logging_steps", "100", "--disable_tqdm", "true", "--n_train", "64"]

@@ -14,8 +14,8 @@ import pytest
 import trl
 
 from gradlens import open_run
-from tests.test_real_model import ROWS, _config, _save, build_bpe_tokenizer
-from tests.test_record import gradlens_inproc
+from tests.helpers.cli import gradlens_inproc
+from tests.helpers.models import ROWS, build_bpe_tokenizer, model_config, save_model
 
 SCRIPTS = Path(trl.__file__).parent / "scripts"
 ANCHOR = "    # Train the model\n    trainer.train("
@@ -39,7 +39,7 @@ def model_and_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path
     root = tmp_path_factory.mktemp("trl-scripts")
     tokenizer = build_bpe_tokenizer()
     torch.manual_seed(0)
-    model = _save(transformers.LlamaForCausalLM(_config("llama", tokenizer)), tokenizer, root / "tiny-llama")
+    model = save_model(transformers.LlamaForCausalLM(model_config("llama", tokenizer)), tokenizer, root / "tiny-llama")
     data = root / "data"
     data.mkdir()
     (data / "train.jsonl").write_text("".join(json.dumps({"prompt": r["question"], "completion": r["answer"]}) + "\n"

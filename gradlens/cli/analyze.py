@@ -1,7 +1,7 @@
 """``gradlens analyze RUN_DIR [RUN_DIR ...] --out OUT_DIR``: effective rank, step-to-step cosine and sign stability.
 
-A thin layer over :func:`gradlens.analyze.analyze_runs`: flags mirror :class:`gradlens.config.AnalyzeConfig`, and
-``--config analyze.yaml`` may hold any of them.
+A thin layer over :func:`gradlens.analysis.analyze.analyze_runs`: flags mirror
+:class:`gradlens.config.AnalyzeConfig`, and ``--config analyze.yaml`` may hold any of them.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(AnalyzeConfig, args)
     if not config.out:
         raise GradlensError("an output directory is required (--out OUT_DIR)")
-    from gradlens.analyze import analyze_runs
+    from gradlens.analysis.analyze import analyze_runs
 
     result = analyze_runs(args.runs, config.out, config)
     print(result.findings)

@@ -14,7 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gradlens.runinfo import check_verified, format_run_info, format_verify, run_info, verify_info
+    from gradlens.analysis.runinfo import check_verified, format_run_info, format_verify, run_info, verify_info
 
     verified = []
     for path in args.runs:

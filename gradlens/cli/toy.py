@@ -14,7 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           description="Ensure the toy base model (shipped in the package, cached, or built now by "
                                       "its seeded recipe) and report its held-out accuracy.")
     base.add_argument("--preset", default="tiny",
-                      help="model size preset, a key of gradlens.toy.presets.PRESETS, e.g. tiny or small "
+                      help="model size preset, a key of gradlens.toy_presets.PRESETS, e.g. tiny or small "
                            "(default: tiny)")
     base.add_argument("--seed", type=int, default=0, help="seed of the pretraining recipe (default: 0)")
     base.add_argument("--rebuild", action="store_true",
@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def format_report(report) -> str:
-    """The human-readable lines of a :class:`gradlens.toy.report.BaseModelReport`."""
+    """The human-readable lines of a :class:`gradlens.toy_base_report.BaseModelReport`."""
     acc = report.accuracy
     lines = [
         f"toy base model  preset={report.preset} seed={report.seed}",
@@ -43,11 +43,11 @@ def format_report(report) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from gradlens.config import check_seed
-    from gradlens.toy.presets import get_preset
+    from gradlens.toy_presets import get_preset
 
     get_preset(args.preset)  # fail before importing torch
     check_seed("--seed", args.seed)
-    from gradlens.toy.report import evaluate_base_model
+    from gradlens.toy_base_report import evaluate_base_model
 
     report = evaluate_base_model(args.preset, args.seed, n=args.n, k=args.k, rebuild=args.rebuild, progress=True)
     print(format_report(report))

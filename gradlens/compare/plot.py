@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from gradlens.figures import new_figure
+from gradlens.analysis.figures import new_figure
 
 
 def placement_plot(summary: Any, path: Path, provenance: dict[str, Any]) -> Path:

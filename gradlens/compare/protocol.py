@@ -110,8 +110,8 @@ class Comparison:
     def __init__(self, config: CompareConfig, out: Path) -> None:
         from tqdm.auto import tqdm
 
+        from gradlens.budget import Budget
         from gradlens.compare.runs import CompareRuns
-        from gradlens.placement.budget import Budget
 
         self.config = config
         self.out = out
@@ -201,7 +201,7 @@ class Comparison:
     def seed_masks(self, regime: str, seed: int, probe_lr: float) -> tuple[Masks, dict[str, Any]]:
         """``masks[budget][method]`` for one seed: informed ones from this seed's probe, the rest drawn with the
         seed (``random_matched`` copies the first informed mask's per-module counts)."""
-        from gradlens.placement.budget import Budget
+        from gradlens.budget import Budget
         from gradlens.placement.selectors import select
 
         probed, info = self.runner.probe(regime, seed, probe_lr, self.informed) if self.informed else ({}, {})

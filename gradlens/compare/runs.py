@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
+from gradlens.budget import Budget
 from gradlens.config import CompareConfig, ProbeConfig, RecordConfig
 from gradlens.errors import GradlensError
-from gradlens.placement.budget import Budget
 from gradlens.tasks.base import Task
 
 CURVE_PROMPTS = 100

@@ -20,8 +20,8 @@ from gradlens.errors import GradlensError
 
 @dataclass
 class AnalyzeConfig:
-    """Settings of ``gradlens analyze`` (and :func:`gradlens.analyze.analyze_runs`); the run directories are given
-    separately."""
+    """Settings of ``gradlens analyze`` (and :func:`gradlens.analysis.analyze.analyze_runs`); the run directories are
+    given separately."""
 
     out: str = field(default="", metadata=field_help(
         "output directory for the tables, figures and provenance.json (required on the command line)"))

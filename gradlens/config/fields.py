@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import field
 from typing import Any
 
+from gradlens.budget import SCOPES, Budget
 from gradlens.errors import GradlensError
-from gradlens.placement.budget import SCOPES, Budget
 
 REGIMES: tuple[str, ...] = ("sft", "grpo")
 STORAGE_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")

@@ -99,7 +99,7 @@ class ModelTaskConfig:
         if not self.model:
             raise GradlensError("--model is empty; give 'toy:PRESET', a local path or a hub id")
         if self.model.startswith(TOY_PREFIX):
-            from gradlens.toy.presets import get_preset
+            from gradlens.toy_presets import get_preset
 
             get_preset(self.model[len(TOY_PREFIX) :])
         if self.task == f"{MATH_PREFIX}:":

@@ -1,16 +1,17 @@
 """The placement problem: with A frozen and a budget of k trainable LoRA-B entries, which k should train?
 
-:mod:`.budget` sizes a mask (a leaf, so configs check ``--budgets`` early); :mod:`.selectors` the informed
-selectors and random baselines; :mod:`.run_masks` masks from a recorded run's accumulators, one file per selector and
-budget; :mod:`.probe` the short recorded run that scores entries; :mod:`.diagnose` whether random placement will do.
-The masks themselves (type, file format, sparse-B training and export) are :mod:`gradlens.sparse`. Every name loads
-on first use, so importing this package (or :mod:`.budget` alone) imports neither numpy nor torch.
+:mod:`gradlens.budget` sizes a mask (a leaf, so configs check ``--budgets`` early); :mod:`.selectors` the
+informed selectors and random baselines; :mod:`.run_masks` masks from a recorded run's accumulators, one file per
+selector and budget; :mod:`.probe` the short recorded run that scores entries; :mod:`.diagnose` whether random
+placement will do. The masks themselves (type, file format, sparse-B training and export) are :mod:`gradlens.sparse`.
+Every name loads on first use, so importing this package (or :mod:`gradlens.budget` alone) imports neither numpy nor
+torch.
 """
 
 from gradlens.lazy import lazy_exports
 
 _LAZY = {
-    "SCOPES": "gradlens.placement.budget", "Budget": "gradlens.placement.budget",
+    "SCOPES": "gradlens.budget", "Budget": "gradlens.budget",
     "DEFAULT_PROJECTIONS": "gradlens.placement.selectors", "INFORMED": "gradlens.placement.selectors",
     "SELECTORS": "gradlens.placement.selectors", "scores": "gradlens.placement.selectors",
     "select": "gradlens.placement.selectors", "select_masks": "gradlens.placement.run_masks",

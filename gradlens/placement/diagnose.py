@@ -68,10 +68,10 @@ from typing import Any
 
 import numpy as np
 
+from gradlens.budget import Budget, Shapes
 from gradlens.config import DIAGNOSE_METHODS
 from gradlens.errors import GradlensError
 from gradlens.fsio import atomic_write, check_unused_out, json_dump
-from gradlens.placement.budget import Budget, Shapes
 from gradlens.placement.probe import PROBE_FILE, read_probe
 from gradlens.placement.selectors import scores, select
 from gradlens.provenance import package_versions

@@ -49,7 +49,7 @@ def write_masks(run: Run, out: Path, methods: Sequence[str], budgets: Sequence[s
     names the selector, budget, scope, seed, source run and scoring time, the adapter it was scored on
     (:func:`adapter_metadata`) and ``metadata``.
     """
-    from gradlens.placement.budget import Budget
+    from gradlens.budget import Budget
     from gradlens.placement.selectors import select
     from gradlens.sparse.masks import save_mask
 

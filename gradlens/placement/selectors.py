@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from gradlens.budget import Budget, Shapes, entry_counts
 from gradlens.config import INFORMED_METHODS, PLACEMENT_METHODS
 from gradlens.errors import GradlensError
 from gradlens.modules import match_modules
-from gradlens.placement.budget import Budget, Shapes, entry_counts
 from gradlens.sparse.masks import Mask, check_mask_fits
 
 if TYPE_CHECKING:

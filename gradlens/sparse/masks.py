@@ -18,10 +18,10 @@ import pandas as pd
 import safetensors
 import safetensors.numpy
 
+from gradlens.budget import Shapes
 from gradlens.errors import GradlensError
 from gradlens.fsio import atomic_write, safetensors_header
 from gradlens.modules import ModuleSpec, sort_projections
-from gradlens.placement.budget import Shapes
 
 Mask = dict[str, np.ndarray]
 MASK_FORMAT = "1"

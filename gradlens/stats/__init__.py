@@ -1,5 +1,7 @@
-"""Statistics of recorded LoRA-B gradients: pure functions (:mod:`.core`), the out-of-core driver (:mod:`.driver`),
-the accumulator-only path for runs without raw shards (:mod:`.accumulated`) and their results (:mod:`.results`).
+"""The leaves of the statistics of recorded LoRA-B gradients: pure functions (:mod:`.core`), the exact streaming
+sums (:mod:`.streaming`) and their per-step update on the gradients' device (:mod:`.device`). The package imports
+nothing itself, so the store and the recorder, which need only the leaves, never load the analysis layer
+(:mod:`gradlens.analysis`: the out-of-core driver over a run and its results).
 
 Definitions (``G_t``: one module's B-gradient at usable recorded step t, ``(d_out, r)``; ``g_t = vec(G_t)``; the
 whole adapter concatenates all modules, a projection type or a layer concatenates its modules):
@@ -13,44 +15,3 @@ whole adapter concatenates all modules, a projection type or a layer concatenate
   zero steps, e.g. GRPO steps whose groups all had equal rewards, neither dilute it nor shift its null), with its
   mean, the share above 0.5 and 0.8 and the random-sign null ``E|S_n| / n`` averaged over the entries.
 """
-
-from gradlens.stats.core import (
-    GRAM_BLOCK,
-    SignNull,
-    cosine_matrix,
-    cosine_to_mean,
-    energy_count,
-    erank,
-    gram_norms,
-    gram_product,
-    gram_singular_values,
-    histogram_edges,
-    lag_cosine_means,
-    lag_cosines,
-    null_histogram,
-    sign_null_mean,
-    sign_null_pmf,
-    sign_null_share,
-    sign_null_table,
-    sign_stability,
-    spectrum_rows,
-    spectrum_stats,
-    stability_histogram,
-    stable_rank,
-    stable_share,
-    step_grams,
-    step_spectrum_stats,
-    trajectory_stats,
-    unit_gram,
-)
-from gradlens.stats.driver import analyze_run
-from gradlens.stats.results import ACC_SOURCE, RAW_SOURCE, RunStats, ScopeStats, run_regime, stat_columns
-
-__all__ = [
-    "ACC_SOURCE", "GRAM_BLOCK", "RAW_SOURCE", "RunStats", "ScopeStats", "SignNull", "analyze_run", "cosine_matrix",
-    "cosine_to_mean", "energy_count", "erank", "gram_norms", "gram_product",
-    "gram_singular_values", "histogram_edges", "lag_cosine_means", "lag_cosines", "null_histogram", "run_regime",
-    "sign_null_mean", "sign_null_pmf", "sign_null_share", "sign_null_table", "sign_stability", "spectrum_rows",
-    "spectrum_stats", "stability_histogram", "stable_rank", "stable_share", "stat_columns", "step_grams",
-    "step_spectrum_stats", "trajectory_stats", "unit_gram",
-]

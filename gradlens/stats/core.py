@@ -2,7 +2,7 @@
 
 Notation: ``g_t`` (t = 0..T-1) is the vectorised gradient of one module (or the concatenation of several) at the
 t-th usable recorded step, ``G_ts = g_t . g_s`` the ``T x T`` Gram matrix, ``s_1 >= s_2 >= ...`` singular values.
-Nothing here reads files; :mod:`gradlens.stats.driver` feeds these functions from a run, shard by shard.
+Nothing here reads files; :mod:`gradlens.analysis.driver` feeds these functions from a run, shard by shard.
 
 Trajectory Grams are float64 (:func:`gram_product`): the stored gradients are float32, so every product
 ``x_tk x_sk`` is exact in float64 and an entry is off by at most ``gamma_D sum_k |x_tk x_sk| <= gamma_D ||x_t||

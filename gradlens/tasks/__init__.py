@@ -32,7 +32,7 @@ def load_task(config: ModelTaskConfig, *, chat: bool = False, format_reason: str
         from gradlens.tasks.addition import AdditionTask
 
         if config.model.startswith(TOY_PREFIX):
-            from gradlens.toy.presets import get_preset
+            from gradlens.toy_presets import get_preset
 
             return AdditionTask(digits=get_preset(config.model[len(TOY_PREFIX) :]).digits)
         return AdditionTask()

@@ -28,8 +28,8 @@ import torch
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from gradlens.tasks.addition import AdditionTask, carryless_sum
-from gradlens.toy.presets import ToyPreset, get_preset
 from gradlens.toy.tokenizer import build_char_tokenizer
+from gradlens.toy_presets import ToyPreset, get_preset
 
 # Bump when the recipe changes, so stale cached models are not reused.
 RECIPE_VERSION = 1

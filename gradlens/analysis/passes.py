@@ -11,8 +11,8 @@
    later step as it streams past, which fills the Gram block by block (one extra read per extra panel).
 
 Both read one shard ahead on a thread (:func:`prefetch`, :func:`read_ahead`), so the disk works while the CPU does.
-Grams are float64 (:func:`.core.gram_product`; the steps are cast a block at a time as they are copied, never
-whole), on one BLAS thread per worker (:func:`one_blas_thread`).
+Grams are float64 (:func:`gradlens.stats.core.gram_product`; the steps are cast a block at a time as they are
+copied, never whole), on one BLAS thread per worker (:func:`one_blas_thread`).
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from gradlens.analysis.run_stats import STEP_KEYS, SignAgg
 from gradlens.stats import core
-from gradlens.stats.results import STEP_KEYS, SignAgg
 
 PAGE = 4096
 _DONE = object()

@@ -23,11 +23,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from gradlens.budget import Budget
 from gradlens.compare.tables import gain_shares, t_interval
 from gradlens.config import CompareConfig
 from gradlens.errors import GradlensError
 from gradlens.fsio import atomic_write, json_dump
-from gradlens.placement.budget import Budget
 
 PHASE_BUDGETS = ["0.03%", "0.1%", "0.3%", "1%", "3%", "10%"]
 GAP_AXIS = (-1.0, 1.5)
@@ -207,7 +207,7 @@ def phase_plot(table: pd.DataFrame, agree: dict[str, Any], path: Path) -> Path:
     log axis, one line per regime and cell, 95% intervals shaded (clipped by the axis at :data:`GAP_AXIS`; the table
     keeps them whole). Right: diagnose's predicted recovery against the
     measured one, one point per cell, with the rank correlation."""
-    from gradlens.figures import new_figure
+    from gradlens.analysis.figures import new_figure
 
     fig, axes = new_figure(1, 2, width=5.4, height=3.8)
     ax, bx = axes[0]
@@ -274,7 +274,7 @@ def gaussian_traj_erank(norms: np.ndarray, dim: int, draws: int, rng: np.random.
 
 def rank_table(stats: Any, scopes: Sequence[str] = ("adapter", "proj"), draws: int = 8,
                seed: int = 0) -> pd.DataFrame:
-    """Per scope of one analysed run (:class:`gradlens.stats.driver.RunStats`): the mean per-step erank of each G_t
+    """Per scope of one analysed run (:class:`gradlens.analysis.driver.RunStats`): the mean per-step erank of each G_t
     (mean over the scope's modules, as ``analyze`` pools it), the trajectory erank raw and with unit rows, each next
     to the Gaussian reference of the same module shapes, steps and (raw) per-step norms, and the ratio; and the mean
     lag-1 step cosine next to the spread of that of independent Gaussian steps (mean 0, sd ``1/sqrt(dim)``)."""

@@ -120,7 +120,7 @@ class ScopeStats:
 
 @dataclass
 class RunStats:
-    """Everything :func:`gradlens.stats.analyze_run` computed for one run.
+    """Everything :func:`gradlens.analysis.driver.analyze_run` computed for one run.
 
     ``excluded``: non-finite steps left out; ``zero_steps``: usable steps whose whole-adapter gradient is exactly
     zero (kept in ``steps``, skipped by the cosines and the sign statistics); ``source``: :data:`RAW_SOURCE` or

@@ -1,4 +1,7 @@
-"""What ``gradlens toy base`` reports: where the toy base model comes from and its accuracy on held-out prompts."""
+"""What ``gradlens toy base`` reports: where the toy base model comes from and its accuracy on held-out prompts.
+
+Outside the :mod:`gradlens.toy` package because it loads the model through :mod:`gradlens.models` and evaluates it
+(:mod:`gradlens.evaluate`), two stages above the toy world."""
 
 from __future__ import annotations
 

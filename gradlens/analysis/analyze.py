@@ -1,19 +1,20 @@
-"""``analyze_runs``: the statistics of :mod:`gradlens.stats` for several runs, as tables, figures and a finding.
+"""``analyze_runs``: the statistics of :mod:`gradlens.analysis.driver` for several runs, as tables, figures and a
+finding.
 
 The library entry point behind ``gradlens analyze`` (notebooks call it directly)::
 
-    from gradlens.analyze import analyze_runs
+    from gradlens.analysis.analyze import analyze_runs
     from gradlens.config import AnalyzeConfig
 
     res = analyze_runs(["runs/sft", "runs/grpo"], "runs/analysis", AnalyzeConfig(window=16))
     res.summary[["run", "regime", "cos_lag1_mean", "erank_traj_unit", "sign_stability_mean", "sign_null_mean"]]
 
 Tables (one row per run and module / run / projection type / layer) use the same statistic columns; see
-:func:`gradlens.stats.stat_columns`. With ``window=W`` every statistic is repeated over the first W usable steps,
-in columns suffixed ``_wW``. Every table also counts each run's non-finite (excluded) and exactly zero steps;
-``summary`` lists them (``excluded_steps``, ``zero_step_list``) and says where the statistics come from (``source``,
-``note``): a run recorded without raw shards is analysed from its accumulators, and the columns that need the raw
-gradients are NaN. Runs recorded on different module sets get a note in the finding and in the provenance.
+:func:`gradlens.analysis.run_stats.stat_columns`. With ``window=W`` every statistic is repeated over the first W
+usable steps, in columns suffixed ``_wW``. Every table also counts each run's non-finite (excluded) and exactly zero
+steps; ``summary`` lists them (``excluded_steps``, ``zero_step_list``) and says where the statistics come from
+(``source``, ``note``): a run recorded without raw shards is analysed from its accumulators, and the columns that
+need the raw gradients are NaN. Runs recorded on different module sets get a note in the finding and in the provenance.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -30,36 +31,21 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from gradlens.analysis.accumulated import RAW_ONLY
+from gradlens.analysis.driver import analyze_run
+from gradlens.analysis.result import AnalysisResult
+from gradlens.analysis.run_stats import RAW_SOURCE, RunStats, ScopeStats, stat_columns
 from gradlens.config import AnalyzeConfig
 from gradlens.errors import GradlensError
 from gradlens.fsio import check_unused_out
 from gradlens.provenance import package_versions
-from gradlens.stats import RAW_SOURCE, RunStats, ScopeStats, analyze_run, histogram_edges, stat_columns
-from gradlens.stats.accumulated import RAW_ONLY
+from gradlens.stats.core import histogram_edges
 from gradlens.store.runstate import announce
 
 TABLES = ("summary", "modules", "proj", "layers", "series", "hist")
 CSV_TABLES = ("summary", "modules", "proj", "layers")
 PROVENANCE = "provenance.json"
 PARQUET_KEY = b"gradlens_provenance"
-
-
-@dataclass
-class AnalysisResult:
-    """DataFrames of an analysis (``summary``, ``modules``, ``proj``, ``layers``, long ``series`` and ``hist``),
-    the per-run :class:`~gradlens.stats.RunStats`, the printed finding and the files written."""
-
-    summary: pd.DataFrame
-    modules: pd.DataFrame
-    proj: pd.DataFrame
-    layers: pd.DataFrame
-    series: pd.DataFrame
-    hist: pd.DataFrame
-    runs: list[RunStats]
-    findings: str
-    provenance: dict[str, Any]
-    files: list[Path] = field(default_factory=list)
-    skipped_runs: list[tuple[str, str]] = field(default_factory=list)  # (path, why) left out under skip_bad
 
 
 def _labels(paths: Sequence[Path]) -> list[str]:
@@ -314,7 +300,7 @@ def write_outputs(result: AnalysisResult, out_dir: Path, config: AnalyzeConfig) 
         _write_parquet(df, out_dir / f"{name}.parquet", prov)
         files.append(out_dir / f"{name}.parquet")
     if config.figures:
-        from gradlens.figures import make_figures
+        from gradlens.analysis.figures import make_figures
 
         files += make_figures(result, out_dir)
     prov["findings"] = result.findings

@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from gradlens.analysis.run_stats import RAW_SOURCE
 from gradlens.modules import sort_projections
-from gradlens.stats import RAW_SOURCE
 
 if TYPE_CHECKING:
-    from gradlens.analyze import AnalysisResult
+    from gradlens.analysis.result import AnalysisResult
 
 HEATMAP_METRICS = ("sign_stability_mean", "cos_lag1_mean")
 FIGURES = ("lag_cosine.png", "cosine_series.png", "erank_traj.png", "sign_hist.png", "heatmap.png")

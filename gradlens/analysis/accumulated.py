@@ -15,9 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from gradlens.errors import GradlensError
-from gradlens.stats import core
-from gradlens.stats.results import (
+from gradlens.analysis.run_stats import (
     ACC_SOURCE,
     SIGN_KEYS,
     STEP_KEYS,
@@ -33,6 +31,8 @@ from gradlens.stats.results import (
     stat_columns,
     unclip_scale,
 )
+from gradlens.errors import GradlensError
+from gradlens.stats import core
 
 RAW_ONLY = "trajectory erank, lag>1 cosines, cosine to mean and per-step spectra"
 

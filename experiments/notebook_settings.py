@@ -234,7 +234,7 @@ def mask_overlaps(masks):
     return matrix, pd.DataFrame(rows)
 
 
-# The phase diagram of notebook 04 (gradlens.rivals.PhaseConfig): the gap against the budget, SFT and GRPO.
+# The phase diagram of notebook 04 (experiments.rivals.PhaseConfig): the gap against the budget, SFT and GRPO.
 PHASE: dict[str, dict[str, Any]] = {
     "small": dict(widths=["toy:tiny"], steps=[4], budgets=["1%", "10%"], seeds=[0, 1], probe_steps=3, full_lrs=None,
                   sparse_lrs=[3e-2], sweep_seeds=[1000], n_val=20, n_eval=40, progress=False,
@@ -246,16 +246,16 @@ PHASE: dict[str, dict[str, Any]] = {
 
 
 def phase_config(out: str | os.PathLike[str]):
-    """The :class:`~gradlens.rivals.PhaseConfig` of the current setting (:data:`PHASE`), writing to ``out``."""
-    from gradlens.rivals import PhaseConfig
+    """The :class:`~experiments.rivals.PhaseConfig` of the current setting (:data:`PHASE`), writing to ``out``."""
+    from experiments.rivals import PhaseConfig
 
     return PhaseConfig(out=str(out), **PHASE[setting()])
 
 
 def phase_or_load(config) -> dict[str, Any]:
-    """Run the phase diagram of ``config`` (:func:`gradlens.rivals.run_phase`), or read back the finished one in
+    """Run the phase diagram of ``config`` (:func:`experiments.rivals.run_phase`), or read back the finished one in
     ``config.out`` if it was made with the same settings (an interrupted one is resumed)."""
-    from gradlens.rivals import run_phase
+    from experiments.rivals import run_phase
 
     out = Path(config.out)
     if (out / "phase.json").is_file():

@@ -1,4 +1,7 @@
-"""Named sizes of the toy base model: light to import (no torch), so bad preset names fail instantly."""
+"""Named sizes of the toy base model: light to import (no torch), so bad preset names fail instantly.
+
+A leaf outside the :mod:`gradlens.toy` package, so the configs (which check a ``toy:PRESET`` name before any
+training) and the tasks (the addition task's digits) need nothing of the toy world itself."""
 
 from __future__ import annotations
 

@@ -4,8 +4,8 @@ One pass over the shards when the run fits the memory budget, else a step pass a
 A module Gram is added into the whole-adapter, per-projection and per-layer Grams (sums of Grams: the Gram of the
 concatenated vectors) and dropped once its statistics are taken, so peak memory is the budget, two shards, 4 bytes
 per B entry (8 with a window) for the sign counts and those aggregate ``T x T`` matrices. Grams are float64
-(:func:`.core.gram_product`: float32 steps cast a cache-sized block at a time), so every statistic taken from one is
-exact to float64 rounding, the small eigenvalues of a near-low-rank trajectory included.
+(:func:`gradlens.stats.core.gram_product`: float32 steps cast a cache-sized block at a time), so every statistic
+taken from one is exact to float64 rounding, the small eigenvalues of a near-low-rank trajectory included.
 
 A run recorded without raw shards is analysed from its accumulators instead (:mod:`.accumulated`).
 """
@@ -22,10 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from gradlens.errors import GradlensError
-from gradlens.stats import core
-from gradlens.stats.accumulated import analyze_accumulators
-from gradlens.stats.passes import (
+from gradlens.analysis.accumulated import analyze_accumulators
+from gradlens.analysis.passes import (
     Mapper,
     ModuleSteps,
     StepSums,
@@ -36,7 +34,7 @@ from gradlens.stats.passes import (
     prefetch,
     read_ahead,
 )
-from gradlens.stats.results import (
+from gradlens.analysis.run_stats import (
     STEP_KEYS,
     RunStats,
     ScopeStats,
@@ -49,6 +47,8 @@ from gradlens.stats.results import (
     stat_columns,
     unclip_scale,
 )
+from gradlens.errors import GradlensError
+from gradlens.stats import core
 
 Submit = Callable[..., Future]  # ThreadPoolExecutor.submit
 IN_FLIGHT = 8  # module scopes computed at once, each holding its T x T Gram
