@@ -151,6 +151,9 @@ def old_tree(ref: str, dest: Path) -> Path:
 
 
 def analyze_cmd(run: Path, out: Path, memory_mb: float) -> list[str]:
+    """``gradlens analyze`` into ``out``, emptied first (analyze refuses a used ``--out``, and a baseline tree may
+    not know ``--overwrite``)."""
+    shutil.rmtree(out, ignore_errors=True)
     return [sys.executable, "-m", "gradlens.cli.main", "analyze", str(run), "--out", str(out), "--memory_mb",
             str(memory_mb), "--no-progress"]
 

@@ -73,7 +73,7 @@ def test_cpu_runs_every_part_with_the_correctness_comparisons(tmp_path: Path) ->
     assert result["preflight"]["modules"]["gradlens"]["file"].startswith(str(REPO))  # the path the script set
     parts = {p["name"]: p for p in result["parts"]}
     assert list(parts) == [p.name for p in PARTS]
-    assert list(parts)[0] == "recording-1.5b" and list(parts)[-1] == "recipe"
+    assert list(parts)[0] == "recording-1.5b" and list(parts)[-2:] == ["recipe-sft-hub-id", "toy-path"]
     for name in ("correctness-float32", "correctness-max-queue-1", "correctness-bf16-gradients"):
         p = parts[name]
         assert p["steps"] == 3 and p["mismatched_steps"] == [] and p["unequal_sums"] == [], name
@@ -83,5 +83,9 @@ def test_cpu_runs_every_part_with_the_correctness_comparisons(tmp_path: Path) ->
     for dtype in ("bfloat16", "float32"):
         bench = parts["recording-1.5b"][dtype]
         assert bench["steps"] == 3 and bench["recorder_blocked_ms"] > -bench["bare_step_ms"]
-    assert parts["recipe"]["sft"]["record"]["steps"] == 2 and parts["recipe"]["compare"]["rows"] > 0
+    assert parts["toy-path"]["sft"]["record"]["steps"] == 2 and parts["toy-path"]["compare"]["rows"] > 0
+    recipe = parts["recipe-sft-hub-id"]  # the SFT recipe through gradlens record --config, under a local hub id
+    assert recipe["steps"] == 2 and recipe["recipe"] == "recipes/qwen2.5-1.5b-gsm8k-sft.yaml"
+    assert recipe["hub_id"].count("/") == 1 and recipe["storage_dtype"] == "bfloat16"  # the recipe's own shard dtype
+    assert recipe["model_dtype"] == "float32" and all(n > 0 for n in recipe["b_grad_norms"])  # CPU: float32 weights
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("gradlens-gpu-check-")]

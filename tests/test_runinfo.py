@@ -67,7 +67,7 @@ def test_an_unfinished_run_is_incomplete_and_shows_its_committed_steps(tmp_path:
         lines = format_run_info(run_info(path)).splitlines()
     finally:
         writer.close()
-    assert lines[0] == f"{path}: grpo run, INCOMPLETE"
+    assert lines[0] == f"{path}: grpo run, being written by pid {os.getpid()}; describing the 4 steps committed so far"
     assert lines[1] == f"  steps:    4 (steps 0..3), {len(CLIPPED)} clipped, 1 non-finite"
     assert not [ln for ln in lines if "WARNING" in ln]  # the step without signal is not committed yet
 
@@ -76,7 +76,7 @@ def test_the_printed_facts_warn_of_steps_without_signal(tmp_path: Path) -> None:
     path = tmp_path / "run"
     write(path)
     lines = format_run_info(run_info(path)).splitlines()
-    assert lines[0] == f"{path}: grpo run, complete"
+    assert lines[0] == f"{path}: grpo run, complete: {len(STEPS)} steps"
     assert lines[1] == f"  steps:    {len(STEPS)} (steps 0..4), {len(CLIPPED)} clipped, 1 non-finite"
     assert lines[2] == f"  modules:  {len(SPECS)} (q:1, down:1, v:1), 66 B entries"
     assert [ln for ln in lines if "WARNING" in ln] == [
