@@ -167,3 +167,19 @@ def test_shortened_recipe_reproduces_the_shipped_first_steps_bitwise(shipped):
     assert tokenizer.get_vocab() == shipped_tokenizer.get_vocab()
     assert fingerprints == {str(s): recipe["fingerprints"][str(s)] for s in FINGERPRINT_STEPS}
     assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers >= 4
+
+
+def test_notebook_world_variable_moves_training_to_toy_math(monkeypatch, tmp_path):
+    from gradlens.errors import GradlensError
+    from gradlens.notebook_settings import in_world, output_dir, placement_config
+
+    monkeypatch.setenv("GRADLENS_OUT", str(tmp_path))
+    config = RecordConfig(model="toy:tiny", out="x")
+    assert in_world(config) is config and output_dir("n") == tmp_path / "small" / "n"
+    monkeypatch.setenv("GRADLENS_WORLD", "math")
+    moved = in_world(config)
+    assert (moved.model, moved.task, moved.eval_max_new_tokens) == ("toy:math", f"gsm8k:{MATH_DATA_DIR}", 96)
+    assert placement_config(tmp_path).model == "toy:math" and output_dir("n") == tmp_path / "small-math" / "n"
+    monkeypatch.setenv("GRADLENS_WORLD", "nope")
+    with pytest.raises(GradlensError, match="GRADLENS_WORLD='nope'"):
+        in_world(config)
