@@ -17,8 +17,8 @@ MATH_DATA_DIR = Path(__file__).parent / "data" / "math"
 MATH_EVAL_MAX_NEW_TOKENS = 96
 MATH_TRL_DEFAULTS: dict[str, dict[str, Any]] = {
     "sft": {"per_device_train_batch_size": 16, "learning_rate": 2e-3, "max_length": 256},
-    "grpo": {"per_device_train_batch_size": 32, "num_generations": 8, "max_completion_length": 96,
-             "learning_rate": 1e-3, "temperature": 1.0},
+    "grpo": {"per_device_train_batch_size": 16, "num_generations": 8, "max_completion_length": 96,
+             "learning_rate": 2e-3, "temperature": 1.0},
 }
 
 
