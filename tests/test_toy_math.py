@@ -141,8 +141,8 @@ def test_short_records_have_a_learning_signal(regime, prompt_format, tmp_path):
     from gradlens.record import record
 
     trl = {"logging_steps": 100, "disable_tqdm": True}
-    if regime == "grpo":  # 4 prompts of 8 completions, as the default, but shorter completions
-        trl["max_completion_length"] = 64
+    if regime == "grpo":  # 4 prompts of 8 completions a step (2 by default), shorter completions
+        trl.update(per_device_train_batch_size=32, max_completion_length=64)
     config = RecordConfig(model="toy:math", regime=regime, prompt_format=prompt_format, out=str(tmp_path / "run"),
                           max_steps=3, n_train=64, seed=0, trl=trl)
     with warnings.catch_warnings(record=True) as caught:
