@@ -12,8 +12,9 @@ from gradlens.errors import GradlensError
 # The toy:math world's word problems (train.jsonl, test.jsonl), read by the gsm8k task like any GSM8K copy.
 MATH_DATA_DIR = Path(__file__).parent / "data" / "math"
 # What --model toy:math runs with where the user sets nothing: its own data through the gsm8k task, an answer budget
-# above its longest worked solution (73 tokens), and TRL settings under which 60 steps of full-B LoRA-FA beat the
-# base model under SFT and GRPO (benchmarks/results/toy_math.json).
+# above its longest worked solution (73 tokens), and TRL settings measured in benchmarks/results/toy_math.json: 60
+# SFT steps gain +0.09 over the base model; 60 GRPO steps (2 prompts of 8, ~3 CPU-minutes) keep a learning signal in
+# 89% of steps but gain only +0.007 (higher rates collapse; 4 prompts a step gained +0.045 on one seed).
 MATH_EVAL_MAX_NEW_TOKENS = 96
 MATH_TRL_DEFAULTS: dict[str, dict[str, Any]] = {
     "sft": {"per_device_train_batch_size": 16, "learning_rate": 2e-3, "max_length": 256},
