@@ -9,6 +9,10 @@ Two environment variables steer every notebook:
   ``GRADLENS_OUT`` is taken relative to the repository root, not to the kernel's working directory (``notebooks/``
   when run by ``jupyter nbconvert`` or the tests).
 
+``GRADLENS_WORLD=math`` runs every notebook's training on ``toy:math`` (GSM8K-style word problems with worked
+solutions, through the gsm8k task) instead of the addition toys, in either setting (:func:`in_world`); its output goes
+to ``GRADLENS_OUT/SETTING-math/NAME``.
+
 In the full setting every figure is also copied into ``figures/`` at the repository root as ``PREFIX_FILE.png``
 (``PREFIX``: the notebook's number), by :func:`save_figure`, :func:`publish` and :func:`show`.
 """
@@ -27,6 +31,8 @@ from gradlens.errors import GradlensError
 
 SETTINGS = ("small", "full")
 SETTING_ENV = "GRADLENS_SETTING"
+WORLD_ENV = "GRADLENS_WORLD"
+WORLDS = ("addition", "math")
 OUT_ENV = "GRADLENS_OUT"
 DEFAULT_OUT = Path("runs") / "notebooks"
 FIGURES = "figures"
@@ -53,6 +59,22 @@ def setting() -> str:
     return value
 
 
+def world() -> str:
+    """``addition`` (default: the toy:tiny/toy:small settings) or ``math``, from ``$GRADLENS_WORLD``."""
+    value = os.environ.get(WORLD_ENV, "").strip().lower() or "addition"
+    if value not in WORLDS:
+        raise GradlensError(f"{WORLD_ENV}={value!r}: choose one of {', '.join(WORLDS)}")
+    return value
+
+
+def in_world(config: Any) -> Any:
+    """A record or compare config moved to toy:math (its own task and answer budget) when ``$GRADLENS_WORLD`` is
+    ``math``; else ``config`` itself."""
+    if world() != "math":
+        return config
+    return replace(config, model="toy:math", task=None, eval_max_new_tokens=None)
+
+
 def repo_root(start: str | os.PathLike[str] | None = None) -> Path:
     """The nearest directory at or above ``start`` (default: the working directory) holding ``pyproject.toml``
     and ``notebooks/``; the working directory itself when there is none."""
@@ -64,11 +86,11 @@ def repo_root(start: str | os.PathLike[str] | None = None) -> Path:
 
 
 def output_dir(name: str) -> Path:
-    """``GRADLENS_OUT/SETTING/name``, created; see the module docstring."""
+    """``GRADLENS_OUT/SETTING/name`` (``SETTING-math`` in the math world), created; see the module docstring."""
     base = Path(os.environ.get(OUT_ENV, "").strip() or DEFAULT_OUT).expanduser()
     if not base.is_absolute():
         base = repo_root() / base
-    out = base / setting() / name
+    out = base / (setting() if world() == "addition" else f"{setting()}-{world()}") / name
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -120,6 +142,7 @@ def record_or_load(config: RecordConfig) -> Path:
     from gradlens.store.runstate import run_state
     from gradlens.training import record
 
+    config = in_world(config)
     out = Path(config.out)
     if (out / MANIFEST).is_file():
         run = open_run(out)
@@ -136,7 +159,7 @@ def record_or_load(config: RecordConfig) -> Path:
 
 def placement_config(out: str | os.PathLike[str]) -> CompareConfig:
     """The :class:`CompareConfig` of the current setting (:data:`PLACEMENT`), writing to ``out``."""
-    return CompareConfig(out=str(out), **PLACEMENT[setting()])
+    return in_world(CompareConfig(out=str(out), **PLACEMENT[setting()]))
 
 
 def load_compare(out: str | os.PathLike[str]):

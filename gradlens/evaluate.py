@@ -46,6 +46,7 @@ class Accuracy:
     pass_at_k: float
     k: int
     n: int
+    mean_tokens: float = math.nan  # mean length of the greedy completions, in tokens (stop token not counted)
 
     @property
     def greedy_ci95(self) -> tuple[float, float]:
@@ -115,13 +116,14 @@ def accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: T
            "batch_size": batch_size}
     greedy = generate_answers(model, tokenizer, prompts, **gen)
     g = sum(task.is_correct(c, a) for c, a in zip(greedy, answers, strict=True)) / len(prompts)
+    tokens = sum(map(len, tokenizer(greedy, add_special_tokens=False)["input_ids"])) / len(prompts)
     if k == 0:
-        return Accuracy(greedy=g, sampled=math.nan, pass_at_k=math.nan, k=0, n=len(prompts))
+        return Accuracy(greedy=g, sampled=math.nan, pass_at_k=math.nan, k=0, n=len(prompts), mean_tokens=tokens)
     samples = generate_answers(model, tokenizer, prompts, do_sample=True, temperature=temperature,
                                num_return_sequences=k, seed=seed, **gen)
     hits = [[task.is_correct(samples[i * k + j], a) for j in range(k)] for i, a in enumerate(answers)]
     return Accuracy(greedy=g, sampled=sum(map(sum, hits)) / (k * len(prompts)),
-                    pass_at_k=sum(map(any, hits)) / len(prompts), k=k, n=len(prompts))
+                    pass_at_k=sum(map(any, hits)) / len(prompts), k=k, n=len(prompts), mean_tokens=tokens)
 
 
 def greedy_report(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Task, data: Any, *,

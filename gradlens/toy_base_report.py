@@ -11,6 +11,7 @@ from pathlib import Path
 from gradlens.errors import GradlensError
 from gradlens.evaluate import Accuracy, accuracy
 from gradlens.tasks.addition import AdditionTask
+from gradlens.toy.math_data import N_TEST
 from gradlens.toy.model import RECIPE_FILE, base_model_path, ensure_base_model, get_preset, shipped_model_path
 
 SOURCES = ("shipped", "cached", "built")
@@ -43,21 +44,28 @@ def evaluate_base_model(preset: str = "tiny", seed: int = 0, *, n: int = 400, k:
                         progress: bool = False) -> BaseModelReport:
     """Ensure (ship, cache or build) the toy base model, load it with ``from_pretrained``, and evaluate it.
 
-    Accuracy is measured on the first ``n`` prompts of the held-out split of the preset's addition task: greedy,
-    and with ``k`` samples per prompt (``k=0`` skips sampling).
+    Accuracy is measured on the first ``n`` prompts of the held-out split of the preset's task (addition, or the
+    math world's word problems): greedy, and with ``k`` samples per prompt (``k=0`` skips sampling).
     """
     from gradlens.models import load_model_and_tokenizer
 
     p = get_preset(preset)
-    task = AdditionTask(digits=p.digits)
-    if not 1 <= n <= task.n_heldout:
-        raise GradlensError(f"--n must be in 1..{task.n_heldout} (the held-out split's size), got {n}")
+    n_heldout = N_TEST if p.world == "math" else AdditionTask(digits=p.digits).n_heldout
+    if not 1 <= n <= n_heldout:
+        raise GradlensError(f"--n must be in 1..{n_heldout} (the held-out split's size), got {n}")
     if k < 0:
         raise GradlensError(f"--k must be >= 0, got {k}")
     source = base_model_source(preset, seed, rebuild=rebuild)
     path = ensure_base_model(preset, seed, rebuild=rebuild, progress=progress)
     model, tokenizer = load_model_and_tokenizer(path)
-    data = task.dataset("heldout", n=n)
+    if p.world == "math":  # the word problems through the gsm8k task, as --model toy:math trains on them
+        from gradlens.config import ModelTaskConfig
+        from gradlens.trainers import load_task_for
+
+        task = load_task_for(ModelTaskConfig(model=f"toy:{preset}"), model, tokenizer)
+    else:
+        task = AdditionTask(digits=p.digits)
+    data = task.dataset(task.eval_split, n=n)
     acc = accuracy(model, tokenizer, task, data, k=k)
     return BaseModelReport(preset=preset, seed=seed, path=Path(path), source=source,
                            n_parameters=sum(t.numel() for t in model.parameters()), accuracy=acc)

@@ -14,7 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           description="Ensure the toy base model (shipped in the package, cached, or built now by "
                                       "its seeded recipe) and report its held-out accuracy.")
     base.add_argument("--preset", default="tiny",
-                      help="model size preset, a key of gradlens.toy_presets.PRESETS, e.g. tiny or small "
+                      help="model size preset, a key of gradlens.toy_presets.PRESETS, e.g. tiny, small or math "
                            "(default: tiny)")
     base.add_argument("--seed", type=int, default=0, help="seed of the pretraining recipe (default: 0)")
     base.add_argument("--rebuild", action="store_true",
@@ -34,6 +34,7 @@ def format_report(report) -> str:
         f"  parameters:        {report.n_parameters:,}",
         f"  held-out prompts:  {acc.n}",
         f"  greedy accuracy:   {acc.greedy:.3f}",
+        f"  greedy tokens:     {acc.mean_tokens:.1f}  (mean completion length)",
     ]
     if acc.k:
         lines += [f"  sampled accuracy:  {acc.sampled:.3f}  (k={acc.k}, temperature 1)",

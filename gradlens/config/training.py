@@ -15,7 +15,6 @@ from gradlens.config.fields import (
     PROMPT_FORMATS,
     REGIMES,
     STORAGE_DTYPES,
-    TOY_PREFIX,
     budgets_field,
     check_budgets,
     check_methods,
@@ -38,7 +37,9 @@ class ModelTaskConfig:
         "only)"))
     model_revision: str = field(default="main", metadata=field_help(
         "hub id: the branch, tag or commit to load (TRL's ModelConfig.model_revision)"))
-    task: str = field(default="addition", metadata=field_help(
+    task: str | None = field(default=None, metadata=field_help(
+        "default: the model's own task, toy:math's packaged word problems through the gsm8k task "
+        "('gsm8k:<package>/toy/data/math'), else 'addition'. "
         "'addition' (embedded toy task); a local .json/.jsonl/.csv/.parquet file with 'prompt' and 'answer' "
         "columns (SFT also uses 'completion', defaulting to the answer; the last tenth of the rows is held out); or "
         "a GSM8K-style math task: 'gsm8k' (openai/gsm8k from the hub) or 'gsm8k:SOURCE' with SOURCE a hub id, a "
@@ -66,8 +67,8 @@ class ModelTaskConfig:
         "math task: the hub dataset's config name (default: 'main' for --task gsm8k, else none)"))
     train_split: str = field(default="train", metadata=field_help("math task: split to train on"))
     eval_split: str = field(default="test", metadata=field_help("math task: held-out split for evaluation"))
-    eval_max_new_tokens: int = field(default=256, metadata=field_help(
-        "math task: token budget of each evaluation answer"))
+    eval_max_new_tokens: int | None = field(default=None, metadata=field_help(
+        "math task: token budget of each evaluation answer (default: 96 for toy:math, else 256)"))
     format_reward: bool = field(default=False, metadata=field_help(
         "math task, GRPO: add a format reward (1 when the completion states a final answer after '####' or in "
         "\\boxed{})"))
@@ -98,10 +99,13 @@ class ModelTaskConfig:
             raise GradlensError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if not self.model:
             raise GradlensError("--model is empty; give 'toy:PRESET', a local path or a hub id")
-        if self.model.startswith(TOY_PREFIX):
-            from gradlens.toy_presets import get_preset
+        from gradlens.toy_presets import MATH_EVAL_MAX_NEW_TOKENS, default_task, world
 
-            get_preset(self.model[len(TOY_PREFIX) :])
+        world(self.model)  # an unknown toy preset fails here
+        if self.task is None:  # the model's own task, in every result's provenance as the task's name
+            self.task = default_task(self.model)
+        if self.eval_max_new_tokens is None:
+            self.eval_max_new_tokens = MATH_EVAL_MAX_NEW_TOKENS if world(self.model) == "math" else 256
         if self.task == f"{MATH_PREFIX}:":
             raise GradlensError(f"--task {self.task}: name the data after the colon (a hub id, file or directory)")
         for name, allowed in (("dtype", MODEL_DTYPES), ("device", DEVICES), ("prompt_format", PROMPT_FORMATS)):

@@ -38,8 +38,10 @@ def load_task(config: ModelTaskConfig, *, chat: bool = False, format_reason: str
         return AdditionTask()
     if is_math_task(config.task):
         from gradlens.tasks.gsm8k import MathTask
+        from gradlens.toy_presets import MATH_TRL_DEFAULTS, world
 
-        return MathTask.from_spec(config.task, dataset_config=config.dataset_config,
+        defaults = MATH_TRL_DEFAULTS if world(config.model) == "math" else {}
+        return MathTask.from_spec(config.task, dataset_config=config.dataset_config, regime_defaults=defaults,
                                   question_column=config.question_column, answer_column=config.answer_column,
                                   chat=chat, train_split=config.train_split, eval_split=config.eval_split,
                                   eval_max_new_tokens=config.eval_max_new_tokens,

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -212,6 +212,7 @@ class MathTask(Task):
     eval_max_new_tokens: int = 256
     with_format_reward: bool = False
     format_reason: str = "set by the caller"
+    regime_defaults: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -223,6 +224,10 @@ class MathTask(Task):
 
     def is_correct(self, completion: str, answer: str) -> bool:
         return is_correct(completion_text(completion), answer)
+
+    def trl_defaults(self, regime: str) -> dict[str, Any]:
+        """The TRL settings of ``regime_defaults`` (those of the model it runs on, e.g. toy:math's), else none."""
+        return dict(self.regime_defaults.get(regime, {}))
 
     def reward_functions(self) -> list[RewardFunction]:
         """Correctness, plus the format reward if asked for."""

@@ -23,9 +23,10 @@ import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from gradlens.tasks.addition import AdditionTask, carryless_sum
 from gradlens.toy.tokenizer import build_char_tokenizer
@@ -85,9 +86,15 @@ def encode_pretraining_data(tokenizer: PreTrainedTokenizerFast, pairs: list[tupl
 
 
 def build_base_model(preset: str = "tiny", seed: int = 0, *, progress: bool = False
-                     ) -> tuple[Qwen2ForCausalLM, PreTrainedTokenizerFast]:
-    """Build and pretrain the toy base model from scratch; deterministic for a given preset, seed and thread count."""
+                     ) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """Build and pretrain the toy base model from scratch; deterministic for a given preset, seed and thread count
+    (the math world's recipe for a given preset and seed: it runs on one thread)."""
     p = get_preset(preset)
+    if p.world == "math":
+        from gradlens.toy.math_model import build_math_base_model
+
+        model, tokenizer, _ = build_math_base_model(p, seed, progress=progress)
+        return model, tokenizer
     tokenizer = build_char_tokenizer()
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(build_toy_config(p, tokenizer))
@@ -156,7 +163,14 @@ def ensure_base_model(preset: str = "tiny", seed: int = 0, *, rebuild: bool = Fa
         if (path / RECIPE_FILE).is_file():
             return path
     start = time.perf_counter()
-    model, tokenizer = build_base_model(preset, seed, progress=progress)
+    notes: dict[str, Any] = {}
+    if get_preset(preset).world == "math":  # its recipe also fingerprints the first steps, for the reproduction test
+        from gradlens.toy.math_model import build_math_base_model
+
+        model, tokenizer, fingerprints = build_math_base_model(preset, seed, progress=progress)
+        notes = {"fingerprints": fingerprints, "threads": 1}
+    else:
+        model, tokenizer = build_base_model(preset, seed, progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; a cache is shared like any model directory
@@ -164,7 +178,7 @@ def ensure_base_model(preset: str = "tiny", seed: int = 0, *, rebuild: bool = Fa
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         recipe = {"preset": preset, "seed": seed, "recipe_version": RECIPE_VERSION,
-                  "build_seconds": round(time.perf_counter() - start, 1), **asdict(get_preset(preset))}
+                  "build_seconds": round(time.perf_counter() - start, 1), **asdict(get_preset(preset)), **notes}
         (tmp / RECIPE_FILE).write_text(json.dumps(recipe, indent=2))
         if path.exists():
             shutil.rmtree(path)

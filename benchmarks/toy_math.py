@@ -1,0 +1,127 @@
+"""The toy:math world's targets, measured through the CLI a user runs: the base model (``gradlens toy base --preset
+math``), then 60-step full-B LoRA-FA runs under SFT and GRPO on several seeds (``gradlens train --model toy:math
+--record``), each with held-out greedy accuracy (``eval.json``), its wall and CPU seconds (one thread: the CPU
+seconds are what it takes on an idle core), and under GRPO the share of recorded steps that carry a learning signal.
+
+    python benchmarks/toy_math.py --seeds 0 1 2 --n_eval 200 --work /tmp/toy-math
+
+Writes ``benchmarks/results/toy_math.json``. The machine is shared, so the load average is stored with every time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from _common import add_output_argument, write_json
+from scipy import stats
+
+from gradlens.store import open_run
+from gradlens.toy.model import ensure_base_model
+
+
+def gradlens(*args: str) -> tuple[str, float, float]:
+    """Run the gradlens CLI on one thread; its stdout, wall seconds and CPU seconds (user + system, of that process
+    alone: what it would take on an idle core). A failure stops the benchmark with its output."""
+    start = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "gradlens.cli.main", *args], stdout=stdout, stderr=stderr,
+                                text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        stdout.seek(0)
+        stderr.seek(0)
+        out, err = stdout.read(), stderr.read()
+    if proc.returncode != 0:
+        raise SystemExit(f"gradlens {' '.join(args)} failed ({proc.returncode}):\n{out}\n{err}")
+    return out, time.perf_counter() - start, usage.ru_utime + usage.ru_stime
+
+
+def base_report(n_eval: int, k: int) -> dict[str, Any]:
+    """``gradlens toy base --preset math``, its printed lines parsed."""
+    out, seconds, cpu = gradlens("toy", "base", "--preset", "math", "--n", str(n_eval), "--k", str(k))
+    value = {key: float(re.search(rf"{pattern}\s+([\d.]+)", out).group(1)) for key, pattern in
+             (("greedy", "greedy accuracy:"), ("sampled", "sampled accuracy:"), (f"pass_at_{k}", f"pass@{k}:"),
+              ("mean_completion_tokens", "greedy tokens:"), ("parameters", "parameters:"))}
+    value["parameters"] = int(re.search(r"parameters:\s+([\d,]+)", out).group(1).replace(",", ""))
+    print(out)
+    return {**value, "n": n_eval, "k": k, "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1),
+            "load_average": os.getloadavg()}
+
+
+def train_run(regime: str, seed: int, steps: int, n_eval: int, work: Path) -> dict[str, Any]:
+    """One ``gradlens train --model toy:math`` run with the regime's defaults; accuracy, seconds and signal."""
+    out = work / f"{regime}-seed{seed}"
+    load = os.getloadavg()
+    _, seconds, cpu = gradlens("train", "--model", "toy:math", "--regime", regime, "--max_steps", str(steps), "--seed",
+                          str(seed), "--n_eval", str(n_eval), "--record", "--out", str(out), "--disable_tqdm", "true")
+    evaluation = json.loads((out / "eval.json").read_text())
+    train_info = json.loads((out / "train.json").read_text())
+    records = open_run(out / "run").step_records
+    row = {"regime": regime, "seed": seed, "accuracy": evaluation["accuracy"], "ci95": evaluation["ci95"],
+           "n": evaluation["n"], "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1),
+           "train_seconds": train_info.get("train_seconds"),
+           "load_average_before": load, "steps": len(records),
+           "zero_gradient_steps": sum(bool(r.get("zero_gradient")) for r in records)}
+    if regime == "grpo":
+        zero_std = [r.get("frac_reward_zero_std") for r in records]
+        row.update(zero_reward_std_steps=sum(bool(r.get("zero_reward_std")) for r in records),
+                   signal_share=sum(not (r.get("zero_reward_std") or r.get("zero_gradient")) for r in records)
+                   / len(records),
+                   mean_groups_with_signal=statistics.mean(1 - z for z in zero_std if z is not None))
+    print(json.dumps(row))
+    return row
+
+
+def mean_interval(values: list[float]) -> dict[str, float]:
+    """Mean and the t-based 95% interval over seeds."""
+    mean = statistics.mean(values)
+    if len(values) < 2:
+        return {"mean": mean, "ci95": [math.nan, math.nan]}
+    half = stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return {"mean": mean, "ci95": [mean - half, mean + half]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--regimes", nargs="+", default=["sft", "grpo"])
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--n_eval", type=int, default=200)
+    parser.add_argument("--k", type=int, default=8)
+    parser.add_argument("--jobs", type=int, default=1, help="training runs at once (each on one thread)")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/gradlens-toy-math"))
+    add_output_argument(parser, "toy_math")
+    args = parser.parse_args()
+    recipe = json.loads((ensure_base_model("math") / "gradlens_recipe.json").read_text())
+    base = base_report(args.n_eval, args.k)
+    jobs = [(regime, seed) for regime in args.regimes for seed in args.seeds]
+    with ThreadPoolExecutor(args.jobs) as pool:  # each job is its own one-thread process
+        runs = list(pool.map(lambda job: train_run(*job, args.steps, args.n_eval, args.work), jobs))
+    summary = {}
+    for regime in args.regimes:
+        rows = [r for r in runs if r["regime"] == regime]
+        summary[regime] = {"accuracy": mean_interval([r["accuracy"] for r in rows]),
+                           "gain_over_base": mean_interval([r["accuracy"] - base["greedy"] for r in rows]),
+                           "cpu_seconds_max": max(r["cpu_seconds"] for r in rows)}
+        if regime == "grpo":
+            summary[regime]["signal_share"] = mean_interval([r["signal_share"] for r in rows])
+    write_json(args.json, {"benchmark": "toy_math", "steps": args.steps, "seeds": args.seeds,
+                             "recipe": {k: recipe[k] for k in ("build_seconds", "pretrain_steps", "batch_size",
+                                                               "learning_rate", "carryless_share", "threads")},
+                             "base": base, "summary": summary, "runs": runs})
+
+
+if __name__ == "__main__":
+    main()
