@@ -60,7 +60,7 @@ def evaluate_base_model(preset: str = "tiny", seed: int = 0, *, n: int = 400, k:
     model, tokenizer = load_model_and_tokenizer(path)
     if p.world == "math":  # the word problems through the gsm8k task, as --model toy:math trains on them
         from gradlens.config import ModelTaskConfig
-        from gradlens.trainers import load_task_for
+        from gradlens.tasks import load_task_for
 
         task = load_task_for(ModelTaskConfig(model=f"toy:{preset}"), model, tokenizer)
     else:

@@ -24,7 +24,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from gradlens.tasks.gsm8k import CHAT_INSTRUCTION, MathTask
 from gradlens.toy.bpe_tokenizer import train_bpe_tokenizer
 from gradlens.toy.math_data import problems
-from gradlens.toy.presets import ToyPreset, get_preset
+from gradlens.toy_presets import ToyPreset, get_preset
 
 FINGERPRINT_STEPS = (1, 4)  # steps after which the recipe records a hash of the weights
 TOKENIZER_DOCS = 3000  # documents of the tokenizer's training corpus
