@@ -129,10 +129,12 @@ def _environment(name: str, value: str):
 
 def _eval_dataset(setup: RunSetup, settings: Mapping[str, Any], config: RecordConfig) -> Any:
     """The Trainer's eval dataset when ``--eval_strategy`` asks for evaluation: the task's eval split (the first
-    ``n_eval`` rows when set)."""
+    ``n_eval`` rows when set: the rows the setup already loaded)."""
     if str(settings.get("eval_strategy", "no")) == "no":
         return None
-    return setup.task.dataset(setup.task.eval_split, config.n_eval or None)
+    if setup.eval_data is not None:
+        return setup.eval_data
+    return setup.task.dataset(setup.task.eval_split)
 
 
 def run_training(config: RecordConfig, *, out: Path | None, tool: str, setup: RunSetup | None = None,
