@@ -10,11 +10,23 @@ from pathlib import Path
 
 from gradlens.errors import GradlensError
 from gradlens.evaluate import Accuracy, accuracy
+from gradlens.fsio import json_dump, read_json
+from gradlens.provenance import package_versions
 from gradlens.tasks.addition import AdditionTask
 from gradlens.toy.math_data import N_TEST
 from gradlens.toy.model import RECIPE_FILE, base_model_path, ensure_base_model, get_preset, shipped_model_path
 
 SOURCES = ("shipped", "cached", "built")
+# The documented evaluation of a base model, saved next to its weights: the docs' accuracy table is checked against
+# this file (tests/test_docs.py) instead of re-evaluating, and the file says which torch/transformers measured it.
+REPORT_FILE = "gradlens_base_report.json"
+DEFAULT_K = 8  # samples per prompt of the documented evaluation (sampled accuracy and pass@8)
+
+
+def default_n(preset: str) -> int:
+    """Held-out prompts of the documented evaluation: 400 additions, or the first 200 word problems of toy:math
+    (whose answers are about 40 tokens long, so 400 would double a several-minute evaluation)."""
+    return 200 if get_preset(preset).world == "math" else 400
 
 
 @dataclass(frozen=True)
@@ -69,3 +81,19 @@ def evaluate_base_model(preset: str = "tiny", seed: int = 0, *, n: int = 400, k:
     acc = accuracy(model, tokenizer, task, data, k=k)
     return BaseModelReport(preset=preset, seed=seed, path=Path(path), source=source,
                            n_parameters=sum(t.numel() for t in model.parameters()), accuracy=acc)
+
+
+def save_base_report(report: BaseModelReport) -> Path:
+    """Write ``report`` as :data:`REPORT_FILE` next to the model's weights (no timestamp, so re-measuring with the
+    same packages rewrites the same bytes); returns the file."""
+    acc = report.accuracy
+    path = report.path / REPORT_FILE
+    json_dump({"preset": report.preset, "seed": report.seed, "n_parameters": report.n_parameters, "n": acc.n,
+               "k": acc.k, "greedy": acc.greedy, "sampled": acc.sampled, "pass_at_k": acc.pass_at_k,
+               "mean_tokens": acc.mean_tokens, "versions": package_versions()}, path)
+    return path
+
+
+def saved_base_report(path: Path) -> dict:
+    """The :data:`REPORT_FILE` of the model directory ``path`` (a one-line error naming the file if it is missing)."""
+    return read_json(Path(path) / REPORT_FILE, "toy base report")

@@ -50,8 +50,10 @@ def _scalar_type(tp: Any) -> tuple[Any, bool]:
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """One ``--field`` per dataclass field, with no argparse default, so only explicitly given flags are set."""
     hints = typing.get_type_hints(cls)
+    takes_trl = any(f.name == "trl" for f in dataclasses.fields(cls))  # the commands that forward TRL fields
     parser.add_argument("--config", type=Path, default=None, metavar="YAML",
-                        help="YAML file of settings (any field below; for record, also any TRL config field)")
+                        help="YAML file of settings: any flag below" + (
+                            ", and any TRL SFTConfig/GRPOConfig field" if takes_trl else ""))
     for f in dataclasses.fields(cls):
         if not f.init or f.metadata.get("cli") is False:
             continue

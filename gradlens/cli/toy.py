@@ -6,6 +6,9 @@ Only argparse is imported at module level; torch, transformers and the toy world
 from __future__ import annotations
 
 import argparse
+import sys
+
+from gradlens.errors import GradlensError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,9 +22,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     base.add_argument("--seed", type=int, default=0, help="seed of the pretraining recipe (default: 0)")
     base.add_argument("--rebuild", action="store_true",
                       help="run the recipe even if the model is shipped or cached, and cache the result")
-    base.add_argument("--n", type=int, default=400, help="held-out prompts to evaluate (default: 400)")
+    base.add_argument("--n", type=int, default=None,
+                      help="held-out prompts to evaluate (default: 400, or 200 for the math preset)")
     base.add_argument("--k", type=int, default=8,
                       help="samples per prompt for sampled accuracy and pass@k; 0 skips sampling (default: 8)")
+    base.epilog = ("With the default --n and --k the report is also saved next to the model, as "
+                   "gradlens_base_report.json (what the docs' accuracy table is checked against).")
 
 
 def format_report(report) -> str:
@@ -48,8 +54,14 @@ def run(args: argparse.Namespace) -> int:
 
     get_preset(args.preset)  # fail before importing torch
     check_seed("--seed", args.seed)
-    from gradlens.toy_base_report import evaluate_base_model
+    from gradlens.toy_base_report import DEFAULT_K, default_n, evaluate_base_model, save_base_report
 
-    report = evaluate_base_model(args.preset, args.seed, n=args.n, k=args.k, rebuild=args.rebuild, progress=True)
+    n = default_n(args.preset) if args.n is None else args.n
+    report = evaluate_base_model(args.preset, args.seed, n=n, k=args.k, rebuild=args.rebuild, progress=True)
     print(format_report(report))
+    if n == default_n(args.preset) and args.k == DEFAULT_K:  # the documented evaluation: keep it with the model
+        try:
+            print(f"  saved:             {save_base_report(report)}")
+        except (OSError, GradlensError) as e:
+            print(f"gradlens toy: warning: report not saved next to the model ({e})", file=sys.stderr)
     return 0

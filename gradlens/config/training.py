@@ -191,6 +191,9 @@ class ProbeConfig(RecordConfig):
     """
 
     max_steps: int = field(default=16, metadata=field_help("optimizer steps of the probe"))
+    n_eval: int = field(default=0, metadata=field_help(
+        "after the probe, greedy accuracy on the first N held-out examples, written to OUT/run/eval.json "
+        "(default 0: off)"))
     save_raw: bool = field(default=False, metadata=field_help(
         "also write raw gradient shards (the selectors need only the streaming statistics)"))
     methods: list[str] = field(default_factory=lambda: list(INFORMED_METHODS), metadata=field_help(
@@ -223,6 +226,9 @@ class TrainConfig(RecordConfig):
 
     out: str = field(default="", metadata=field_help(
         "output directory: OUT/adapter, OUT/train.json, OUT/eval.json, OUT/run with --record (required)"))
+    n_eval: int = field(default=0, metadata=field_help(
+        "after training, greedy accuracy on the first N held-out examples, written to OUT/eval.json "
+        "(default 0: off)"))
     mask: str | None = field(default=None, metadata=field_help(
         "sparse-B: a mask file from gradlens probe/select; A stays frozen and only the mask's entries of B train "
         "(default: none, every entry of B trains)"))
