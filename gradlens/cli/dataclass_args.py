@@ -17,6 +17,10 @@ from typing import Any
 
 from gradlens.errors import GradlensError
 
+# The parser default naming a subcommand's config dataclass (``parser.get_default(CONFIG_DEFAULT)``), so the docs
+# pages and the docs tests reach the fields a command's flags come from.
+CONFIG_DEFAULT = "_config"
+
 
 @functools.cache
 def _yaml_loader() -> type:
@@ -74,6 +78,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             if "choices" in f.metadata:
                 kwargs["choices"] = f.metadata["choices"]
         parser.add_argument(f"--{f.name}", **kwargs)
+    parser.set_defaults(**{CONFIG_DEFAULT: cls})
 
 
 def parse_extra_flags(extra: list[str]) -> dict[str, Any]:
