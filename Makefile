@@ -1,10 +1,11 @@
 # gradlens developer Makefile (pip + venv only).
 #   make venv   create $(VENV) and install torch (CPU) + the package with [dev] extras
-#   make test   ruff check + pytest   (extra pytest args: make test PYTEST_ARGS="-k store -x")
+#   make test   ruff check + mkdocs build --strict + pytest   (extra pytest args: make test PYTEST_ARGS="-k store -x")
 #   make demo   toy task -> record SFT and GRPO -> analyze -> placement contrast -> report.html, under $(DEMO_OUT)
 #   make lint   ruff check
+#   make docs   serve the docs site (mkdocs.yml, docs/) at http://127.0.0.1:8000; make docs-build builds it into site/
 #   make clean  remove $(VENV) and build junk (keeps runs/)
-#   make gpu-wheels  download the wheels a lent GPU machine lacks into gpu-wheels/ (see README, Running on a GPU)
+#   make gpu-wheels  download the wheels a lent GPU machine lacks into gpu-wheels/ (see docs/gpu.md)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -19,7 +20,7 @@ DEMO_OUT ?= runs/demo
 
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint demo clean figures gpu-wheels
+.PHONY: venv test lint docs docs-build demo clean figures gpu-wheels
 .DELETE_ON_ERROR:
 
 venv: $(STAMP)
@@ -40,7 +41,17 @@ lint: venv
 
 test: venv
 	$(VENV)/bin/ruff check .
+	$(MAKE) docs-build
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+
+# The docs site. --strict: a broken link, a page missing from the nav or a docstring mkdocstrings cannot read fails
+# the build. NO_MKDOCS_2_WARNING silences Material's banner about MkDocs 2, which the pins in pyproject.toml exclude.
+DOCS_ENV ?= NO_MKDOCS_2_WARNING=1
+docs-build: venv
+	$(DOCS_ENV) $(VENV)/bin/mkdocs build --strict --quiet
+
+docs: venv
+	$(DOCS_ENV) $(VENV)/bin/mkdocs serve
 
 # Re-running replaces the previous demo runs (record refuses to overwrite a run without --resume). The demo ends with
 # the headline: random against sign-consistent placement at one budget, both regimes, 3 seeds, rates swept on a fourth
@@ -73,5 +84,5 @@ gpu-wheels: venv
 	PYTHON=$(VENV)/bin/python bash scripts/gpu_wheels.sh
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build dist site *.egg-info .pytest_cache .ruff_cache
 	find . -path ./runs -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +
