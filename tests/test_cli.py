@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import json
 import re
 import subprocess
 import sys
@@ -72,6 +74,32 @@ def test_toy_base_builds_then_caches_a_new_preset(tmp_path, monkeypatch, capsys)
         assert str(tmp_path / "toy" / "tiny5-seed2-v1") in out and "held-out prompts:  20" in out
         assert "greedy accuracy:" in out and "pass@" not in out  # k=0: no sampling
     assert sources == ["built", "cached", "built"]
+
+
+def test_toy_base_saves_its_default_evaluation_next_to_the_model(tmp_path, monkeypatch, capsys):
+    """With the default --n and --k the printed report is also saved beside the weights (what the docs' accuracy
+    table is checked against); any other --n or --k leaves the saved file alone."""
+    import dataclasses
+
+    import gradlens.toy_presets as toy_presets
+    from gradlens.toy_base_report import REPORT_FILE
+
+    quick = dataclasses.replace(toy_presets.PRESETS["tiny"], pretrain_steps=5)
+    monkeypatch.setitem(toy_presets.PRESETS, "tiny5", quick)
+    monkeypatch.setenv("GRADLENS_CACHE", str(tmp_path))
+    assert main(["toy", "base", "--preset", "tiny5"]) == 0
+    out = capsys.readouterr().out
+    saved_path = tmp_path / "toy" / "tiny5-seed0-v1" / REPORT_FILE
+    assert f"saved:             {saved_path}" in out
+    saved = json.loads(saved_path.read_text())
+    labels = {"greedy": "greedy accuracy", "sampled": "sampled accuracy", "pass_at_k": "pass@8"}
+    printed = {key: float(re.search(rf"{label}:\s+([\d.]+)", out)[1]) for key, label in labels.items()}
+    assert {key: round(saved[key], 3) for key in printed} == printed
+    assert (saved["n"], saved["k"], saved["preset"], saved["versions"]["torch"]) == (400, 8, "tiny5",
+                                                                              importlib.metadata.version("torch"))
+    before = saved_path.read_bytes()
+    assert main(["toy", "base", "--preset", "tiny5", "--n", "20"]) == 0
+    assert "saved:" not in capsys.readouterr().out and saved_path.read_bytes() == before
 
 
 @pytest.mark.parametrize(("argv", "message"), [(["--n", "0"], "--n"), (["--n", "401"], "401"), (["--k", "-1"], "--k")])

@@ -105,7 +105,7 @@ def _section(parser: argparse.ArgumentParser, title: str, level: str) -> list[st
 
 def command_page(name: str) -> str:
     """The Markdown page of ``gradlens NAME``."""
-    parser = _subparsers(build_parser())[name]
+    parser = subcommand_parser(name)
     lines = _section(parser, f"gradlens {name}", "#")
     config = parser.get_default(CONFIG_DEFAULT)
     forwards = getattr(importlib.import_module(SUBCOMMANDS[name][0]), "FORWARDS_UNKNOWN_FLAGS", False)
@@ -117,7 +117,7 @@ def command_page(name: str) -> str:
     return "\n".join(lines)
 
 
-def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
-    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return dict(action.choices)
-
+def subcommand_parser(name: str) -> argparse.ArgumentParser:
+    """The parser of ``gradlens NAME`` (what ``gradlens NAME --help`` prints)."""
+    action = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices[name]
