@@ -23,6 +23,7 @@ import pytest
 
 from gradlens.cli.dataclass_args import CONFIG_DEFAULT, config_from_args, load_yaml, parse_extra_flags
 from gradlens.cli.main import SUBCOMMANDS, UsageError, build_parser
+from gradlens.errors import GradlensError
 
 ROOT = Path(__file__).parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
@@ -158,7 +159,7 @@ def test_docs_command_parses_into_its_config(command: Command, tmp_path: Path, m
     monkeypatch.chdir(ROOT)  # --config recipes/... as a reader runs it from the repository root
     try:
         _parse(command, tmp_path)
-    except UsageError as e:
+    except (UsageError, GradlensError) as e:
         pytest.fail(f"{command.where}: gradlens {' '.join(command.argv)}: {e}")
 
 
