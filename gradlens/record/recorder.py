@@ -70,7 +70,11 @@ class GradientRecorder(TrainerCallback):
         dtype: storage dtype of the raw shards: ``float32``, ``bfloat16`` or ``float16`` (statistics stay float64).
         save_raw: write raw gradient shards; ``False`` keeps only the streaming accumulators.
         resume: continue an existing run in ``output_dir`` (steps it holds are skipped); otherwise it must be new.
-        config, seed: provenance stored in the manifest (the Trainer's arguments are added automatically).
+        steps_per_shard: steps per raw shard (default: up to 64 steps or 256 MiB); a kill loses at most one shard.
+        max_queue: flat gradient buffers in the ring the training step copies into before the writer thread catches
+            up (the step waits only when all are in flight).
+        config: provenance stored in the manifest (the Trainer's arguments are added automatically).
+        seed: the run's seed, stored in the manifest.
         trainer: the Trainer, optional; with it each step also records the loss and, for GRPO, reward statistics.
             Use :meth:`attach` to add the recorder and bind the trainer in one call.
         announce: print one line at train begin (where, what, dtype, regime, adapter); a trained A is warned about
