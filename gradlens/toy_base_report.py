@@ -52,16 +52,18 @@ def base_model_source(preset: str = "tiny", seed: int = 0, *, rebuild: bool = Fa
     return "built"
 
 
-def evaluate_base_model(preset: str = "tiny", seed: int = 0, *, n: int = 400, k: int = 8, rebuild: bool = False,
-                        progress: bool = False) -> BaseModelReport:
+def evaluate_base_model(preset: str = "tiny", seed: int = 0, *, n: int | None = None, k: int = DEFAULT_K,
+                        rebuild: bool = False, progress: bool = False) -> BaseModelReport:
     """Ensure (ship, cache or build) the toy base model, load it with ``from_pretrained``, and evaluate it.
 
-    Accuracy is measured on the first ``n`` prompts of the held-out split of the preset's task (addition, or the
-    math world's word problems): greedy, and with ``k`` samples per prompt (``k=0`` skips sampling).
+    Accuracy is measured on the first ``n`` prompts (default :func:`default_n`) of the held-out split of the preset's
+    task (addition, or the math world's word problems): greedy, and with ``k`` samples per prompt (``k=0`` skips
+    sampling).
     """
     from gradlens.models import load_model_and_tokenizer
 
     p = get_preset(preset)
+    n = default_n(preset) if n is None else n
     n_heldout = N_TEST if p.world == "math" else AdditionTask(digits=p.digits).n_heldout
     if not 1 <= n <= n_heldout:
         raise GradlensError(f"--n must be in 1..{n_heldout} (the held-out split's size), got {n}")

@@ -56,10 +56,9 @@ def run(args: argparse.Namespace) -> int:
     check_seed("--seed", args.seed)
     from gradlens.toy_base_report import DEFAULT_K, default_n, evaluate_base_model, save_base_report
 
-    n = default_n(args.preset) if args.n is None else args.n
-    report = evaluate_base_model(args.preset, args.seed, n=n, k=args.k, rebuild=args.rebuild, progress=True)
+    report = evaluate_base_model(args.preset, args.seed, n=args.n, k=args.k, rebuild=args.rebuild, progress=True)
     print(format_report(report))
-    if n == default_n(args.preset) and args.k == DEFAULT_K:  # the documented evaluation: keep it with the model
+    if report.accuracy.n == default_n(args.preset) and args.k == DEFAULT_K:  # the documented evaluation: keep it
         try:
             print(f"  saved:             {save_base_report(report)}")
         except (OSError, GradlensError) as e:
