@@ -99,7 +99,7 @@ def drop_page_cache(paths: Iterable[Path]) -> None:
 
 
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    """A Markdown table (what the README quotes); floats are printed as given, so format them first."""
+    """A Markdown table (what docs/performance.md quotes); floats are printed as given, so format them first."""
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)

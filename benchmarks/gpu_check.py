@@ -1,6 +1,6 @@
 """GPU check: the paths a GPU run takes, on one CUDA GPU, checked and timed, in one short blind run (under 6 minutes
 on an H100 by estimate). Run it through ``bash benchmarks/gpu_check.sh`` (which installs the prepared wheels and sets
-the path); see the README's "Running on a GPU".
+the path); see docs/gpu.md.
 
 0. preflight: the imports (gradlens, torch, transformers, peft, trl, datasets) and the GPUs; if it fails, the JSON
    says why and nothing else runs;

@@ -1,6 +1,6 @@
 """Faults and bad input: damaged run directories, a full disk, NaN steps, two writers, hostile files, determinism.
 
-Each test is one promise of the README's "Guarantees" section. Runs are written by ``RunWriter`` with the synthetic
+Each test is one promise of docs/guarantees.md. Runs are written by ``RunWriter`` with the synthetic
 gradients of ``tests/helpers/store.py`` where the fault is in the files, and recorded by real TRL training (nothing
 mocked) where it is in the recording; a full disk is a real size-limited tmpfs where the machine lets a test mount one,
 and an ENOSPC raised at gradlens's own file-write boundary everywhere.

@@ -1,5 +1,5 @@
 """TRL's own example scripts (``trl/scripts/sft.py`` and ``grpo.py`` of the installed trl), copied with the one line
-the README asks for (``GradientRecorder.attach(trainer, out)``), record a run that ``info``, ``analyze`` and
+docs/trl.md asks for (``GradientRecorder.attach(trainer, out)``), record a run that ``info``, ``analyze`` and
 ``select`` read; the manifest says how the adapter trained (standard PEFT LoRA: A trainable; DoRA; rsLoRA)."""
 
 from __future__ import annotations
