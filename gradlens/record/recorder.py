@@ -33,6 +33,7 @@ import torch
 from transformers import TrainerCallback
 
 from gradlens.callback_order import add_first
+from gradlens.dtensors import is_sharded
 from gradlens.errors import GradlensError
 from gradlens.lora import require_lora
 from gradlens.models import unwrap
@@ -52,6 +53,7 @@ from gradlens.record.checks import (
 )
 from gradlens.record.clip import ClipWatch, clip_statistics
 from gradlens.record.collective import agree, distributed
+from gradlens.record.sharded import ShardedGather, squares_held_here
 from gradlens.store import DTYPES, AsyncRunWriter, RunWriter
 from gradlens.store.background import NORM_CHUNK
 from gradlens.store.runstate import adapter_line, adapter_note, resume_hint, stop_reason
@@ -104,6 +106,7 @@ class GradientRecorder(TrainerCallback):
         self.steps_recorded = 0
         self.signal = SignalCounter(self._warn)  # recorded steps of this session without a learning signal
         self._params: list[torch.nn.Parameter] = []
+        self._gather: ShardedGather | None = None  # FSDP2: the recorded gradients are DTensors, gathered each step
         self._clip = ClipWatch()
         self._clip_unseen_said = False
         self._failure: BaseException | None = None  # under DDP: raised on every process at the next agreement
@@ -152,6 +155,8 @@ class GradientRecorder(TrainerCallback):
         ours = {id(p) for p in self._params}
         # Every other trainable parameter counts in the global norm the Trainer clipped (unrecorded LoRA modules too).
         self._others = [p for p in model.parameters() if p.requires_grad and id(p) not in ours]
+        # FSDP2: every process learns every process's blocks now (a collective), then one gather a recorded step.
+        self._gather = ShardedGather(self._params, extra=1) if any(is_sharded(p) for p in self._params) else None
         self._clip.install(self.trainer)
         self._main = state.is_world_process_zero
         self._planned = state.max_steps if state.max_steps and state.max_steps > 0 else None
@@ -187,10 +192,14 @@ class GradientRecorder(TrainerCallback):
             failure = self._failure or (self.writer.failure() if self.writer is not None else None)
             loss = agree(failure, loss)
             loss = None if loss is None else loss / torch.distributed.get_world_size()
+        gathered = None
+        if self._gather is not None:  # on every process: the blocks of every recorded gradient to the main process
+            others = squares_held_here([p.grad for p in self._others]) if clipped is None else 0.0
+            gathered = self._gather.gather([p.grad for p in self._params], [others])
         if not state.is_world_process_zero:
             return
         try:
-            self._record(step, args, loss, clipped, grpo_meta, optimizer, state)
+            self._record(step, args, loss, clipped, grpo_meta, optimizer, state, gathered)
         except Exception as e:
             if not distributed():
                 raise
@@ -199,9 +208,13 @@ class GradientRecorder(TrainerCallback):
                        "train end")
 
     def _record(self, step: int, args, loss: torch.Tensor | None, clipped: tuple[torch.Tensor, torch.Tensor] | None,
-                grpo_meta: dict[str, Any], optimizer, state) -> None:
-        """Copy this step's gradients into the writer's ring, take its statistics (one host sync), queue it."""
-        grads = [p.grad for p in self._params]
+                grpo_meta: dict[str, Any], optimizer, state,
+                gathered: tuple[list[torch.Tensor], torch.Tensor] | None = None) -> None:
+        """Copy this step's gradients into the writer's ring, take its statistics (one host sync), queue it.
+
+        ``gathered``: under FSDP2, the full gradients and the other gradients' summed squares (:class:`ShardedGather`).
+        """
+        grads = gathered[0] if gathered is not None else [p.grad for p in self._params]
         if any(g is None for g in grads):
             grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self._params, strict=True)]
         slot = self.writer.stage(grads)  # one fused copy into a flat buffer on their device
@@ -209,6 +222,8 @@ class GradientRecorder(TrainerCallback):
             device = slot.flat.device
             if clipped is not None:
                 extra = list(clipped)
+            elif gathered is not None:  # no clipping seen, FSDP2: the other gradients' squares, summed over processes
+                extra = [gathered[1][0]]
             else:  # no clipping seen: the global norm from the gradients themselves
                 extra = [sums_of_squares([[p.grad for p in self._others if p.grad is not None]], device)]
             if loss is not None:
