@@ -18,6 +18,11 @@ def is_sharded(t: torch.Tensor) -> bool:
     return isinstance(t, DTensor)
 
 
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This process's block of ``t``: its local tensor for a ``DTensor``, ``t`` itself otherwise."""
+    return t.to_local() if is_sharded(t) else t
+
+
 def local_block(t: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(local shape, global offset) of this process's block of the ``DTensor`` ``t``.
 
@@ -49,10 +54,14 @@ def local_block(t: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return tuple(shape), tuple(offset)
 
 
-def replicas(t: torch.Tensor) -> int:
-    """How many processes hold each entry of the ``DTensor`` ``t`` (the product of its replicated mesh dimensions)."""
+def holders(t: torch.Tensor) -> int:
+    """How many processes hold each entry of ``t``: for a ``DTensor`` the product of its replicated mesh dimensions,
+    for a plain tensor every process."""
+    import torch.distributed as dist
     from torch.distributed.tensor import Replicate
 
+    if not is_sharded(t):
+        return dist.get_world_size() if dist.is_initialized() else 1
     n = 1
     for mesh_dim, placement in enumerate(t.placements):
         if type(placement) is Replicate:
@@ -83,3 +92,17 @@ def block_of(t: torch.Tensor) -> Block:
     if not is_sharded(t):
         return Block(tuple(t.shape), (0,) * t.ndim)
     return Block(*local_block(t))
+
+
+def sum_over_processes(values: list[torch.Tensor], tensors: list[torch.Tensor]) -> float:
+    """The sum of ``values`` (one per tensor, each taken over this process's block of it) over every process: each
+    divided by how many processes hold that block (:func:`holders`), then all-reduced. Every process must call it."""
+    import torch.distributed as dist
+
+    device = values[0].device if values else torch.device("cpu")
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for v, t in zip(values, tensors, strict=True):
+        total += v.to(device, torch.float64) / holders(t)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(total)
+    return float(total)

@@ -15,12 +15,13 @@ from collections.abc import Sequence
 
 import torch
 
-from gradlens.dtensors import Block, is_sharded, local_block, replicas
+from gradlens.dtensors import Block, block_of, holders, is_sharded, local
 from gradlens.errors import GradlensError
 
 
 class ShardedGather:
-    """Gathers the full gradients of FSDP2 ``DTensor`` parameters to the main process, one collective per step.
+    """Gathers the full gradients of FSDP2 ``DTensor`` parameters to the main process, one collective per step (a
+    plain tensor among them is taken as held whole by every process).
 
     Made on every process at train begin (it exchanges every process's blocks once, a collective). ``extra``: how
     many float scalars each process appends to its buffer (summed over processes by :meth:`gather`).
@@ -34,12 +35,12 @@ class ShardedGather:
         self.extra = extra
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
-        mine = [local_block(p) for p in self.params]
-        everyone: list[list[tuple[tuple[int, ...], tuple[int, ...]]]] = [mine]
+        mine = [block_of(p) for p in self.params]
+        everyone: list[list[Block]] = [mine]
         if self.world > 1:
             everyone = [None] * self.world  # type: ignore[list-item]
             dist.all_gather_object(everyone, mine)
-        self.blocks = [[Block(tuple(s), tuple(o)) for s, o in rank] for rank in everyone]
+        self.blocks = everyone
         self.length = max(sum(b.numel for b in rank) for rank in self.blocks) + extra
         self._full: list[torch.Tensor] | None = None
         self._received: list[torch.Tensor] | None = None
@@ -64,12 +65,12 @@ class ShardedGather:
         """
         import torch.distributed as dist
 
-        ref = next((g for g in grads if g is not None), self.params[0])
-        local = [g.to_local() if g is not None else None for g in grads]
-        dtype, device = torch.promote_types(ref.dtype, torch.float32), ref.to_local().device
+        blocks = [None if g is None else local(g) for g in grads]
+        ref = next((g for g in blocks if g is not None), local(self.params[0]))
+        dtype, device = torch.promote_types(ref.dtype, torch.float32), ref.device
         buffer = torch.zeros(self.length, dtype=dtype, device=device)
         pos = 0
-        for g, block in zip(local, self.blocks[self.rank], strict=True):
+        for g, block in zip(blocks, self.blocks[self.rank], strict=True):
             if g is not None:
                 buffer[pos:pos + block.numel].copy_(g.reshape(-1))
             pos += block.numel
@@ -99,13 +100,25 @@ class ShardedGather:
 def squares_held_here(grads: Sequence[torch.Tensor | None]) -> torch.Tensor:
     """The float64 sum of squares of this process's part of ``grads``, each entry divided by how many processes hold
     it, so that the sum over processes is the global sum of squares (a plain tensor is held by every process)."""
-    import torch.distributed as dist
-
-    world = dist.get_world_size() if dist.is_initialized() else 1
     total = torch.zeros((), dtype=torch.float64)
     for g in grads:
-        if g is None:
-            continue
-        local, held = (g.to_local(), replicas(g)) if is_sharded(g) else (g, world)
-        total += local.detach().to(torch.float64).square().sum().cpu() / held
+        if g is not None:
+            total += local(g).detach().to(torch.float64).square().sum().cpu() / holders(g)
     return total
+
+
+def gather_lora_state(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """FSDP2: the LoRA entries (keys with ``lora_``, as PEFT saves them) of ``model.state_dict()`` as full CPU tensors
+    on the main process, an empty dict elsewhere; None when none of them is a ``DTensor`` (nothing to gather).
+
+    Every process must call it; one collective (:class:`ShardedGather`). PEFT's ``save_pretrained(state_dict=...)``
+    then writes the whole adapter, readable by ``PeftModel.from_pretrained``.
+    """
+    state = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    if not any(is_sharded(v) for v in state.values()):
+        return None
+    tensors = [v.detach() for v in state.values()]
+    gathered = ShardedGather(tensors).gather(tensors)
+    if gathered is None:
+        return {}
+    return {k: full.to("cpu", v.dtype, copy=True) for (k, v), full in zip(state.items(), gathered[0], strict=True)}
