@@ -334,7 +334,9 @@ class GradientRecorder(TrainerCallback):
         if self.writer is not None:
             return
         config = {"recorder": {"modules": repr(self.module_filter), "every_n_steps": self.every_n_steps,
-                               "dtype": self.dtype, "save_raw": self.save_raw, "warnings": notes},
+                               "dtype": self.dtype, "save_raw": self.save_raw, "warnings": notes,
+                               "processes": torch.distributed.get_world_size() if distributed() else 1,
+                               "sharding": "FSDP2" if self._gather is not None else None},
                   "adapter": self.adapter, **self._source,
                   "trainer_class": type(self.trainer).__name__ if self.trainer is not None else None,
                   "training_args": json.loads(args.to_json_string()), **self.config}

@@ -1,9 +1,9 @@
 """Run a Python module or script with accelerate's FSDP path enabled on CPU processes (gloo), for the FSDP2 tests.
 
-accelerate enables FSDP only for accelerator devices (``AcceleratorState`` keeps ``MULTI_CPU`` when ``use_cpu``), so
-``accelerate launch`` with an FSDP config on CPUs trains plain DDP. This launcher lets accelerate take the FSDP plugin it
-was given on CPU processes too; everything else (``fully_shard``, its DTensors, the Trainer) is the real code that runs
-on GPUs.
+accelerate enables FSDP only for accelerator devices (``AcceleratorState`` keeps ``MULTI_CPU`` when ``use_cpu``),
+so ``accelerate launch`` with an FSDP config on CPUs trains plain DDP. This launcher lets accelerate take the FSDP
+plugin it was given on CPU processes too; everything else (``fully_shard``, its DTensors, the Trainer) is the real
+code that runs on GPUs.
 
 Usage: ``accelerate launch --config_file recipes/accelerate/fsdp2.yaml tests/scripts/fsdp_on_cpu.py -m MODULE ARGS``
 or ``... fsdp_on_cpu.py SCRIPT ARGS``.
