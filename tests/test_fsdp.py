@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from gradlens import open_run
-from tests.helpers.launch import accelerate_gradlens, accelerate_gradlens_cmd, finish, kill_all, start
+from tests.helpers.launch import REPO, accelerate_gradlens, accelerate_gradlens_cmd, finish, kill_all, start, torchrun
 from tests.helpers.store import committed_steps
 
 pytestmark = pytest.mark.slow
@@ -194,3 +194,25 @@ def test_fsdp2_sparse_b_train_keeps_b_zero_outside_the_mask(tmp_path: Path) -> N
         grads = run.gradients(name)
         assert not grads[:, ~keep].any(), f"{name}: recorded gradient non-zero outside the mask"
         assert grads[:, keep].any(), name
+
+
+def test_fsdp2_gather_rebuilds_uneven_and_empty_blocks_as_full_tensor_does(tmp_path: Path) -> None:
+    """Three processes, shapes whose rows do not split evenly (5 rows: 2+2+1, 1 row: 1+0+0): the one-collective
+    gather gives exactly ``DTensor.full_tensor()``, the summed squares are the global ones, and the gathered state
+    dict holds the full weights."""
+    import torch
+
+    proc = torchrun(REPO / "tests" / "scripts" / "gather_fsdp2.py", str(tmp_path), nproc=3)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    blocks = json.loads((tmp_path / "blocks.json").read_text())
+    assert [rank[0] for rank in blocks] == [[[2, 3], [0, 0]], [[2, 3], [2, 0]], [[1, 3], [4, 0]]]
+    assert [rank[1][0][0] for rank in blocks] == [1, 0, 0]
+    data = torch.load(tmp_path / "gather.pt", weights_only=True)
+    for got, full in zip(data["gathered"], data["full"], strict=True):
+        assert got.shape == full.shape and full.abs().max() > 0
+        assert torch.equal(got, full)
+    squares = sum(float(f.double().square().sum()) for f in data["full"])
+    assert float(data["squares"][0]) == pytest.approx(squares, rel=8 * EPS32)  # float32 buffer
+    assert list(data["state"]) == [f"lora_B.{i}" for i in range(4)]
+    for got, full in zip(data["state"].values(), data["weights"], strict=True):
+        assert torch.equal(got, full)

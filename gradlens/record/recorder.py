@@ -146,7 +146,8 @@ class GradientRecorder(TrainerCallback):
         sharding = sharded_training(args, self.trainer, [p for _, p in found])
         if sharding is not None:  # raised on every process alike: each sees the same setup
             raise GradlensError(f"{sharding} shards gradients, so param.grad is not the full gradient and cannot be "
-                                f"recorded; the recorder supports {SUPPORTED_SETUPS}")
+                                "recorded; shard with FSDP2 instead (fsdp_version: 2 in the accelerate config, see "
+                                f"docs/distributed.md): the recorder supports {SUPPORTED_SETUPS}")
         frozen = [n for n, p in chosen if not p.requires_grad]
         if frozen:
             raise GradlensError(f"lora_B of {frozen[0]} does not require grad; only trainable modules can be recorded")
