@@ -257,7 +257,7 @@ def test_recorder_refuses_fsdp1_and_deepspeed_zero_naming_fsdp2(make_tiny_model,
 
     fsdp1 = TrainingArguments(output_dir=str(tmp_path / "t"), use_cpu=True, report_to="none", fsdp=True,
                               fsdp_config={"version": 1})
-    with pytest.raises(GradlensError, match=r"^FSDP1 shards gradients.*shard with FSDP2 instead \(fsdp_version: 2") as e:
+    with pytest.raises(GradlensError, match=r"^FSDP1 shards gradients.*with FSDP2 instead \(fsdp_version: 2") as e:
         _begin(tmp_path / "fsdp", model, fsdp1)
     assert "\n" not in str(e.value)
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` sets for an FSDP config without
