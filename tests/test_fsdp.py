@@ -121,6 +121,28 @@ def test_fsdp2_records_what_ddp_records(runs) -> None:
         assert lb["gradlens/b_grad_norm"] == pytest.approx(la["gradlens/b_grad_norm"], rel=1e-3)
 
 
+def test_fsdp2_grpo_records_what_ddp_records(tmp_path: Path) -> None:
+    """GRPO: the same generations (the sharded model generates what the whole one does), so the same gradients,
+    rewards, generation batches and no-signal flags; a step whose groups all have equal rewards included."""
+    args = ["record", "--regime", "grpo", "--max_steps", "3", "--num_generations", "4",
+            "--per_device_train_batch_size", "4", "--beta", "0.0", "--disable_tqdm", "true", "--logging_steps", "100"]
+    for config in ("ddp", "fsdp2"):
+        launched(config, *args, "--out", str(tmp_path / config))
+    a, b = open_run(tmp_path / "ddp"), open_run(tmp_path / "fsdp2")
+    assert b.meta["config"]["recorder"]["sharding"] == "FSDP2" and a.steps == b.steps == [1, 2, 3]
+    fields = ("generation_batch", "reward_mean", "reward_std", "frac_reward_zero_std", "zero_reward_std",
+              "zero_gradient")
+    assert [[r[k] for k in fields] for r in b.step_records] == [[r[k] for k in fields] for r in a.step_records]
+    assert [r["generation_batch"] for r in b.step_records] == [0, 1, 2]
+    for ra, rb in zip(a.step_records, b.step_records, strict=True):
+        for key in ("loss", "grad_norm", "clip_coef", "b_grad_norm"):
+            assert rb[key] == pytest.approx(ra[key], rel=ULPS * EPS32, abs=0), f"step {ra['step']} {key}"
+    for name in a.modules:
+        ga, gb = a.gradients(name), b.gradients(name)
+        np.testing.assert_array_equal(gb[0], ga[0], err_msg=name)  # the first step: bit for bit
+        assert np.abs(gb - ga).max() <= ULPS * EPS32 * np.abs(ga).max(), name
+
+
 def test_fsdp2_kill_and_resume_equals_the_uninterrupted_fsdp2_run(runs, tmp_path: Path) -> None:
     """Every process of the launch killed (SIGKILL) after a few committed steps; ``--resume`` then
     records the remaining steps, and the run equals the uninterrupted FSDP2 run bit for bit."""

@@ -21,12 +21,15 @@ _init = AcceleratorState.__init__
 
 
 def _init_fsdp_on_cpu(self, *args, fsdp_plugin=None, **kwargs):
+    """Take the plugin on CPU processes; and again on every later ``AcceleratorState()`` (e.g. TRL's ``set_seed``),
+    which copies ``PartialState``'s ``MULTI_CPU`` back over the shared state."""
     _init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
-    if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
-        if self._mixed_precision != "no":
+    plugin = fsdp_plugin if fsdp_plugin is not None else getattr(self, "fsdp_plugin", None)
+    if plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+        if fsdp_plugin is not None and self._mixed_precision != "no":
             fsdp_plugin.set_mixed_precision(self._mixed_precision)
         self.distributed_type = DistributedType.FSDP
-        self.fsdp_plugin = fsdp_plugin
+        self.fsdp_plugin = plugin
 
 
 AcceleratorState.__init__ = _init_fsdp_on_cpu
