@@ -4,7 +4,8 @@ They should not: LoRA trains only the adapter. But under GRPO with vLLM weight s
 base weights and unmerges it again, in place, at every sync (``merge_adapter`` / ``unmerge_adapter``); in bf16,
 ``W + BA - BA`` is not ``W``, so the base weights drift a little with every sync (trl issue 6688). A placement
 comparison run that way compares placements *and* a drifting base model. :class:`DriftGuard` fingerprints the base
-weights at train begin and train end and says so when they moved.
+weights at train begin and train end and says so when they moved. Under FSDP2 each process fingerprints the block of
+the base weights it holds, and the processes agree whether any block moved.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from transformers import TrainerCallback
 
 from gradlens.callback_order import add_first
+from gradlens.dtensors import is_sharded, local
 from gradlens.errors import GradlensError, GradlensWarning
 from gradlens.lora import require_lora
 from gradlens.models import unwrap
@@ -25,12 +27,13 @@ CHECKSUM_CHUNK = 2**22  # entries per float64 piece of a checksum: 32 MiB of tra
 
 
 def base_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(module name, base weight)`` of every PEFT LoRA layer (names without PEFT's ``base_model.model.``)."""
+    """``(module name, base weight)`` of every PEFT LoRA layer (names without PEFT's ``base_model.model.``); under
+    FSDP2 this process's block of it."""
     from peft.tuners.lora import LoraLayer
 
     for name, module in unwrap(model).named_modules():
         if isinstance(module, LoraLayer):
-            yield name.removeprefix("base_model.model."), module.get_base_layer().weight
+            yield name.removeprefix("base_model.model."), local(module.get_base_layer().weight)
 
 
 def checksum(weights: list[torch.Tensor]) -> dict[str, float]:
@@ -62,6 +65,7 @@ class DriftGuard(TrainerCallback):
         self.report: dict[str, Any] = {"checked": False}
         self._copies: list[torch.Tensor] = []
         self._kept = False  # whether start() kept a copy
+        self._sharded = False  # FSDP2: each process guards its block; the processes agree at finish()
 
     @classmethod
     def attach(cls, trainer: Any, keep_copy: bool = True) -> DriftGuard:
@@ -76,6 +80,7 @@ class DriftGuard(TrainerCallback):
         require_lora(unwrap(model), "drift guard: the model")
         found = list(base_weights(model))
         weights = [w for _, w in found]
+        self._sharded = any(is_sharded(p) for p in unwrap(model).parameters())
         self._kept = self.keep_copy and copy
         self._copies = [w.detach().to("cpu", copy=True) for w in weights] if self._kept else []
         self.report.clear()
@@ -99,6 +104,10 @@ class DriftGuard(TrainerCallback):
                         max_change = max(max_change, float((w.float() - before.float()).abs().max()))
             self._copies = []
         drifted = bool(changed) if self._kept else end != self.report["checksum_begin"]
+        if self._sharded and torch.distributed.is_initialized():  # did any process's block move?
+            flag = torch.tensor([float(drifted)], device=found[0][1].device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            drifted = bool(flag.item())
         self.report.update(checked=True, checksum_end=end, max_abs_change=max_change, drifted=drifted,
                            changed_layers=len(changed) if self._kept else None,
                            first_changed=changed[0] if changed else None)

@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from transformers import PreTrainedModel
 
+from gradlens.dtensors import is_sharded, local, sum_over_processes
 from gradlens.errors import GradlensError
 from gradlens.modules import ALL_PROJECTIONS
 
@@ -140,4 +141,7 @@ def freeze_lora_a(model: torch.nn.Module) -> None:
 def b_nonzero(model: torch.nn.Module) -> tuple[int, int]:
     """(non-zero entries, all entries) of the active adapter's B: B starts at 0, so the first counts what moved."""
     params = [p.detach() for _, p in lora_b_parameters(model)]
-    return sum(int(torch.count_nonzero(p)) for p in params), sum(p.numel() for p in params)
+    entries = sum(p.numel() for p in params)
+    if any(is_sharded(p) for p in params):  # FSDP2: every process counts its blocks (every process must call this)
+        return round(sum_over_processes([torch.count_nonzero(local(p)) for p in params], params)), entries
+    return sum(int(torch.count_nonzero(p)) for p in params), entries

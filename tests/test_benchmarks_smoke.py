@@ -17,6 +17,7 @@ TINY = {
     "bench_selection.py": ["--layers", "1", "--repeats", "1", "--scopes", "global", "--preset", "tiny",
                            "--probe-steps", "1", "--train-steps", "2", "--probe-reps", "1"],
     "bench_recorder_overhead.py": ["--regime", "sft", "--steps", "2", "--reps", "1"],
+    "bench_distributed.py": ["--layers", "1", "--steps", "2", "--pause", "0"],
 }
 REAL_SHAPE_TINY = ["--steps", "2", "--seq-len", "64", "--layers", "1", "--hidden", "56", "--intermediate", "112"]
 
@@ -24,7 +25,8 @@ REAL_SHAPE_TINY = ["--steps", "2", "--seq-len", "64", "--layers", "1", "--hidden
 @pytest.mark.parametrize("script", sorted(TINY))
 def test_benchmark_runs(script: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "result.json"
-    extra = ["--dir", str(tmp_path)] if script in ("bench_recording.py", "bench_analysis.py") else []
+    extra = ["--dir", str(tmp_path)] if script in ("bench_recording.py", "bench_analysis.py", "bench_distributed.py") \
+        else []
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     monkeypatch.setattr(sys, "argv", [script, *TINY[script], *extra, "--json", str(out)])
     with pytest.raises(SystemExit) as exit_info:

@@ -243,7 +243,8 @@ def _begin(tmp_path: Path, model, args) -> None:
         recorder.close()
 
 
-def test_recorder_refuses_fsdp_and_deepspeed_at_train_begin(make_tiny_model, tmp_path: Path, monkeypatch) -> None:
+def test_recorder_refuses_fsdp1_and_deepspeed_zero_naming_fsdp2(make_tiny_model, tmp_path: Path, monkeypatch) -> None:
+    """FSDP1 and DeepSpeed ZeRO keep gradients in the engine's flat buffers: a one-line refusal that names FSDP2."""
     from transformers import TrainingArguments
 
     from gradlens.errors import GradlensError
@@ -254,19 +255,29 @@ def test_recorder_refuses_fsdp_and_deepspeed_at_train_begin(make_tiny_model, tmp
     _begin(tmp_path / "ok", model, plain)  # the control: a single process records
     assert (tmp_path / "ok" / "run" / "manifest.json").is_file()
 
-    fsdp = TrainingArguments(output_dir=str(tmp_path / "t"), use_cpu=True, report_to="none", fsdp=True,
-                             fsdp_config={"fsdp_version": 2})
-    with pytest.raises(GradlensError, match=r"^FSDP shards gradients.*supports one process .*DDP") as e:
-        _begin(tmp_path / "fsdp", model, fsdp)
+    fsdp1 = TrainingArguments(output_dir=str(tmp_path / "t"), use_cpu=True, report_to="none", fsdp=True,
+                              fsdp_config={"version": 1})
+    with pytest.raises(GradlensError, match=r"^FSDP1 shards gradients.*with FSDP2 instead \(fsdp_version: 2") as e:
+        _begin(tmp_path / "fsdp", model, fsdp1)
     assert "\n" not in str(e.value)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` sets for an FSDP config without
+    monkeypatch.delenv("FSDP_VERSION", raising=False)  # fsdp_version: FSDP1
+    with pytest.raises(GradlensError, match="^FSDP1 shards gradients"):
+        _begin(tmp_path / "fsdp", model, plain)
+    monkeypatch.setenv("FSDP_VERSION", "2")  # FSDP2 is recorded (here the model is not sharded: whole gradients)
+    _begin(tmp_path / "fsdp2", model, plain)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what `accelerate launch` sets for a DeepSpeed config
-    with pytest.raises(GradlensError, match="^DeepSpeed shards gradients"):
+    with pytest.raises(GradlensError, match="^DeepSpeed shards gradients.*shard with FSDP2 instead") as e:
         _begin(tmp_path / "ds", model, plain)
+    assert "\n" not in str(e.value)
     assert not (tmp_path / "fsdp" / "run").exists() and not (tmp_path / "ds" / "run").exists()  # nothing recorded
 
 
-def test_recorder_refuses_a_fully_sharded_model(make_tiny_model, tmp_path: Path, monkeypatch) -> None:
-    """FSDP2 (``fully_shard``) on one gloo process: lora_B becomes a DTensor whatever the arguments say."""
+def test_recorder_records_a_fully_sharded_fsdp2_model_on_one_process(make_tiny_model, tmp_path: Path,
+                                                                    monkeypatch) -> None:
+    """FSDP2 (``fully_shard``) on one gloo process: lora_B becomes a DTensor whatever the arguments say; the recorder
+    takes it (its block is the whole weight) and says FSDP2 in the manifest."""
     import socket
 
     import torch.distributed as dist
@@ -274,8 +285,8 @@ def test_recorder_refuses_a_fully_sharded_model(make_tiny_model, tmp_path: Path,
     from torch.distributed.fsdp import fully_shard
     from transformers import TrainingArguments
 
-    from gradlens.errors import GradlensError
     from gradlens.lora import attach_lora
+    from gradlens.store import open_run
 
     model = attach_lora(make_tiny_model(), r=2)
     with socket.socket() as s:
@@ -287,10 +298,10 @@ def test_recorder_refuses_a_fully_sharded_model(make_tiny_model, tmp_path: Path,
     try:
         fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
         plain = TrainingArguments(output_dir=str(tmp_path / "t"), use_cpu=True, report_to="none")
-        with pytest.raises(GradlensError, match="^FSDP shards gradients"):
-            _begin(tmp_path, model, plain)
+        _begin(tmp_path, model, plain)
     finally:
         dist.destroy_process_group()
+    assert open_run(tmp_path / "run").meta["config"]["recorder"]["sharding"] == "FSDP2"
 
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))

@@ -9,10 +9,7 @@ weights the launched script snapshotted before each step and the micro-batches e
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,6 +21,7 @@ from gradlens import open_run
 from gradlens.record.collective import ELSEWHERE
 from gradlens.record.recorder import GradientRecorder
 from gradlens.store import ModuleSpec, RunWriter
+from tests.helpers.launch import REPO, torchrun
 from tests.helpers.recorder import (
     RTOL,
     assert_grad_close,
@@ -38,27 +36,12 @@ from tests.helpers.recorder import (
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tests" / "scripts" / "record_sft_ddp.py"
-TIMEOUT = 300  # seconds; the launches take ~15 s on 2 CPU cores, so hitting this means a hang
 
 
 def launch(out: Path, *args: str, nproc: int = 2) -> subprocess.CompletedProcess:
     """Run the script on ``nproc`` local processes; on timeout kill the whole process group and fail."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           str(SCRIPT), str(out), *args]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"{nproc}-process run did not finish in {TIMEOUT} s (deadlock?):\n{stderr[-4000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+    return torchrun(SCRIPT, str(out), *args, nproc=nproc)
 
 
 def load_rank(out: Path, rank: int) -> tuple[dict, dict]:

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from gradlens.dtensors import is_sharded
+
 CLIP_EPS = 1e-6  # the eps of torch.nn.utils.clip_grad_norm_: the factor is max_norm / (norm + eps), at most 1
 
 
@@ -34,6 +36,8 @@ class ClipWatch:
             norm = original(parameters, max_norm, *args, **kwargs)
             if isinstance(norm, torch.Tensor):  # None where accelerate clips elsewhere (DeepSpeed)
                 norm = norm.detach()
+                if is_sharded(norm):  # FSDP2: clip_grad_norm_ of DTensors gives a DTensor; every process is here
+                    norm = norm.full_tensor()
                 factor = (float(max_norm) / (norm + CLIP_EPS)).clamp(max=1.0)  # as clip_grad_norm_, same dtype
                 self._seen = (norm, factor)
             return norm

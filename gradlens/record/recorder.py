@@ -33,6 +33,7 @@ import torch
 from transformers import TrainerCallback
 
 from gradlens.callback_order import add_first
+from gradlens.dtensors import is_sharded
 from gradlens.errors import GradlensError
 from gradlens.lora import require_lora
 from gradlens.models import unwrap
@@ -52,6 +53,7 @@ from gradlens.record.checks import (
 )
 from gradlens.record.clip import ClipWatch, clip_statistics
 from gradlens.record.collective import agree, distributed
+from gradlens.record.sharded import ShardedGather, squares_held_here
 from gradlens.store import DTYPES, AsyncRunWriter, RunWriter
 from gradlens.store.background import NORM_CHUNK
 from gradlens.store.runstate import adapter_line, adapter_note, resume_hint, stop_reason
@@ -108,6 +110,7 @@ class GradientRecorder(TrainerCallback):
         self.steps_recorded = 0
         self.signal = SignalCounter(self._warn)  # recorded steps of this session without a learning signal
         self._params: list[torch.nn.Parameter] = []
+        self._gather: ShardedGather | None = None  # FSDP2: the recorded gradients are DTensors, gathered each step
         self._clip = ClipWatch()
         self._clip_unseen_said = False
         self._failure: BaseException | None = None  # under DDP: raised on every process at the next agreement
@@ -147,7 +150,8 @@ class GradientRecorder(TrainerCallback):
         sharding = sharded_training(args, self.trainer, [p for _, p in found])
         if sharding is not None:  # raised on every process alike: each sees the same setup
             raise GradlensError(f"{sharding} shards gradients, so param.grad is not the full gradient and cannot be "
-                                f"recorded; the recorder supports {SUPPORTED_SETUPS}")
+                                "recorded; shard with FSDP2 instead (fsdp_version: 2 in the accelerate config, see "
+                                f"docs/distributed.md): the recorder supports {SUPPORTED_SETUPS}")
         frozen = [n for n, p in chosen if not p.requires_grad]
         if frozen:
             raise GradlensError(f"lora_B of {frozen[0]} does not require grad; only trainable modules can be recorded")
@@ -156,6 +160,8 @@ class GradientRecorder(TrainerCallback):
         ours = {id(p) for p in self._params}
         # Every other trainable parameter counts in the global norm the Trainer clipped (unrecorded LoRA modules too).
         self._others = [p for p in model.parameters() if p.requires_grad and id(p) not in ours]
+        # FSDP2: every process learns every process's blocks now (a collective), then one gather a recorded step.
+        self._gather = ShardedGather(self._params, extra=1) if any(is_sharded(p) for p in self._params) else None
         self._clip.install(self.trainer)
         self._main = state.is_world_process_zero
         self._planned = state.max_steps if state.max_steps and state.max_steps > 0 else None
@@ -191,10 +197,14 @@ class GradientRecorder(TrainerCallback):
             failure = self._failure or (self.writer.failure() if self.writer is not None else None)
             loss = agree(failure, loss)
             loss = None if loss is None else loss / torch.distributed.get_world_size()
+        gathered = None
+        if self._gather is not None:  # on every process: the blocks of every recorded gradient to the main process
+            others = squares_held_here([p.grad for p in self._others]) if clipped is None else 0.0
+            gathered = self._gather.gather([p.grad for p in self._params], [others])
         if not state.is_world_process_zero:
             return
         try:
-            self._record(step, args, loss, clipped, grpo_meta, optimizer, state)
+            self._record(step, args, loss, clipped, grpo_meta, optimizer, state, gathered)
         except Exception as e:
             if not distributed():
                 raise
@@ -203,9 +213,13 @@ class GradientRecorder(TrainerCallback):
                        "train end")
 
     def _record(self, step: int, args, loss: torch.Tensor | None, clipped: tuple[torch.Tensor, torch.Tensor] | None,
-                grpo_meta: dict[str, Any], optimizer, state) -> None:
-        """Copy this step's gradients into the writer's ring, take its statistics (one host sync), queue it."""
-        grads = [p.grad for p in self._params]
+                grpo_meta: dict[str, Any], optimizer, state,
+                gathered: tuple[list[torch.Tensor], torch.Tensor] | None = None) -> None:
+        """Copy this step's gradients into the writer's ring, take its statistics (one host sync), queue it.
+
+        ``gathered``: under FSDP2, the full gradients and the other gradients' summed squares (:class:`ShardedGather`).
+        """
+        grads = gathered[0] if gathered is not None else [p.grad for p in self._params]
         if any(g is None for g in grads):
             grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self._params, strict=True)]
         slot = self.writer.stage(grads)  # one fused copy into a flat buffer on their device
@@ -213,6 +227,8 @@ class GradientRecorder(TrainerCallback):
             device = slot.flat.device
             if clipped is not None:
                 extra = list(clipped)
+            elif gathered is not None:  # no clipping seen, FSDP2: the other gradients' squares, summed over processes
+                extra = [gathered[1][0]]
             else:  # no clipping seen: the global norm from the gradients themselves
                 extra = [sums_of_squares([[p.grad for p in self._others if p.grad is not None]], device)]
             if loss is not None:
@@ -323,7 +339,9 @@ class GradientRecorder(TrainerCallback):
         if self.writer is not None:
             return
         config = {"recorder": {"modules": repr(self.module_filter), "every_n_steps": self.every_n_steps,
-                               "dtype": self.dtype, "save_raw": self.save_raw, "warnings": notes},
+                               "dtype": self.dtype, "save_raw": self.save_raw, "warnings": notes,
+                               "processes": torch.distributed.get_world_size() if distributed() else 1,
+                               "sharding": "FSDP2" if self._gather is not None else None},
                   "adapter": self.adapter, **self._source,
                   "trainer_class": type(self.trainer).__name__ if self.trainer is not None else None,
                   "training_args": json.loads(args.to_json_string()), **self.config}

@@ -5,6 +5,11 @@ weight, which autograd runs on each micro-batch's gradient *before* it is accumu
 reads ``.grad`` afterwards therefore sees only the trainable entries: gradient accumulation, the DDP all-reduce, the
 Trainer's gradient clipping (so the clip norm is the norm of the masked gradient), the recorder, the optimizer.
 :meth:`SparseB.enforce` re-zeroes the masked entries, so they stay exactly 0 whatever the optimizer does.
+
+Under FSDP2 each process holds a block of rows of B (a ``DTensor``) and the module computes with a gathered copy, so a
+tensor hook on the sharded weight never runs; the mask is sliced to the process's block instead, and a
+post-accumulate-grad hook (which FSDP2 runs after it reduce-scatters each micro-batch's gradient into the block, before
+clipping) zeroes the block's masked entries; :meth:`SparseB.enforce` zeroes the block's masked weights.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 import torch
 
+from gradlens.dtensors import block_of, is_sharded, local
 from gradlens.errors import GradlensError
 from gradlens.lora import require_lora
 from gradlens.models import unwrap
@@ -22,7 +28,8 @@ from gradlens.sparse.masks import check_mask_fits
 
 def fit_mask(model: torch.nn.Module, mask: Mapping[str, np.ndarray], where: str
          ) -> list[tuple[str, torch.nn.Parameter, torch.Tensor]]:
-    """``(name, lora_B weight, bool mask on its device)`` of every LoRA module, after checking the mask fits them."""
+    """``(name, lora_B weight, bool mask on its device)`` of every LoRA module, after checking the mask fits them; for
+    an FSDP2 weight the mask of this process's block."""
     params = require_lora(model, where)
     check_mask_fits(mask, {name: tuple(p.shape) for name, p in params}, where)
     fitted = []
@@ -30,7 +37,7 @@ def fit_mask(model: torch.nn.Module, mask: Mapping[str, np.ndarray], where: str
         m = np.asarray(mask[name])
         if m.dtype != np.bool_:
             raise GradlensError(f"{where}: mask of module {name} is {m.dtype}, not bool")
-        fitted.append((name, p, torch.from_numpy(m.copy()).to(p.device)))
+        fitted.append((name, p, torch.from_numpy(m[block_of(p).index()].copy()).to(p.device)))
     return fitted
 
 
@@ -47,7 +54,9 @@ class SparseB:
         # masked_fill rather than multiplying by the mask: exact zeros even where a gradient is inf or NaN.
         self._frozen = {name: ~keep for name, keep in self.masks.items()}
         self.enforce()
-        self._hooks = [p.register_hook(self._gradient_hook(self._frozen[name])) for name, p in self.params.items()]
+        self._hooks = [p.register_post_accumulate_grad_hook(self._block_hook(self._frozen[name])) if is_sharded(p)
+                       else p.register_hook(self._gradient_hook(self._frozen[name]))
+                       for name, p in self.params.items()]
 
     @staticmethod
     def _gradient_hook(frozen: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -56,11 +65,19 @@ class SparseB:
 
         return hook
 
+    @staticmethod
+    def _block_hook(frozen: torch.Tensor) -> Callable[[torch.Tensor], None]:
+        def hook(param: torch.Tensor) -> None:
+            with torch.no_grad():
+                param.grad.to_local().masked_fill_(frozen, 0)
+
+        return hook
+
     def enforce(self) -> None:
         """Set every masked-out entry to exactly 0 (after an optimizer step, or when the mask is applied)."""
         with torch.no_grad():
             for name, p in self.params.items():
-                p.masked_fill_(self._frozen[name], 0)
+                local(p).masked_fill_(self._frozen[name], 0)
 
     def remove(self) -> None:
         """Remove the gradient hooks: the whole of B trains again. Safe to call twice."""

@@ -75,12 +75,16 @@ def stayed_finite(trainer: Any) -> bool:
     """Whether training stayed finite: every logged loss and every trained LoRA-B weight."""
     import torch
 
+    from gradlens.dtensors import is_sharded, local, sum_over_processes
     from gradlens.lora import lora_b_parameters
 
     losses = [v for entry in trainer.state.log_history for k, v in entry.items() if k in ("loss", "train_loss")]
     if not all(math.isfinite(float(v)) for v in losses):
         return False
-    return all(bool(torch.isfinite(p).all()) for _, p in lora_b_parameters(trainer.model))
+    params = [p.detach() for _, p in lora_b_parameters(trainer.model)]
+    if any(is_sharded(p) for p in params):  # FSDP2: every process checks its blocks
+        return sum_over_processes([(~torch.isfinite(local(p))).sum() for p in params], params) == 0
+    return all(bool(torch.isfinite(p).all()) for p in params)
 
 
 def record_fields(config: RecordConfig) -> dict[str, Any]:
@@ -96,15 +100,17 @@ def _mask_info(mask: Mapping[str, Any] | None, meta: Mapping[str, str], path: st
     return {"path": path, "k": k, "entries": entries, "share": k / entries, "metadata": dict(meta)}
 
 
-def _save_adapter(model: Any, out: Path, mask: Mapping[str, Any] | None, meta: Mapping[str, str]) -> Path:
-    """Only the active adapter (not GRPO's ``ref``), as a PEFT directory; sparse-B with its mask."""
+def _save_adapter(model: Any, out: Path, mask: Mapping[str, Any] | None, meta: Mapping[str, str],
+                  state: dict[str, Any] | None = None) -> Path:
+    """Only the active adapter (not GRPO's ``ref``), as a PEFT directory; sparse-B with its mask. ``state``: the
+    adapter's full tensors under FSDP2 (:func:`~gradlens.record.sharded.gather_lora_state`)."""
     from gradlens.models import unwrap
     from gradlens.sparse.export import export_adapter
 
     if mask is not None:
-        return export_adapter(model, out, mask, meta)
+        return export_adapter(model, out, mask, meta, state=state)
     model = unwrap(model)
-    model.save_pretrained(out, selected_adapters=[model.active_adapter])
+    model.save_pretrained(out, selected_adapters=[model.active_adapter], state_dict=state)
     return out if model.active_adapter == "default" else out / model.active_adapter
 
 
@@ -227,8 +233,9 @@ def run_training(config: RecordConfig, *, out: Path | None, tool: str, setup: Ru
             "drift_guard": provenance.get("drift_guard", {"checked": False, "reason": "no drift guard"}),
             "training_args": json.loads(trainer.args.to_json_string()), "warnings": notes}
     adapter = evaluation = None
-    if out is not None and trainer.is_world_process_zero():  # one writer under DDP, like the recorder
+    if out is not None:  # one writer under DDP, like the recorder (under FSDP2 every process gathers and evaluates)
         adapter, evaluation = _write_outputs(trainer, setup, out, mask, mask_meta or {})
+    if out is not None and trainer.is_world_process_zero():
         remove_if_empty(out / TRAINER_DIR)  # no checkpoint or log was written there
     info.update(adapter=str(adapter) if adapter else None, wall_seconds=time.perf_counter() - start,
                 eval=None if evaluation is None else {k: evaluation[k] for k in ("accuracy", "ci95", "n", "correct")})
@@ -244,14 +251,24 @@ def run_training(config: RecordConfig, *, out: Path | None, tool: str, setup: Ru
 
 
 def _write_outputs(trainer: Any, setup: RunSetup, out: Path, mask: Mapping[str, Any] | None,
-                   mask_meta: Mapping[str, str]) -> tuple[Path, dict[str, Any] | None]:
-    """Save the adapter and, with held-out rows, evaluate them into ``eval.json``."""
+                   mask_meta: Mapping[str, str]) -> tuple[Path | None, dict[str, Any] | None]:
+    """Save the adapter and, with held-out rows, evaluate them into ``eval.json``; the main process writes.
+
+    Under DDP only the main process gets here. Under FSDP2 every process does: the adapter's blocks are gathered to
+    the main process, and every process runs the same greedy evaluation (a sharded model's forward is a collective).
+    """
     from gradlens.evaluate import greedy_report
     from gradlens.fsio import json_dump
+    from gradlens.record.sharded import gather_lora_state
 
-    adapter = _save_adapter(trainer.model, out / ADAPTER_DIR, mask, mask_meta)
+    state = gather_lora_state(trainer.model)
+    main = trainer.is_world_process_zero()
+    if state is None and not main:
+        return None, None
+    adapter = _save_adapter(trainer.model, out / ADAPTER_DIR, mask, mask_meta, state) if main else None
     evaluation = None
     if setup.eval_data is not None:
         evaluation = greedy_report(trainer.model, setup.tokenizer, setup.task, setup.eval_data)
-        json_dump({"split": setup.task.eval_split, **evaluation}, out / EVAL_FILE)
+        if main:
+            json_dump({"split": setup.task.eval_split, **evaluation}, out / EVAL_FILE)
     return adapter, evaluation
