@@ -22,7 +22,7 @@ STAGES: dict[str, float] = {
     "gradlens": 0, "gradlens.errors": 0, "gradlens.provenance": 0, "gradlens.fsio": 0, "gradlens.modules": 0,
     "gradlens.config": 0, "gradlens.budget": 0, "gradlens.stats": 0, "gradlens.stats.core": 0,
     "gradlens.stats.streaming": 0, "gradlens.stats.device": 0, "gradlens.toy_presets": 0, "gradlens.callback_order": 0,
-    "gradlens.lazy": 0, "gradlens.hub": 0, "gradlens.dtensors": 0,
+    "gradlens.lazy": 0, "gradlens.hub": 0, "gradlens.dtensors": 0, "gradlens.engines": 0,
     "gradlens.tasks": 1.0, "gradlens.tasks.prompt_format": 1.0,
     "gradlens.toy": 1.1,
     "gradlens.models": 1.2,

@@ -274,6 +274,39 @@ def test_recorder_refuses_fsdp1_and_deepspeed_zero_naming_fsdp2(make_tiny_model,
     assert not (tmp_path / "fsdp" / "run").exists() and not (tmp_path / "ds" / "run").exists()  # nothing recorded
 
 
+def test_sparse_b_refuses_fsdp1_and_deepspeed_zero_naming_fsdp2(make_tiny_model, tmp_path: Path, monkeypatch) -> None:
+    """Sparse-B training under an engine whose gradients it cannot mask whole is refused in one line, not run with
+    masked entries that may move; FSDP2 and a single process apply the mask."""
+    import numpy as np
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from gradlens.errors import GradlensError
+    from gradlens.lora import attach_lora, require_lora
+    from gradlens.sparse.callback import SparseBCallback
+
+    model = attach_lora(make_tiny_model(), r=2)
+    mask = {name: np.ones(tuple(p.shape), dtype=bool) for name, p in require_lora(model)}
+    args = TrainingArguments(output_dir=str(tmp_path / "t"), use_cpu=True, report_to="none")
+
+    def begin() -> None:
+        callback = SparseBCallback(mask)
+        callback.on_train_begin(args, TrainerState(), TrainerControl(), model=model)
+        callback.on_train_end(args, TrainerState(), TrainerControl())
+
+    begin()  # the control: one process applies the mask
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(GradlensError, match="^DeepSpeed shards gradients.*sparse-B mask.*shard with FSDP2") as e:
+        begin()
+    assert "\n" not in str(e.value)
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(GradlensError, match="^FSDP1 shards gradients.*sparse-B mask"):
+        begin()
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    begin()
+
+
 def test_recorder_records_a_fully_sharded_fsdp2_model_on_one_process(make_tiny_model, tmp_path: Path,
                                                                     monkeypatch) -> None:
     """FSDP2 (``fully_shard``) on one gloo process: lora_B becomes a DTensor whatever the arguments say; the recorder

@@ -1,6 +1,6 @@
-"""Checks of what the recorder is given: setups it cannot record (sharded gradients), and what makes a recorded run
-mean less than it seems, said while it records: private Trainer state the recorder cannot find, GRPO generation
-batches shared by consecutive optimizer steps, and steps without a learning signal.
+"""Checks of what the recorder is given (the engines it cannot read are in :mod:`gradlens.engines`): what makes a
+recorded run mean less than it seems, said while it records: private Trainer state the recorder cannot find, GRPO
+generation batches shared by consecutive optimizer steps, and steps without a learning signal.
 
 Each is a :class:`RecorderWarning` on the console; setup warnings are also stored in the manifest (``config.recorder.
 warnings``) and every step record carries its own ``zero_gradient`` / ``zero_reward_std`` flags.
@@ -8,9 +8,8 @@ warnings``) and every step record carries its own ``zero_gradient`` / ``zero_rew
 
 from __future__ import annotations
 
-import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -20,47 +19,6 @@ from gradlens.errors import GradlensWarning
 # TRL's per-generation-batch reward metrics (GRPOTrainer._metrics["train"]) the recorder copies into each step.
 REWARD_METRICS = ("reward", "reward_std", "frac_reward_zero_std")
 REWARD_FIELDS = "reward_mean, reward_std, zero_reward_std"
-SUPPORTED_SETUPS = ("one process (CPU or one GPU), DDP across processes (torchrun, or accelerate launch with a "
-                    "multi-GPU config) or FSDP2 (accelerate launch with fsdp_version: 2)")
-
-
-def sharded_training(args: Any, trainer: Any, params: Sequence[torch.nn.Parameter]) -> str | None:
-    """The name of a sharding scheme the recorder cannot read (DeepSpeed, FSDP1), or None where it can.
-
-    Under DeepSpeed ZeRO and FSDP1 each process holds a shard (or nothing) in ``param.grad`` behind the engine's own
-    flat buffers, not the full averaged gradient the recorder reads. FSDP2 keeps each gradient a ``DTensor`` whose
-    blocks the recorder gathers (:mod:`gradlens.record.sharded`), so it is not refused. The run is recognised by any
-    of: the Trainer's arguments, the Trainer's accelerator, accelerate's launcher environment, or the parameters
-    themselves (ZeRO-3 partitions, FSDP1's flattened parameters).
-    """
-    if getattr(args, "deepspeed", None) or getattr(args, "deepspeed_plugin", None) is not None or \
-            getattr(trainer, "is_deepspeed_enabled", False) or env_flag("ACCELERATE_USE_DEEPSPEED") or \
-            any(hasattr(p, "ds_id") for p in params):
-        return "DeepSpeed"
-    if fsdp_version(args, trainer) == 1 or any(getattr(p, "_fsdp_flattened", False) for p in params):
-        return "FSDP1"
-    return None
-
-
-def env_flag(name: str) -> bool:
-    """Whether the environment variable ``name`` is set to a true value (as accelerate's launcher writes them)."""
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
-
-
-def fsdp_version(args: Any, trainer: Any) -> int | None:
-    """The FSDP version this run asks for (1 or 2), or None without FSDP: from the Trainer's accelerator, else its
-    arguments, else accelerate's launcher environment (``FSDP_VERSION``; the launcher writes 1 when a config has
-    none)."""
-    plugin = getattr(getattr(getattr(trainer, "accelerator", None), "state", None), "fsdp_plugin", None)
-    if plugin is not None:
-        return int(getattr(plugin, "fsdp_version", 1))
-    if getattr(args, "fsdp_plugin_args", None):
-        return int(args.fsdp_plugin_args.get("fsdp_version", 1))
-    if env_flag("ACCELERATE_USE_FSDP"):
-        return int(os.environ.get("FSDP_VERSION", "1"))
-    return None
-
-
 class RecorderWarning(GradlensWarning):
     """A recorded run that may not mean what it seems: missing Trainer state, shared generation batches, or steps
     without a learning signal."""

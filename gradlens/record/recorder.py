@@ -34,13 +34,13 @@ from transformers import TrainerCallback
 
 from gradlens.callback_order import add_first
 from gradlens.dtensors import is_sharded
+from gradlens.engines import refuse_sharded
 from gradlens.errors import GradlensError
 from gradlens.lora import require_lora
 from gradlens.models import unwrap
 from gradlens.modules import ModuleFilter, ModuleSpec, match_modules
 from gradlens.record.adapter import describe_adapter, describe_dataset
 from gradlens.record.checks import (
-    SUPPORTED_SETUPS,
     SignalCounter,
     epoch_length,
     generation_batch,
@@ -48,7 +48,6 @@ from gradlens.record.checks import (
     missing_reward_metrics,
     missing_state_note,
     missing_trainer_state,
-    sharded_training,
     warn,
 )
 from gradlens.record.clip import ClipWatch, clip_statistics
@@ -147,11 +146,7 @@ class GradientRecorder(TrainerCallback):
             raise GradlensError(f"module filter {self.module_filter!r} matches none of the {len(found)} LoRA modules "
                                 f"(e.g. {found[0][0]})")
         chosen = [(n, p) for n, p in found if n in kept]
-        sharding = sharded_training(args, self.trainer, [p for _, p in found])
-        if sharding is not None:  # raised on every process alike: each sees the same setup
-            raise GradlensError(f"{sharding} shards gradients, so param.grad is not the full gradient and cannot be "
-                                "recorded; shard with FSDP2 instead (fsdp_version: 2 in the accelerate config, see "
-                                f"docs/distributed.md): the recorder supports {SUPPORTED_SETUPS}")
+        refuse_sharded("cannot be recorded", args, self.trainer, [p for _, p in found])
         frozen = [n for n, p in chosen if not p.requires_grad]
         if frozen:
             raise GradlensError(f"lora_B of {frozen[0]} does not require grad; only trainable modules can be recorded")

@@ -11,6 +11,7 @@ import numpy as np
 from transformers import TrainerCallback
 
 from gradlens.callback_order import add_first
+from gradlens.engines import refuse_sharded
 from gradlens.sparse.hooks import SparseB, apply_mask
 
 
@@ -36,6 +37,8 @@ class SparseBCallback(TrainerCallback):
         return callback
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        refuse_sharded("a sparse-B mask cannot be kept on it", args, None, trainable)
         if self.sparse is not None:  # a second train() call
             self.sparse.remove()
         self.sparse = apply_mask(model, self.mask)
