@@ -121,3 +121,30 @@ def adapter_factors(run_dir: Path) -> tuple[dict[str, np.ndarray], float]:
     a = {k[len(prefix):-len(suffix)]: v.float().numpy() for k, v in tensors.items() if k.endswith(suffix)}
     return a, scaling
 
+
+
+def interval(values: Any) -> dict[str, float]:
+    """``{"mean", "lo", "hi"}``: the mean over seeds and its 95% Student-t interval."""
+    from gradlens.compare.tables import t_interval
+
+    mean, lo, hi = t_interval(values)
+    return {"mean": mean, "lo": lo, "hi": hi}
+
+
+def write_result(path: Path, result: dict[str, Any], argv: list[str], wall: float, cpu: float) -> None:
+    """``result`` with its provenance (the command, package versions, threads, wall and CPU seconds), atomically."""
+    import datetime
+    import os
+    import sys
+
+    from gradlens.fsio import json_dump
+    from gradlens.provenance import package_versions
+
+    provenance = {"command": " ".join(["python", sys.argv[0], *argv]), "versions": package_versions(),
+                  "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "wall_s": round(time.time() - wall, 1),
+                  "cpu_s": round(cpu_seconds() - cpu, 1),
+                  "note": "CPU seconds are user + system of this process and its children; the 2-core machine "
+                          "was shared, so wall time is inflated"}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    json_dump({**result, "provenance": provenance}, path)
