@@ -31,8 +31,10 @@ def cpu_seconds() -> float:
                for f in ("ru_utime", "ru_stime"))
 
 
-def run_name(model: str, regime: str, seed: int, bf16_master: bool = False) -> str:
-    return f"{model.replace(':', '-')}-{regime}-{'bf16' if bf16_master else 'fp32'}-seed{seed}"
+def run_name(model: str, regime: str, seed: int, bf16_master: bool = False, learning_rate: float | None = None
+             ) -> str:
+    lr = "" if learning_rate is None else f"-lr{learning_rate:g}"
+    return f"{model.replace(':', '-')}-{regime}-{'bf16' if bf16_master else 'fp32'}{lr}-seed{seed}"
 
 
 def trajectory_callback(out: Path) -> Any:
@@ -61,9 +63,10 @@ def trajectory_callback(out: Path) -> Any:
 
 
 def ensure_run(root: Path, model: str, regime: str, seed: int, *, bf16_master: bool = False, resume: bool = True,
-               n_eval: int = 0) -> tuple[Path, dict[str, Any]]:
-    """The recorded run (60 steps, raw gradient shards kept) and its B-trajectory under ``root``; reused when
-    ``resume`` and both are complete, else trained from scratch. Returns the run directory and what it cost."""
+               n_eval: int = 0, learning_rate: float | None = None) -> tuple[Path, dict[str, Any]]:
+    """The recorded run (60 steps, raw gradient shards kept; ``learning_rate`` None: the task's) and its
+    B-trajectory under ``root``; reused when ``resume`` and both are complete, else trained from scratch. Returns the
+    run directory and what it cost."""
     import torch
 
     from gradlens.config import RecordConfig
@@ -71,13 +74,13 @@ def ensure_run(root: Path, model: str, regime: str, seed: int, *, bf16_master: b
     from gradlens.training.run import run_training
     from gradlens.training.setup import setup_run
 
-    out = root / run_name(model, regime, seed, bf16_master)
+    out = root / run_name(model, regime, seed, bf16_master, learning_rate)
     if resume and (out / TRAJECTORY).is_file() and (out / "manifest.json").is_file() and open_run(out).meta.get(
             "complete"):
         return out, {"reused": True}
     shutil.rmtree(out, ignore_errors=True)
     config = RecordConfig(model=model, regime=regime, seed=seed, max_steps=STEPS, out=str(out), n_eval=n_eval,
-                          dtype="bfloat16" if bf16_master else "float32")
+                          dtype="bfloat16" if bf16_master else "float32", learning_rate=learning_rate)
     setup = setup_run(config)  # toy models load in float32 whatever config.dtype says
     if bf16_master:
         setup = dataclasses.replace(setup, model=setup.model.to(torch.bfloat16))

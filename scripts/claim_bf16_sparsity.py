@@ -1,7 +1,8 @@
 """"The Path Not Taken" (arXiv 2511.08567): RLVR updates look sparse partly because bf16 hides small updates.
 
 The same GRPO run on ``toy:small`` (60 steps, seeds 0-2) with float32 and with bf16 master weights (the whole model,
-adapter and AdamW state in bf16; :mod:`experiments.claims`). Per run, pooled over all modules and per projection:
+adapter and AdamW state in bf16; :mod:`experiments.claims`), at the task's learning rate (1e-3) and at 1e-4 and
+1e-5 (the paper's full-weight runs use rates near 1e-6). Per run, pooled over all modules and per projection:
 
 - ``b_moved``: share of B's entries that are non-zero at the end (B starts at 0);
 - ``b_stalled``: per step, share of B's already-moved entries that the step left exactly unchanged (AdamW moves every
@@ -11,9 +12,8 @@ adapter and AdamW state in bf16; :mod:`experiments.claims`). Per run, pooled ove
   ``dw_nonzero`` (Delta W != 0), ``dw_above_1e-5`` (|Delta W| > 1e-5, Mukherjee et al.'s tolerance), ``w_changed_fp32``
   (``W + Delta W != W`` in float32) and ``w_changed_bf16`` (``bf16(bf16(W) + Delta W) != bf16(W)``: what a bf16
   checkpoint of the merged model shows);
-- ``w_changed_bf16_x{c}``: the same with Delta W scaled by c = 0.1, 0.01, 0.001, a stand-in for a run with a c times
-  smaller learning rate (AdamW's steps scale with the rate; the direction would not stay the same, so this is a
-  sketch of the trend, not a run): the paper's runs use rates near 1e-6, this world's GRPO 1e-3;
+- ``w_changed_bf16_x{c}``: the same with Delta W scaled by c = 0.1, 0.01, 0.001, a sketch of a c times smaller
+  learning rate (AdamW's steps scale with the rate), checked against the real runs at 1e-4 and 1e-5;
 - held-out greedy accuracy (400 prompts).
 
 Also checks what ``gradlens record --dtype bfloat16`` does on CPU with a toy model (the dtype it loads and the dtype
@@ -111,40 +111,51 @@ def dtype_flag_check() -> dict[str, Any]:
             "lora_b_dtype": str(next(p for _, p in lora_b_parameters(setup.model)).dtype)}
 
 
+def lr_summary(per_run: dict[str, dict[int, dict[str, Any]]], seeds: list[int]) -> dict[str, Any]:
+    """Mean and interval over seeds per precision, and the paired bf16 - fp32 difference, of one learning rate."""
+    summary: dict[str, Any] = {kind: {s: interval([r[s] for r in runs.values()]) for s in STATS}
+                               for kind, runs in per_run.items()}
+    summary["bf16_minus_fp32"] = {s: interval([per_run["bf16"][k][s] - per_run["fp32"][k][s] for k in seeds])
+                                  for s in STATS}
+    projections = sorted({q for r in per_run["fp32"].values() for q in r["by_proj"]})
+    summary["by_proj"] = {kind: {q: {s: interval([r["by_proj"][q][s] for r in runs.values()])
+                                     for s in ("b_moved", "dw_above_1e-5", "w_changed_bf16")} for q in projections}
+                          for kind, runs in per_run.items()}
+    return summary
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", default="runs/claims", help="where the recorded runs are (made if missing)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--lrs", nargs="+", type=float, default=[0.0, 1e-4, 1e-5],
+                   help="learning rates (0: the task's, 1e-3)")
     p.add_argument("--out", default="benchmarks/results/claim_bf16.json")
     p.add_argument("--resume", action="store_true", help="reuse finished runs")
     a = p.parse_args(argv)
     wall, cpu = time.time(), cpu_seconds()
     weights = base_weights(MODEL)
-    per_run: dict[str, dict[int, dict[str, Any]]] = {"fp32": {}, "bf16": {}}
-    for seed in a.seeds:
-        for kind in per_run:
-            run_dir, _ = ensure_run(Path(a.runs), MODEL, "grpo", seed, bf16_master=kind == "bf16",
-                                    resume=a.resume, n_eval=400)
-            per_run[kind][seed] = measure(run_dir, weights)
-    summary: dict[str, Any] = {kind: {s: interval([r[s] for r in runs.values()]) for s in STATS}
-                               for kind, runs in per_run.items()}
-    summary["bf16_minus_fp32"] = {s: interval([per_run["bf16"][k][s] - per_run["fp32"][k][s] for k in a.seeds])
-                                  for s in STATS}
-    projections = sorted({q for r in per_run["fp32"].values() for q in r["by_proj"]})
-    by_proj = {kind: {q: {s: interval([r["by_proj"][q][s] for r in runs.values()])
-                          for s in ("b_moved", "dw_above_1e-5", "w_changed_bf16")} for q in projections}
-               for kind, runs in per_run.items()}
+    runs, summary = {}, {}
+    for lr in a.lrs:
+        key = "task default (1e-3)" if lr == 0 else f"{lr:g}"
+        runs[key] = {"fp32": {}, "bf16": {}}
+        for seed in a.seeds:
+            for kind in runs[key]:
+                run_dir, _ = ensure_run(Path(a.runs), MODEL, "grpo", seed, bf16_master=kind == "bf16",
+                                        resume=a.resume, n_eval=400, learning_rate=lr or None)
+                runs[key][kind][seed] = measure(run_dir, weights)
+        summary[key] = lr_summary(runs[key], a.seeds)
     result = {"claim": "arXiv 2511.08567: RLVR updates look sparse partly because bf16 hides small updates",
-              "model": MODEL, "regime": "grpo", "steps": 60, "seeds": a.seeds, "summary": summary,
-              "by_proj": by_proj, "runs": per_run, "dtype_flag_check": dtype_flag_check()}
+              "model": MODEL, "regime": "grpo", "steps": 60, "seeds": a.seeds, "summary": summary, "runs": runs,
+              "dtype_flag_check": dtype_flag_check()}
     write_result(Path(a.out), result, argv, wall, cpu)
-    for kind in ("fp32", "bf16", "bf16_minus_fp32"):
-        print(kind, "  ".join(f"{s} {v['mean']:.4f} [{v['lo']:.4f}, {v['hi']:.4f}]"
-                              for s, v in summary[kind].items()))
+    for key, row in summary.items():
+        for kind in ("fp32", "bf16", "bf16_minus_fp32"):
+            print(f"lr {key}", kind, "  ".join(f"{s} {v['mean']:.4f} [{v['lo']:.4f}, {v['hi']:.4f}]"
+                                               for s, v in row[kind].items()))
     print("dtype flag:", result["dtype_flag_check"])
     print(f"claim_bf16_sparsity: {a.out}; {time.time() - wall:.0f} s wall, {cpu_seconds() - cpu:.0f} s CPU")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
