@@ -10,10 +10,12 @@ does not do this (see ``docs/published-claims.md``).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import resource
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,8 @@ from gradlens.fsio import atomic_write
 
 STEPS = 60
 TRAJECTORY = "b_trajectory.safetensors"
+WORLDS = ("toy:small", "toy:math")
+REGIMES = ("sft", "grpo")
 
 
 def cpu_seconds() -> float:
@@ -89,6 +93,31 @@ def ensure_run(root: Path, model: str, regime: str, seed: int, *, bf16_master: b
     run_training(config, out=out, tool="scripts/claim_*.py (experiments.claims)", setup=setup, record_dir=out,
                  callbacks=[trajectory_callback(out)], progress=False)
     return out, {"reused": False, "wall_s": round(time.time() - start, 1), "cpu_s": round(cpu_seconds() - cpu, 1)}
+
+
+def parser(doc: str, out: str) -> argparse.ArgumentParser:
+    """The flags every claim script takes: where the runs are, the seeds, the result file and ``--resume``."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--runs", default="runs/claims", help="where the recorded runs are (made if missing)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--out", default=out)
+    p.add_argument("--resume", action="store_true", help="reuse finished runs")
+    return p
+
+
+def n_eval(model: str) -> int:
+    """Held-out prompts each run is evaluated on: 400 on ``toy:small`` (5-token answers), none on ``toy:math``
+    (worked answers of up to 96 tokens cost more than the run)."""
+    return 400 if model == "toy:small" else 0
+
+
+def float32_runs(root: Path, seeds: list[int], resume: bool) -> Iterator[tuple[str, str, int, Path]]:
+    """``(world, regime, seed, run directory)`` of the float32 runs of every world and regime (made if missing)."""
+    for world in WORLDS:
+        for regime in REGIMES:
+            for seed in seeds:
+                yield world, regime, seed, ensure_run(root, world, regime, seed, resume=resume,
+                                                      n_eval=n_eval(world))[0]
 
 
 def load_trajectory(run_dir: Path) -> dict[str, np.ndarray]:

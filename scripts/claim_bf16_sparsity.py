@@ -24,7 +24,6 @@ its provenance states). Writes ``benchmarks/results/claim_bf16.json``.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -41,6 +40,7 @@ from experiments.claims import (
     ensure_run,
     interval,
     load_trajectory,
+    parser,
     write_result,
 )
 
@@ -125,13 +125,9 @@ def lr_summary(per_run: dict[str, dict[int, dict[str, Any]]], seeds: list[int]) 
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--runs", default="runs/claims", help="where the recorded runs are (made if missing)")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p = parser(__doc__, "benchmarks/results/claim_bf16.json")
     p.add_argument("--lrs", nargs="+", type=float, default=[0.0, 1e-4, 1e-5],
                    help="learning rates (0: the task's, 1e-3)")
-    p.add_argument("--out", default="benchmarks/results/claim_bf16.json")
-    p.add_argument("--resume", action="store_true", help="reuse finished runs")
     a = p.parse_args(argv)
     wall, cpu = time.time(), cpu_seconds()
     weights = base_weights(MODEL)

@@ -15,7 +15,6 @@ Writes ``benchmarks/results/claim_energy.json``.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from collections import Counter
@@ -29,7 +28,6 @@ import numpy as np
 import experiments.claims as claims
 
 WORLDS = {"toy:small": 2, "toy:math": 4}  # world: layers
-REGIMES = ("sft", "grpo")
 PROBE_STEPS = 16
 STATS = ("top1", "gini", "entropy", "top_is_shallow_down", "top1_density", "gini_density", "down_share")
 
@@ -81,28 +79,19 @@ def measure(run_dir: Path, layers: int) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--runs", default="runs/claims", help="where the recorded runs are (made if missing)")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--out", default="benchmarks/results/claim_energy.json")
-    p.add_argument("--resume", action="store_true", help="reuse finished runs")
+    p = claims.parser(__doc__, "benchmarks/results/claim_energy.json")
     a = p.parse_args(argv)
     wall, cpu = time.time(), claims.cpu_seconds()
-    runs, summary = {}, {}
-    for world, layers in WORLDS.items():
-        for regime in REGIMES:
-            key = f"{world} {regime}"
-            runs[key] = {}
-            for seed in a.seeds:
-                run_dir, _ = claims.ensure_run(Path(a.runs), world, regime, seed, resume=a.resume,
-                                               n_eval=400 if world == "toy:small" else 0)
-                runs[key][seed] = measure(run_dir, layers)
-            summary[key] = {window: {s: claims.interval([r[window][s] for r in runs[key].values()]) for s in STATS}
-                            | {"top_modules": dict(Counter(r[window]["top"] for r in runs[key].values())),
-                               "top_density_modules": dict(Counter(r[window]["top_density"]
-                                                                   for r in runs[key].values()))}
-                            for window in ("probe", "run")}
-            summary[key]["sizes_only"] = runs[key][a.seeds[0]]["sizes_only"]
+    runs: dict[str, dict[int, dict[str, Any]]] = {}
+    for world, regime, seed, run_dir in claims.float32_runs(Path(a.runs), a.seeds, a.resume):
+        runs.setdefault(f"{world} {regime}", {})[seed] = measure(run_dir, WORLDS[world])
+    summary = {}
+    for key, rows in runs.items():
+        summary[key] = {window: {s: claims.interval([r[window][s] for r in rows.values()]) for s in STATS}
+                        | {"top_modules": dict(Counter(r[window]["top"] for r in rows.values())),
+                           "top_density_modules": dict(Counter(r[window]["top_density"] for r in rows.values()))}
+                        for window in ("probe", "run")}
+        summary[key]["sizes_only"] = rows[a.seeds[0]]["sizes_only"]
     result = {"claim": "arXiv 2605.06183 (DomLoRA): a gradient-energy probe concentrates on one shallow FFN "
                        "down-projection", "steps": claims.STEPS, "probe_steps": PROBE_STEPS, "seeds": a.seeds,
               "layers": WORLDS, "summary": summary, "runs": runs}

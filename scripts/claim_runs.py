@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: experiments/ is not installed
 
-from experiments.claims import cpu_seconds, ensure_run, run_name
+from experiments.claims import cpu_seconds, ensure_run, n_eval, run_name
 
 LOW_LRS = (1e-4, 1e-5)
 PLAN = ([("toy:small", "grpo", False, None), ("toy:small", "grpo", True, None), ("toy:small", "sft", False, None),
@@ -37,7 +37,7 @@ def main(argv: list[str]) -> int:
             if a.only and name not in a.only:
                 continue
             _, cost = ensure_run(Path(a.out), model, regime, seed, bf16_master=bf16, resume=a.resume,
-                                 n_eval=400 if model == "toy:small" else 0, learning_rate=lr)
+                                 n_eval=n_eval(model), learning_rate=lr)
             print(f"claim_runs: {name}: {cost}", flush=True)
     print(f"claim_runs: done; {time.time() - wall:.0f} s wall, {cpu_seconds():.0f} s CPU")
     return 0

@@ -15,7 +15,6 @@ Writes ``benchmarks/results/claim_rank1.json``.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -29,8 +28,6 @@ import experiments.claims as claims
 from gradlens.stats.core import gram_product
 from gradlens.stats.trajectory import random_walk_top_shares, top_share, unit_wishart_gram
 
-WORLDS = ("toy:small", "toy:math")
-REGIMES = ("sft", "grpo")
 STATS = ("share_b", "null_b", "excess_b", "share_dw", "null_dw", "excess_dw", "step_share_b", "step_null_b",
          "module_median_share_b", "module_median_excess_b", "module_above_null_b")
 
@@ -79,24 +76,15 @@ def measure(run_dir: Path, draws: int, seed: int) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--runs", default="runs/claims", help="where the recorded runs are (made if missing)")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p = claims.parser(__doc__, "benchmarks/results/claim_rank1.json")
     p.add_argument("--draws", type=int, default=100, help="random walks per module (4x for the pooled adapter)")
-    p.add_argument("--out", default="benchmarks/results/claim_rank1.json")
-    p.add_argument("--resume", action="store_true", help="reuse finished runs")
     a = p.parse_args(argv)
     wall, cpu = time.time(), claims.cpu_seconds()
-    runs, summary = {}, {}
-    for world in WORLDS:
-        for regime in REGIMES:
-            key = f"{world} {regime}"
-            runs[key] = {}
-            for seed in a.seeds:
-                run_dir, _ = claims.ensure_run(Path(a.runs), world, regime, seed, resume=a.resume,
-                                               n_eval=400 if world == "toy:small" else 0)
-                runs[key][seed] = measure(run_dir, a.draws, seed=1000 * seed)
-            summary[key] = {s: claims.interval([r[s] for r in runs[key].values()]) for s in STATS}
+    runs: dict[str, dict[int, dict[str, Any]]] = {}
+    for world, regime, seed, run_dir in claims.float32_runs(Path(a.runs), a.seeds, a.resume):
+        runs.setdefault(f"{world} {regime}", {})[seed] = measure(run_dir, a.draws, seed=1000 * seed)
+    summary = {key: {s: claims.interval([r[s] for r in rows.values()]) for s in STATS} for key, rows in runs.items()}
+    for world in claims.WORLDS:
         summary[f"{world} grpo-sft"] = {s: claims.interval(
             [runs[f"{world} grpo"][k][s] - runs[f"{world} sft"][k][s] for k in a.seeds]) for s in STATS}
     result = {"claim": "arXiv 2605.21468 (RELEX): GRPO weight-update trajectories are dominated by a rank-1 direction",
