@@ -4,9 +4,10 @@ From the recorded B-gradients of ``scripts/claim_runs.py``'s runs (SFT and GRPO 
 ``toy:math``, 4 layers; 60 steps, seeds 0-2, float32): each module's gradient energy ``sum_t ||G_t||_F^2`` over a
 probe window (the first 16 steps, the length of ``gradlens probe``; with the 60-step run's rate schedule) and over the
 whole run, as a share of the adapter's. Per run: the top module and whether it is a ``down_proj`` in the shallow half
-of the layers; its share (top-1); the Gini coefficient and normalised entropy ``H / log M`` of the M shares. Modules
-differ in size (``d_out x r`` entries), so the same is given per entry (energy density) and for the sizes alone (what
-uniform energy per entry would give).
+of the layers; its share (top-1); the share of all ``down_proj`` modules and of the shallow half of the layers; the
+rank of the first ``down_proj`` among the modules; the Gini coefficient and normalised entropy ``H / log M`` of the
+M shares. Modules differ in size (``d_out x r`` entries), so the same is given per entry (energy density) and for the
+sizes alone (what uniform energy per entry would give).
 
 Writes ``benchmarks/results/claim_energy.json``.
 
@@ -29,7 +30,8 @@ import experiments.claims as claims
 
 WORLDS = {"toy:small": 2, "toy:math": 4}  # world: layers
 PROBE_STEPS = 16
-STATS = ("top1", "gini", "entropy", "top_is_shallow_down", "top1_density", "gini_density", "down_share")
+STATS = ("top1", "gini", "entropy", "top_is_shallow_down", "top1_density", "gini_density", "down_share",
+         "shallow_share", "down_rank")
 
 
 def gini(x: np.ndarray) -> float:
@@ -61,6 +63,8 @@ def concentration(energy: dict[str, float], sizes: dict[str, int], layers: int) 
             "top_density": names[int(np.argmax(dshares))], "top1_density": float(dshares.max()),
             "gini_density": gini(dshares),
             "down_share": float(sum(s for n, s in zip(names, shares, strict=True) if n.endswith("down_proj"))),
+            "shallow_share": float(sum(s for n, s in zip(names, shares, strict=True) if layer_of(n) < layers / 2)),
+            "down_rank": 1 + next(i for i, k in enumerate(np.argsort(-shares)) if names[k].endswith("down_proj")),
             "shares": dict(zip(names, shares.round(5).tolist(), strict=True))}
 
 
@@ -75,7 +79,7 @@ def measure(run_dir: Path, layers: int) -> dict[str, Any]:
         probe[name], whole[name], sizes[name] = per_step[:PROBE_STEPS].sum(), per_step.sum(), g[0].size
     size_only = concentration({n: float(s) for n, s in sizes.items()}, sizes, layers)
     return {"probe": concentration(probe, sizes, layers), "run": concentration(whole, sizes, layers),
-            "sizes_only": {k: size_only[k] for k in ("top1", "gini", "entropy", "down_share")}}
+            "sizes_only": {k: size_only[k] for k in ("top1", "gini", "entropy", "down_share", "shallow_share")}}
 
 
 def main(argv: list[str]) -> int:
