@@ -1,5 +1,6 @@
 """The leaves of the statistics of recorded LoRA-B gradients: pure functions (:mod:`.core`), the exact streaming
-sums (:mod:`.streaming`) and their per-step update on the gradients' device (:mod:`.device`). The package imports
+sums (:mod:`.streaming`), their per-step update on the gradients' device (:mod:`.device`) and the shape of an update
+trajectory against a random walk's (:mod:`.trajectory`). The package imports
 nothing itself, so the store and the recorder, which need only the leaves, never load the analysis layer
 (:mod:`gradlens.analysis`: the out-of-core driver over a run and its results).
 
