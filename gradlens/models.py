@@ -1,9 +1,9 @@
 """Models: loading the toy base models and any ``from_pretrained`` causal LM, where to train and in which dtype.
 
 Defaults follow the hardware: bf16 weights on a GPU that supports it (and the Trainer's bf16 autocast with them),
-float32 on a CPU, where bf16 matmuls are slow and lossy. The toy models always load in float32 so that toy runs stay
-reproducible on any machine. The LoRA-FA adapter is :mod:`gradlens.lora`; prompt formats are
-:mod:`gradlens.tasks.prompt_format`.
+float32 on a CPU, where bf16 matmuls are slow and lossy. The toy models load in float32 unless a dtype is asked for
+(``auto`` keeps them float32 on a GPU too), so that toy runs stay reproducible on any machine. The LoRA-FA adapter
+is :mod:`gradlens.lora`; prompt formats are :mod:`gradlens.tasks.prompt_format`.
 """
 
 from __future__ import annotations
@@ -26,12 +26,13 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 
 def load_model(spec: str, dtype: str = "float32", *, progress: bool = True, revision: str | None = None,
                **model_kwargs) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """(model, tokenizer) for ``toy:PRESET`` (always float32, built on first use) or a ``from_pretrained`` path or
-    hub id (at ``revision``) in ``dtype`` (``model_kwargs`` go to ``from_pretrained``)."""
+    """(model, tokenizer) for ``toy:PRESET`` (built on first use) or a ``from_pretrained`` path or hub id (at
+    ``revision``), in ``dtype`` (``model_kwargs`` go to ``from_pretrained``)."""
     if spec.startswith(TOY_PREFIX):
         from gradlens.toy.model import ensure_base_model
 
-        return load_model_and_tokenizer(ensure_base_model(spec[len(TOY_PREFIX) :], progress=progress), **model_kwargs)
+        return load_model_and_tokenizer(ensure_base_model(spec[len(TOY_PREFIX) :], progress=progress), dtype=dtype,
+                                        **model_kwargs)
     return load_model_and_tokenizer(spec, dtype=dtype, revision=revision, **model_kwargs)
 
 
@@ -113,7 +114,8 @@ def resolve_device(device: str) -> str:
 
 
 def resolve_dtype(model_dtype: str, device: str, model: str) -> str:
-    """The dtype to load ``model`` in: ``auto`` is bfloat16 on a bf16-capable GPU, else float32 (always for toys)."""
+    """The dtype to load ``model`` in: ``auto`` is bfloat16 on a bf16-capable GPU, else float32 (always for toys);
+    any other value is taken as asked, toys included (their saved weights are float32)."""
     if model_dtype != "auto":
         return model_dtype
     if model.startswith(TOY_PREFIX) or device != "cuda":

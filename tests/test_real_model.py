@@ -142,6 +142,9 @@ def test_dtype_and_device_defaults_and_overrides(world) -> None:
     assert device_settings("cuda", "bfloat16") == {"bf16": True}
     model, _ = load_model(str(world["qwen2"]), "bfloat16")
     assert next(model.parameters()).dtype == torch.bfloat16
+    toy, _ = load_model("toy:tiny", resolve_dtype("bfloat16", "cpu", "toy:tiny"))  # asked for: what the manifest says
+    assert {p.dtype for p in toy.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in load_model("toy:tiny")[0].parameters()} == {torch.float32}
 
 
 def test_missing_columns_and_projections_are_one_line_errors(world, tmp_path: Path, capsys) -> None:

@@ -47,8 +47,8 @@ class ModelTaskConfig:
     model_name_or_path: str | None = field(default=None, metadata=field_help(
         "TRL's name for --model (either may be given; both, only if they agree)"))
     dtype: str = field(default="auto", metadata=field_help(
-        "the model's dtype, as TRL's --dtype (default auto: bfloat16 on a GPU that supports it, else float32; the "
-        "toy models always float32). Before gradlens 0.2 --dtype set the shard storage dtype: that is "
+        "the model's dtype, as TRL's --dtype (default auto: bfloat16 on a GPU that supports it, else float32; "
+        "auto keeps the toy models float32). Before gradlens 0.2 --dtype set the shard storage dtype: that is "
         "--storage_dtype now", choices=MODEL_DTYPES))
     attn_implementation: str | None = field(default=None, metadata=field_help(
         "attention implementation passed to from_pretrained (eager, sdpa, flash_attention_2; default: "
