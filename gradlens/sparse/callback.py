@@ -12,6 +12,7 @@ from transformers import TrainerCallback
 
 from gradlens.callback_order import add_first
 from gradlens.sparse.hooks import SparseB, apply_mask
+from gradlens.sparse.space import LORA_B
 
 
 class SparseBCallback(TrainerCallback):
@@ -23,8 +24,11 @@ class SparseBCallback(TrainerCallback):
     (they still only mask); call ``sparse.remove()`` to lift them.
     """
 
-    def __init__(self, mask: Mapping[str, np.ndarray]) -> None:
+    def __init__(self, mask: Mapping[str, np.ndarray], space: str = LORA_B,
+                 anchors: Mapping[str, Any] | None = None) -> None:
         self.mask = mask
+        self.space = space
+        self.anchors = anchors  # space "weight": the values the masked-out entries keep (default: at train begin)
         self.sparse: SparseB | None = None
 
     @classmethod
@@ -38,7 +42,7 @@ class SparseBCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if self.sparse is not None:  # a second train() call
             self.sparse.remove()
-        self.sparse = apply_mask(model, self.mask)
+        self.sparse = apply_mask(model, self.mask, self.space, self.anchors)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.sparse.enforce()
