@@ -100,6 +100,12 @@ class DiagnoseConfig:
     train_steps: int | None = field(default=None, metadata=field_help(
         "optimizer steps of the training run the placement is for, the horizon of recovery_run (default: the "
         "probe's --train_steps if it recorded one, else none)"))
+    check: str | None = field(default=None, metadata=field_help(
+        "instead of diagnosing a run: a CSV with one row per measured point (world, cell, budget, probe statistics, "
+        "gap = informed minus random accuracy); the predictor is chosen on each world and its Spearman with the gap "
+        "reported on the other (leave one world out)"))
+    predictors: list[str] | None = field(default=None, metadata=field_help(
+        "--check: the probe-statistic columns to choose from (default: every numeric column but the gap)"))
     overwrite: bool = field(default=False, metadata=field_help(
         "write into an --out that already holds files (by default a used --out is refused, so the outputs of two "
         "inputs never mix)"))

@@ -72,6 +72,7 @@ from gradlens.budget import Budget, Shapes
 from gradlens.config import DIAGNOSE_METHODS
 from gradlens.errors import GradlensError
 from gradlens.fsio import atomic_write, check_unused_out, json_dump
+from gradlens.placement.diagnose_check import MEASURED, accuracy_line
 from gradlens.placement.probe import PROBE_FILE, read_probe
 from gradlens.placement.selectors import scores, select
 from gradlens.provenance import package_versions
@@ -305,7 +306,7 @@ def _budget_lines(rows: list[dict[str, Any]]) -> list[str]:
         noise = 0 < r["drift_top"] <= 2 * r["drift_null"]
         drifts.append(drift + (", so mostly selection noise)" if noise else ")"))
     sentence = (f"at k = {first['budget']} ({first['k']:,} of {first['entries']:,} entries, {first['scope']}), "
-                f"random placement is expected to recover {'; '.join(parts)}.")
+                f"the heuristic puts random placement at {'; '.join(parts)}.")
     numbers = (f"  drift fraction per entry: random {first['drift_random']:.3f}, {', '.join(drifts)}; coherence: "
                f"random {first['coherence_random']:.2f}, "
                + ", ".join(f"{r['method']} {r['coherence_top']:.2f}" for r in rows))
@@ -328,6 +329,7 @@ def describe(result: DiagnoseResult) -> str:
     for budget in dict.fromkeys(r["budget"] for r in result.rows):
         lines += _budget_lines([r for r in result.rows if r["budget"] == budget])
     lines.append(f"({HEURISTIC})")
+    lines.append(f"({accuracy_line()})")
     return "\n".join(lines)
 
 
@@ -350,6 +352,7 @@ def save(result: DiagnoseResult, out: str | Path, config: Any = None) -> list[Pa
                "config": cfg, "train_steps": result.train_steps, "steps": result.steps,
                "zero_gradient_steps": result.zero_steps,
                "nonfinite_steps_excluded": result.nonfinite_steps, "adapter": result.adapter, "rows": result.rows,
-               "heuristic": HEURISTIC, "run_meta": result.run_meta, "versions": package_versions(),
+               "heuristic": HEURISTIC, "measured_accuracy": MEASURED, "run_meta": result.run_meta,
+               "versions": package_versions(),
                "files": [CSV_FILE, JSON_FILE]}, out / JSON_FILE)
     return [out / CSV_FILE, out / JSON_FILE]
