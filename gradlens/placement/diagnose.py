@@ -77,7 +77,7 @@ from gradlens.placement.probe import PROBE_FILE, read_probe
 from gradlens.placement.selectors import scores, select
 from gradlens.provenance import package_versions
 from gradlens.stats.streaming import Accumulators, ModuleAccumulator
-from gradlens.store.runstate import announce
+from gradlens.store.runstate import announce, run_space
 
 CSV_FILE = "diagnose.csv"
 JSON_FILE = "diagnose.json"
@@ -317,10 +317,12 @@ def describe(result: DiagnoseResult) -> str:
     """Console text: the adapter's coherence, one sentence per budget (numbers below it), what is heuristic."""
     a = result.adapter
     lag1 = "n/a" if a["lag1_cosine"] is None else f"{a['lag1_cosine']:.3f}"
+    letter = "W" if run_space(result.run_meta) == "weight" else "B"
     lines = [f"gradlens diagnose: {result.run}: {a['steps']} steps ({a['steps_with_gradient']} with a gradient), "
-             f"{a['entries']:,} B entries; coherence {a['coherence']:.2f} of at most {a['steps_with_gradient']} "
-             f"(normalized {a['coherence_norm']:.3f}, lag-1 cosine {lag1}); drift fraction {a['drift']:.4f} per "
-             f"entry, worth about {max(a['drift_entries'], 0):,.0f} fully consistent entries"]
+             f"{a['entries']:,} {letter} entries; coherence {a['coherence']:.2f} of at most "
+             f"{a['steps_with_gradient']} (normalized {a['coherence_norm']:.3f}, lag-1 cosine {lag1}); drift "
+             f"fraction {a['drift']:.4f} per entry, worth about {max(a['drift_entries'], 0):,.0f} fully consistent "
+             "entries"]
     if result.zero_steps:
         lines.append(f"note: {len(result.zero_steps)} step(s) had an all-zero gradient (e.g. GRPO groups with equal "
                      f"rewards) and count nowhere: {result.zero_steps[:10]}")

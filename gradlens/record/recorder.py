@@ -294,11 +294,10 @@ class GradientRecorder(TrainerCallback):
         regime = "GRPO" if self.signal.grpo else type(self.trainer).__name__ if self.trainer is not None else "Trainer"
         planned = f", {self._planned} steps planned" if self._planned else ""
         storage = f"{self.dtype} shards" if self.save_raw else "statistics only, no shards"
-        trained = adapter_line(self.adapter) if self.space == LORA_B else "none (base weights train)"
         letter = "B" if self.space == LORA_B else "W"
         print(f"gradlens: recording {len(self.specs)} {WHAT[self.space]} modules ({entries:,} {letter} entries) every "
               f"{self.every_n_steps} step(s) into {self.output_dir} ({storage}, {regime}{planned}); adapter: "
-              f"{trained}", flush=True)
+              f"{adapter_line(self.adapter)}", flush=True)
 
     # ---------------------------------------------------------------------------------------------------------------
     # Helpers

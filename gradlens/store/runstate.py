@@ -135,7 +135,9 @@ def announce(meta: dict[str, Any], label: str, doing: str = "analysing") -> dict
 
 def adapter_line(adapter: dict[str, Any]) -> str:
     """The adapter in a few words: ``LoRA-FA r=8 alpha=16 scaling 2.0, dropout 0.0, targets q_proj,v_proj`` (DoRA,
-    rsLoRA and a trained A named)."""
+    rsLoRA and a trained A named); for a weight-space run, that there is none."""
+    if adapter.get("space") == "weight":
+        return f"none: the base weights W train (space weight), targets {','.join(adapter.get('target_modules', []))}"
     kind = "LoRA-FA (A frozen)" if adapter.get("lora_fa") else "LoRA with A trainable"
     if adapter.get("use_dora"):
         magnitude = "trainable" if adapter.get("dora_magnitude_trainable") else "frozen"
