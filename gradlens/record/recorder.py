@@ -105,7 +105,8 @@ class GradientRecorder(TrainerCallback):
         self.writer: AsyncRunWriter | None = None
         self.specs: list[ModuleSpec] = []
         self.steps_recorded = 0
-        self.signal = SignalCounter(self._warn)  # recorded steps of this session without a learning signal
+        # recorded steps of this session without a learning signal
+        self.signal = SignalCounter(self._warn, what=WHAT[space])
         self._params: list[torch.nn.Parameter] = []
         self._clip = ClipWatch()
         self._clip_unseen_said = False
