@@ -1,8 +1,10 @@
 """The placement claim against its rivals, measured: where informed placement beats random (the phase diagram), what
 ``gradlens diagnose`` predicts for the same cells, and the statistics the rival explanations turn on.
 
-- **Phase diagram** (:func:`run_phase`): per cell (model width x run length), one :func:`gradlens.compare.compare`
-  of random against an informed selector over budgets, both regimes; the gap is informed minus random as a share of
+- **Phase diagram** (:func:`run_phase`): per cell (model x run length x space), one :func:`gradlens.compare.compare`
+  of random against an informed selector over budgets, both regimes; the worlds are the models (``toy:small``,
+  ``toy:wide`` on addition, ``toy:math`` on its word problems, each on its own task), the space is ``lora_b`` (B of
+  LoRA-FA) or ``weight`` (the base weights W); the gap is informed minus random as a share of
   the same seed's full-LoRA gain, paired per seed (:func:`gap_table`), next to ``diagnose``'s prediction from each
   seed's probe (:func:`prediction_table`) and their rank correlation across cells (:func:`agreement`).
 - **Rank** (:func:`rank_table`): per-step effective rank of each G_t (the measure of arXiv 2606.29238) and the
@@ -36,11 +38,13 @@ WRONG_AT = 0.5  # a prediction is wrong when it puts random on the other side of
 
 @dataclass
 class PhaseConfig:
-    """The phase diagram: every width at ``steps[0]``, and ``widths[0]`` also at the other run lengths."""
+    """The phase diagram: every width at ``steps[0]``, and ``widths[0]`` also at the other run lengths, in every
+    space. ``task`` None: each model's own task (addition for toy:small and toy:wide, word problems for toy:math)."""
 
     out: str
     widths: list[str] = field(default_factory=lambda: ["toy:small", "toy:wide"])
-    task: str = "addition"
+    task: str | None = None
+    spaces: list[str] = field(default_factory=lambda: ["lora_b"])
     steps: list[int] = field(default_factory=lambda: [60, 240])
     regimes: list[str] = field(default_factory=lambda: ["sft", "grpo"])
     budgets: list[str] = field(default_factory=lambda: list(PHASE_BUDGETS))
@@ -61,14 +65,15 @@ class PhaseConfig:
     def cells(self) -> list[tuple[str, int]]:
         return [(self.widths[0], s) for s in self.steps] + [(w, self.steps[0]) for w in self.widths[1:]]
 
-    def compare_config(self, model: str, steps: int, regime: str, out: Path) -> CompareConfig:
+    def compare_config(self, model: str, steps: int, regime: str, out: Path, space: str = "lora_b") -> CompareConfig:
         """One cell's comparison: one regime, so regimes can run as separate processes into one ``out``; TRL extras
         that the regime's config lacks (``num_generations`` for SFT) are left out."""
         from gradlens.training.settings import config_fields
 
         trl = {k: v for k, v in self.trl.items() if k in config_fields(regime)}
         return CompareConfig(out=str(out), model=model, task=self.task, max_steps=steps, regimes=[regime],
-                             methods=["random", self.method], budgets=list(self.budgets), seeds=list(self.seeds),
+                             space=[space], methods=["random", self.method], budgets=list(self.budgets),
+                             seeds=list(self.seeds),
                              probe_steps=self.probe_steps, full_lrs=self.full_lrs, sparse_lrs=list(self.sparse_lrs),
                              sweep_seeds=list(self.sweep_seeds), grid_extensions=self.grid_extensions,
                              n_val=self.n_val, n_eval=self.n_eval, eval_samples=self.eval_samples, export=False,
@@ -76,16 +81,17 @@ class PhaseConfig:
                              trl=trl)
 
 
-def cell_name(model: str, steps: int) -> str:
-    return f"{model.replace(':', '-').replace('/', '-')}-{steps}steps"
+def cell_name(model: str, steps: int, space: str = "lora_b") -> str:
+    """``toy-small-60steps``; a weight-space cell ends in ``-weight`` (lora_b cells keep the names they had)."""
+    return f"{model.replace(':', '-').replace('/', '-')}-{steps}steps" + ("" if space == "lora_b" else f"-{space}")
 
 
-def cell_dir(out: Path, model: str, steps: int, regime: str) -> Path:
-    return out / f"{cell_name(model, steps)}-{regime}"
+def cell_dir(out: Path, model: str, steps: int, regime: str, space: str = "lora_b") -> Path:
+    return out / f"{cell_name(model, steps, space)}-{regime}"
 
 
 def budget_share(budget: str, entries: int) -> float:
-    """A budget as a share of all B entries (a count divided by ``entries``)."""
+    """A budget as a share of all entries of the space (a count divided by ``entries``)."""
     b = Budget.parse(str(budget))
     return b.fraction if b.fraction is not None else b.k / entries
 
@@ -154,21 +160,23 @@ def agreement(cells: pd.DataFrame) -> dict[str, Any]:
     return out
 
 
-def cell_tables(out: Path, model: str, steps: int, budgets: Sequence[str], method: str) -> pd.DataFrame:
+def cell_tables(out: Path, model: str, steps: int, budgets: Sequence[str], method: str,
+                space: str = "lora_b") -> pd.DataFrame:
     """The measured gap and the prediction of one finished cell, merged (one row per regime and budget)."""
     placement = pd.read_csv(out / "placement.csv", dtype={"budget": str})
     placement["budget"] = placement["budget"].fillna("")
     from gradlens.compare.tables import with_references
 
     gaps = gap_table(with_references(placement), method)
-    probes = {(p.name.rsplit("-seed", 1)[0], int(p.name.rsplit("-seed", 1)[1])): p
+    probes = {(p.name.rsplit("-seed", 1)[0].split("-")[-1], int(p.name.rsplit("-seed", 1)[1])): p
               for p in sorted((out / "probes").glob("*-seed*")) if (p / "probe.json").is_file()
               and int(p.name.rsplit("-seed", 1)[1]) in set(placement["seed"])}
     pred = prediction_table(probes, [str(Budget.parse(b)) for b in budgets], method, steps)
     df = gaps.merge(pred, on=["regime", "budget"], how="left")
+    df.insert(0, "space", space)
     df.insert(0, "steps", steps)
     df.insert(0, "model", model)
-    df.insert(0, "cell", cell_name(model, steps))
+    df.insert(0, "cell", cell_name(model, steps, space))
     df["budget_share"] = [budget_share(b, int(n)) for b, n in zip(df["budget"], df["entries"], strict=True)]
     return df
 
@@ -183,17 +191,17 @@ def run_phase(config: PhaseConfig, train: bool = True) -> dict[str, Any]:
     if train and out.exists() and any(out.glob("*/placement.csv")) and not config.resume:
         raise GradlensError(f"{out} already holds phase-diagram cells; pass --resume to continue or choose another "
                             "--out")
-    configs = [(m, s, config.compare_config(m, s, r, cell_dir(out, m, s, r)))
-               for m, s in config.cells() for r in config.regimes]
+    configs = [(m, s, sp, config.compare_config(m, s, r, cell_dir(out, m, s, r, sp), sp))
+               for m, s in config.cells() for sp in config.spaces for r in config.regimes]
     if not train:
-        configs = [c for c in configs if (Path(c[2].out) / "placement.csv").is_file()]
+        configs = [c for c in configs if (Path(c[3].out) / "placement.csv").is_file()]
         if not configs:
             raise GradlensError(f"{out}: no finished cells to tabulate")
     frames = []
-    for model, steps, cc in configs:
+    for model, steps, space, cc in configs:
         if train:
             compare(cc)
-        frames.append(cell_tables(Path(cc.out), model, steps, config.budgets, config.method))
+        frames.append(cell_tables(Path(cc.out), model, steps, config.budgets, config.method, space))
         table = pd.concat(frames, ignore_index=True)
         result = {"config": asdict(config), "agreement": agreement(table), "rows": table.to_dict("records")}
         atomic_write(out / "phase.csv", lambda tmp, t=table: t.to_csv(tmp, index=False))
@@ -228,7 +236,7 @@ def phase_plot(table: pd.DataFrame, agree: dict[str, Any], path: Path) -> Path:
     ax.set_xticks(ticks, [f"{t:g}%" for t in ticks])
     ax.minorticks_off()
     ax.set_ylim(*GAP_AXIS)
-    ax.set_xlabel("budget (% of B entries trained)")
+    ax.set_xlabel("budget (% of the space's entries trained: B, or W for -weight cells)")
     ax.set_ylabel("gap: informed - random (share of full-LoRA gain)")
     ax.set_title("Placement gap against budget")
     ax.legend(fontsize=7)

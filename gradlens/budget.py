@@ -1,6 +1,8 @@
-"""Budgets of the placement problem: how many LoRA-B entries may train, as a count or a share, globally or per module.
+"""Budgets of the placement problem: how many entries may train, as a count or a share, globally or per module.
 
-A leaf (no numpy, no torch), so command configs can validate ``--budgets`` at parse time.
+The entries are those of the space placed over: LoRA's B (``d_out x r`` per module) or, with ``--space weight``, the
+base weights W (``d_out x d_in``); a budget only sees the shapes it is given, so it counts either alike. A leaf (no
+numpy, no torch), so command configs can validate ``--budgets`` at parse time.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ def entry_counts(shapes: Shapes) -> dict[str, int]:
     sizes = {}
     for name, shape in shapes.items():
         if len(shape) != 2 or min(int(d) for d in shape) < 1:
-            raise GradlensError(f"placement: module {name} has shape {tuple(shape)}, not a positive (d_out, r)")
+            raise GradlensError(f"placement: module {name} has shape {tuple(shape)}, not a positive (d_out, r) or "
+                                "(d_out, d_in)")
         sizes[name] = int(shape[0]) * int(shape[1])
     return sizes
 
@@ -118,7 +121,8 @@ class Budget:
         sizes = entry_counts(shapes)
         total = sum(sizes.values())
         if self.k is not None and self.k > total:
-            raise GradlensError(f"budget k={self.k} exceeds the adapter's {total} B entries")
+            raise GradlensError(f"budget k={self.k} exceeds the adapter's {total} B entries (W entries in space "
+                                "weight)")
         if self.scope == "global":
             return self.k if self.k is not None else max(1, _round(self.fraction * total))
         if self.fraction is not None:

@@ -332,6 +332,7 @@ def _where_table(where: pd.DataFrame) -> str:
     if proj.empty:
         return "<p>(no informed masks)</p>\n"
     keys = sort_projections(list(dict.fromkeys(proj["key"])))
+    proj = proj.assign(regime=_regime_labels(proj))
     mean = proj.groupby(["regime", "method", "budget", "key"], sort=False)["enrichment"].mean()
     rows = []
     for (regime, method, budget), g in mean.groupby(level=[0, 1, 2], sort=False):
@@ -340,8 +341,16 @@ def _where_table(where: pd.DataFrame) -> str:
     return _table(["regime", "method", "budget", *keys], rows)
 
 
+def _regime_labels(df: pd.DataFrame) -> pd.Series:
+    """The regime, with the space named where it is not the default lora_b (a compare over both spaces)."""
+    if "space" not in df:
+        return df["regime"].astype(str)
+    return pd.Series([str(r) if str(sp) in ("lora_b", "nan") else f"{r} [space {sp}]"
+                      for r, sp in zip(df["regime"], df["space"], strict=True)], index=df.index)
+
+
 def _comparison_section(c: Comparison) -> str:
-    s = c.summary
+    s = c.summary.assign(regime=_regime_labels(c.summary))
     rows = [[str(r["regime"]), str(r["method"]), r["budget"], r["n_seeds"],
              format_ci(r), r["sampled_accuracy_mean"], format_pct(r["gain_recovered"]),
              None if pd.isna(r["k"]) else int(r["k"]), f"{r['lr']:g}", r["steps"]]

@@ -4,8 +4,11 @@ against the budget, SFT and GRPO, at two widths and (at the first width) two run
 
     python scripts/phase_diagram.py --out runs/phase                 # the full setting (the defaults)
     python scripts/phase_diagram.py --out runs/phase --resume        # continue after an interruption
+    python scripts/phase_diagram.py --out runs/phase-math --widths toy:math --steps 60 --space lora_b weight --resume
+                                                                     # the toy:math world, both spaces
 
-Writes OUT/<cell>-<regime>/ (one ``gradlens compare`` per cell and regime; ``--regimes sft`` and ``--regimes grpo``
+Writes OUT/<cell>-<regime>/ (one ``gradlens compare`` per cell, space and regime; a weight-space cell is named
+<model>-<steps>steps-weight; ``--regimes sft`` and ``--regimes grpo``
 can run as two processes into one OUT, then once more with ``--resume`` to draw both), OUT/phase.csv,
 OUT/phase.json, OUT/phase.png and a copy of the figure at --figure (default figures/04_phase.png). The default widths
 include ``toy:wide``, a preset that gradlens/toy_presets.py must define (hidden 512, MLP 1024, 2 layers); pass
@@ -33,7 +36,10 @@ def parse(argv: list[str]) -> tuple[PhaseConfig, Path | None, bool]:
     p.add_argument("--out", default="runs/phase")
     p.add_argument("--figure", default="figures/04_phase.png", help="copy of the figure ('' for none)")
     p.add_argument("--widths", nargs="+", default=d.widths, help="models; the first one also runs every --steps")
-    p.add_argument("--task", default=d.task, help="as gradlens compare --task (e.g. gsm8k:FILE on a real model)")
+    p.add_argument("--task", default=d.task, help="as gradlens compare --task (e.g. gsm8k:FILE on a real model; "
+                   "default: each model's own task, toy:math's word problems for toy:math, else addition)")
+    p.add_argument("--space", nargs="+", default=d.spaces, choices=["lora_b", "weight"],
+                   help="spaces: lora_b (the default, B of LoRA-FA) and/or weight (the base weights W)")
     p.add_argument("--steps", nargs="+", type=int, default=d.steps)
     p.add_argument("--regimes", nargs="+", default=d.regimes)
     p.add_argument("--budgets", nargs="+", default=d.budgets)
@@ -51,7 +57,8 @@ def parse(argv: list[str]) -> tuple[PhaseConfig, Path | None, bool]:
                    help="train nothing: tabulate and draw the cells already in --out (each with the seeds it ran)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     a = p.parse_args(argv)
-    config = PhaseConfig(out=a.out, widths=a.widths, task=a.task, steps=a.steps, regimes=a.regimes, budgets=a.budgets,
+    config = PhaseConfig(out=a.out, widths=a.widths, task=a.task, spaces=a.space, steps=a.steps, regimes=a.regimes,
+                         budgets=a.budgets,
                          method=a.method, seeds=a.seeds, probe_steps=a.probe_steps, full_lrs=a.full_lrs or None,
                          sparse_lrs=a.sparse_lrs, sweep_seeds=a.sweep_seeds, grid_extensions=a.grid_extensions,
                          n_val=a.n_val, n_eval=a.n_eval, resume=a.resume, progress=a.progress)
@@ -63,7 +70,8 @@ def main(argv: list[str]) -> int:
         config, figure, tables_only = parse(argv)
         for model, steps in config.cells():  # refuse a missing preset before hours of training
             for regime in config.regimes:
-                config.compare_config(model, steps, regime, Path(config.out))
+                for space in config.spaces:
+                    config.compare_config(model, steps, regime, Path(config.out), space)
         wall = time.time()
         result = run_phase(config, train=not tables_only)
     except GradlensError as e:

@@ -257,7 +257,9 @@ def test_cli_reads_a_probe_dir_and_writes_table_and_provenance(tmp_path: Path, c
     out = tmp_path / "out"
     proc = gradlens_inproc(capsys, "diagnose", str(probe_dir), "--budgets", "1%", "10%", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
-    sentences = [ln for ln in proc.stdout.splitlines() if "random placement is expected to recover about" in ln]
+    sentences = [ln for ln in proc.stdout.splitlines() if "the heuristic puts random placement at about" in ln]
+    assert "Spearman 0.32 (p 0.054) with the measured recovery over 36 points" in proc.stdout
+    assert "wrong side of 50% in 26 of them" in proc.stdout and "not checked outside" in proc.stdout
     assert len(sentences) == 2 and "over a 50-step run" in sentences[0] and "k = 1% (4 of 400" in sentences[0]
     result = diagnose(probe_dir, ["1%", "10%"])
     with open(out / "diagnose.csv", newline="") as f:

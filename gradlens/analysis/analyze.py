@@ -167,12 +167,12 @@ def _zero_note(rs: RunStats) -> str:
 def _run_line(rs: RunStats, label: str) -> str:
     a = rs.adapter.row
     T = len(rs.steps)
-    r = max(s.shape[1] for s in rs.specs)
+    r = max(min(s.shape) for s in rs.specs)  # a step's rank bound: r for B (d_out x r), min(d_out, d_in) for W
     line = f"{label} ({rs.regime}, T={T}): lag-1 cosine {_fmt(a['cos_lag1_mean'])}"
     if rs.source == RAW_SOURCE:
         line += (f", cosine to mean {_fmt(a['cos_to_mean_mean'])}; trajectory erank {_fmt(a['erank_traj'], 1)} "
                  f"(unit rows {_fmt(a['erank_traj_unit'], 1)}) of T={T}; per-step erank "
-                 f"{_fmt(a['erank_step_mean'], 1)} of r={r}")
+                 f"{_fmt(a['erank_step_mean'], 1)} of at most {r}")
     line += (f"; sign stability {_fmt(a['sign_stability_mean'])} (null {_fmt(a['sign_null_mean'])}), "
              f"{_fmt(100 * a['sign_stable_frac_0.8'], 1)}% of entries above 0.8 "
              f"(null {_fmt(100 * a['sign_null_frac_0.8'], 1)}%)")

@@ -12,7 +12,7 @@ from typing import Any
 
 from gradlens.errors import GradlensError
 from gradlens.store import open_run, verify_run
-from gradlens.store.runstate import adapter_line, adapter_note, run_state
+from gradlens.store.runstate import adapter_line, adapter_note, run_space, run_state
 
 
 def run_info(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -46,6 +46,7 @@ def run_info(path: str | os.PathLike[str]) -> dict[str, Any]:
         "seed": run.meta.get("seed"),
         "format_version": run.manifest.format_version,
         "bytes": size,
+        "space": run_space(run.meta),
     }
 
 
@@ -56,7 +57,7 @@ def format_run_info(info: dict[str, Any]) -> str:
         f"  steps:    {info['steps']} (steps {info['first_step']}..{info['last_step']}), "
         f"{info['clipped_steps']} clipped, {info['nonfinite_steps']} non-finite",
         f"  modules:  {info['modules']} ({', '.join(f'{k}:{v}' for k, v in info['projections'].items())}), "
-        f"{info['entries']:,} B entries",
+        f"{info['entries']:,} {'W' if info.get('space') == 'weight' else 'B'} entries",
         f"  storage:  {info['dtype']}, raw shards {'on' if info['save_raw'] else 'off'}, "
         f"{info['bytes'] / 2**20:.1f} MiB, seed {info['seed']}, format {info['format_version']}",
     ]

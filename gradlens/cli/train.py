@@ -18,7 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from gradlens.config import TrainConfig
 
     parser.epilog = ("Writes OUT/adapter (a PEFT adapter, plus the mask), OUT/train.json, OUT/eval.json (--n_eval) "
-                     "and OUT/run (--record). Any other --FIELD VALUE is a TRL SFTConfig/GRPOConfig field.")
+                     "and OUT/run (--record); with --space weight OUT/sparse_delta.safetensors (trained minus base) "
+                     "and, where every module's count is r*(d_in+d_out), OUT/adapter as a PEFT SHiRA adapter."
+                     " Any other --FIELD VALUE is a TRL SFTConfig/GRPOConfig field.")
     add_dataclass_arguments(parser, TrainConfig)
 
 
@@ -30,8 +32,10 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(TrainConfig, args, parse_extra_flags(args.extra), extra_field="trl")
     result = train(config)
     info = result.info
-    kind = (f"sparse-B, {info['mask']['k']} of {info['mask']['entries']} B entries" if info["mask"]
-            else f"full-B LoRA-FA, {info['b_entries']} B entries")
+    letter = "B" if config.space == "lora_b" else "W"
+    kind = (f"sparse-{letter}, {info['mask']['k']} of {info['mask']['entries']} {letter} entries" if info["mask"]
+            else f"full-B LoRA-FA, {info['b_entries']} B entries" if config.space == "lora_b"
+            else f"dense W of the target modules, {info['b_entries']} W entries")
     print(f"gradlens train: {result.path}: {result.steps} steps in {result.seconds:.1f} s ({config.regime}, "
           f"model {config.model}, {kind}); adapter in {result.adapter}")
     if result.eval is not None:

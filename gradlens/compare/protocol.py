@@ -38,6 +38,8 @@ from gradlens.compare.tables import (
     Table,
     findings,
     paired_differences,
+    space_lines,
+    space_table,
     summarize,
     where_rows,
     with_references,
@@ -73,14 +75,14 @@ def _informed(methods: list[str]) -> list[str]:
 
 
 def _jobs(config: CompareConfig) -> int:
-    """The number of runs ahead, for the progress bar."""
+    """The number of runs ahead, for the progress bar (count-matched weight budgets come on top)."""
     per_regime = 1 + len(config.seeds) * (1 + len(config.methods) * len(config.budgets))
     n_sweep = len(config.sweep_seeds)
     if len(config.full_lrs or []) > 1:
         per_regime += len(config.full_lrs) * n_sweep
     if len(config.sparse_lrs) > 1:
         per_regime += len(config.methods) * len(config.budgets) * len(config.sparse_lrs) * n_sweep
-    return len(config.regimes) * per_regime
+    return len(config.space) * len(config.regimes) * per_regime
 
 
 @contextlib.contextmanager
@@ -118,9 +120,12 @@ class Comparison:
         self.placement = Table(out / PLACEMENT, config.resume)
         self.sweep = Table(out / SWEEP, config.resume)
         self.runner = CompareRuns(config, out)
-        for b in config.budgets:  # fail before any training on a budget the adapter cannot hold
-            Budget.parse(b, config.scope).counts(self.runner.shapes)
+        for space in config.space:  # fail before any training on a budget a space cannot hold
+            for b in config.budgets:
+                Budget.parse(b, config.scope).counts(self.runner.shapes[space])
         self.budgets = [str(Budget.parse(b, config.scope)) for b in config.budgets]
+        self.matched = matched_budgets(self.budgets, config.scope, self.runner.shapes) if set(config.space) == {
+            "lora_b", "weight"} else {}
         self.informed = _informed(config.methods)
         self.probe_rows: list[dict[str, Any]] = []
         self.where: list[pd.DataFrame] = []
@@ -128,30 +133,36 @@ class Comparison:
         self.chosen: list[dict[str, Any]] = []  # the placement rows of this configuration, in the order they ran
         self.bar = tqdm(total=_jobs(config), desc="gradlens compare", unit="run", disable=not config.progress)
 
+    def space_budgets(self, space: str) -> list[str]:
+        """The budgets a space trains: the given ones, and for ``weight`` beside ``lora_b`` also lora_b's counts."""
+        return self.budgets + [b for b in self.matched if space == "weight"]
+
     def run_one(self, table: Table, split: str, regime: str, method: str, budget: str, seed: int, lr: float,
-                mask: dict[str, np.ndarray] | None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                mask: dict[str, np.ndarray] | None, extra: dict[str, Any] | None = None,
+                space: str = "lora_b") -> dict[str, Any]:
         """Train (unless ``base``) and evaluate one configuration, or take its row from a resumed table."""
-        key = {"regime": regime, "method": method, "budget": budget, "seed": seed, "lr": lr}
+        key = {"space": space, "regime": regime, "method": method, "budget": budget, "seed": seed, "lr": lr}
         done = table.find(**key)
         if done is None:
             done = self._train_and_evaluate(table, split, key, mask, extra or {})
         if table is self.placement:
             self.chosen.append(done)
         self.bar.update(1)
-        self.bar.set_postfix_str(f"{regime} {method} {budget} seed {seed}".replace("  ", " "))
+        self.bar.set_postfix_str(f"{space} {regime} {method} {budget} seed {seed}".replace("  ", " "))
         return done
 
     def _train_and_evaluate(self, table: Table, split: str, key: dict[str, Any], mask: dict[str, np.ndarray] | None,
                             extra: dict[str, Any]) -> dict[str, Any]:
         c, runner = self.config, self.runner
-        regime, method, seed = key["regime"], key["method"], key["seed"]
+        regime, method, seed, space = key["regime"], key["method"], key["seed"], key["space"]
         if method == "base":
             model, seconds, finite = runner.base.model, 0.0, True
         else:
             tags = key if split == "heldout" else None
-            model, seconds, finite = runner.train_run(regime, seed, key["lr"], mask, tags)
+            model, seconds, finite = runner.train_run(regime, seed, key["lr"], mask, tags, space)
         row = {**key, "steps": 0 if method == "base" else c.max_steps, "scope": c.scope,
                "k": int(sum(int(m.sum()) for m in mask.values())) if mask is not None else None,
+               "entries": sum(d * n for d, n in runner.shapes[space].values()),
                **runner.evaluate(model, split, seed), "train_seconds": seconds, **extra}
         row["diverged"] = method != "base" and (
             not finite or row["accuracy"] < runner.base_accuracy(split) - c.divergence_margin)
@@ -159,9 +170,14 @@ class Comparison:
             why = "non-finite loss or weights" if not finite else (
                 f"accuracy {row['accuracy']:.3f} below the base model's {runner.base_accuracy(split):.3f} "
                 f"- margin {c.divergence_margin:g}")
-            self.notes.append(f"{regime} {method} {key['budget'] or 'full'} seed {seed} lr {key['lr']:g} diverged "
-                              f"({why}) on {split}")
-        if c.export and mask is not None and split == "heldout":
+            self.notes.append(f"{space} {regime} {method} {key['budget'] or 'full'} seed {seed} lr {key['lr']:g} "
+                              f"diverged ({why}) on {split}")
+        if c.export and mask is not None and split == "heldout" and space == "weight":
+            slug = key["budget"].replace("%", "pct").replace("=", "")
+            runner.export_delta(model, mask, self.out / "adapters" / "weight" / regime / f"{method}-{slug}-seed{seed}",
+                                {"selector": method, "budget": key["budget"], "seed": seed, "lr": key["lr"],
+                                 "regime": regime, "model": c.model})
+        elif c.export and mask is not None and split == "heldout":
             from gradlens.lora import default_alpha
             from gradlens.sparse.export import export_adapter
 
@@ -175,16 +191,16 @@ class Comparison:
         return row
 
     def _sweep_score(self, regime: str, method: str, budget: str, lr: float,
-                     masks: dict[int, dict[str, np.ndarray] | None]) -> float:
+                     masks: dict[int, dict[str, np.ndarray] | None], space: str) -> float:
         """Mean validation accuracy of one rate over the sweep seeds; -inf if any of them diverged."""
-        rows = [self.run_one(self.sweep, "val", regime, method, budget, seed, lr, masks.get(seed))
+        rows = [self.run_one(self.sweep, "val", regime, method, budget, seed, lr, masks.get(seed), space=space)
                 for seed in self.config.sweep_seeds]
         if any(str(r.get("diverged")) == "True" for r in rows):
             return -np.inf
         return float(np.mean([r["accuracy"] for r in rows]))
 
     def best_lr(self, regime: str, method: str, budget: str, lrs: list[float],
-                masks: dict[int, dict[str, np.ndarray] | None]) -> float:
+                masks: dict[int, dict[str, np.ndarray] | None], space: str = "lora_b") -> float:
         """The swept rate of one method and budget (see :func:`sweep_rates`); no runs for a single rate."""
         if len(lrs) == 1:
             return float(lrs[0])
@@ -192,57 +208,81 @@ class Comparison:
         def score(lr: float) -> float:
             if lr not in lrs:  # an extension of the grid: more runs than the bar planned
                 self.bar.total += len(self.config.sweep_seeds)
-            return self._sweep_score(regime, method, budget, lr, masks)
+            return self._sweep_score(regime, method, budget, lr, masks, space)
 
         best, notes = sweep_rates(lrs, score, self.config.grid_extensions)
-        self.notes += [f"{regime} {method} {budget or 'full'}: {n}" for n in notes]
+        self.notes += [f"{space} {regime} {method} {budget or 'full'}: {n}" for n in notes]
         return best
 
-    def seed_masks(self, regime: str, seed: int, probe_lr: float) -> tuple[Masks, dict[str, Any]]:
+    def seed_masks(self, regime: str, seed: int, probe_lr: float,
+                   space: str = "lora_b") -> tuple[Masks, dict[str, Any]]:
         """``masks[budget][method]`` for one seed: informed ones from this seed's probe, the rest drawn with the
         seed (``random_matched`` copies the first informed mask's per-module counts)."""
         from gradlens.budget import Budget
         from gradlens.placement.selectors import select
 
-        probed, info = self.runner.probe(regime, seed, probe_lr, self.informed) if self.informed else ({}, {})
+        budgets = self.space_budgets(space)
+        probed, info = self.runner.probe(regime, seed, probe_lr, self.informed, budgets, space) if self.informed else (
+            {}, {})
         masks: Masks = {}
-        for budget in self.budgets:
+        for budget in budgets:
             b = Budget.parse(budget, self.config.scope)
             masks[budget] = {m: probed[(m, budget)] for m in self.informed}
             for m in self.config.methods:
                 if m not in self.informed:
                     reference = masks[budget][self.informed[0]] if m == "random_matched" else None
-                    masks[budget][m] = select(m, b, self.runner.shapes, seed=seed, reference=reference)
+                    masks[budget][m] = select(m, b, self.runner.shapes[space], seed=seed, reference=reference)
         return masks, info
 
-    def regime(self, regime: str) -> None:
-        """Base, the sweeps, then every seed's full-B and sparse runs of one regime."""
+    def regime(self, regime: str, space: str = "lora_b") -> None:
+        """Base, the sweeps, then every seed's full and sparse runs of one regime in one space."""
         c = self.config
-        self.run_one(self.placement, "heldout", regime, "base", "", 0, 0.0, None)
+        budgets = self.space_budgets(space)
+        self.run_one(self.placement, "heldout", regime, "base", "", 0, 0.0, None, space=space)
         full_lrs = c.full_lrs or [self.runner.default_lr(regime)]
         if len(full_lrs) > 1 or len(c.sparse_lrs) > 1:  # the sweep's yardstick, said where its verdicts are read
             self.notes.append(f"{regime}: the base model's accuracy on the validation prompts the rates are swept on "
                               f"is {self.runner.base_accuracy('val'):.3f}")
-        lr_of = {("full", ""): self.best_lr(regime, "full", "", full_lrs, {})}
+        lr_of = {("full", ""): self.best_lr(regime, "full", "", full_lrs, {}, space)}
         sweep_masks: dict[int, Masks] = {}
         if len(c.sparse_lrs) > 1:
-            sweep_masks = {seed: self.seed_masks(regime, seed, lr_of[("full", "")])[0] for seed in c.sweep_seeds}
-        for budget in self.budgets:  # a sparser mask wants a larger rate: one sweep per method and budget
+            sweep_masks = {seed: self.seed_masks(regime, seed, lr_of[("full", "")], space)[0]
+                           for seed in c.sweep_seeds}
+        for budget in budgets:  # a sparser mask wants a larger rate: one sweep per method and budget
             for method in c.methods:
                 masks = {seed: m[budget][method] for seed, m in sweep_masks.items()}
-                lr_of[(method, budget)] = self.best_lr(regime, method, budget, c.sparse_lrs, masks)
+                lr_of[(method, budget)] = self.best_lr(regime, method, budget, c.sparse_lrs, masks, space)
         for seed in c.seeds:
             full = self.run_one(self.placement, "heldout", regime, "full", "", seed, lr_of[("full", "")], None,
-                                {"lr_swept": len(full_lrs) > 1})
-            masks, info = self.seed_masks(regime, seed, lr_of[("full", "")])
-            self.probe_rows.append({"regime": regime, "seed": seed, **_probe_cost(info, full)})
-            for budget in self.budgets:
+                                {"lr_swept": len(full_lrs) > 1}, space)
+            masks, info = self.seed_masks(regime, seed, lr_of[("full", "")], space)
+            self.probe_rows.append({"space": space, "regime": regime, "seed": seed, **_probe_cost(info, full)})
+            for budget in budgets:
                 for method in c.methods:
                     mask = masks[budget][method]
                     self.run_one(self.placement, "heldout", regime, method, budget, seed, lr_of[(method, budget)],
-                                 mask, {"lr_swept": len(c.sparse_lrs) > 1})
+                                 mask, {"lr_swept": len(c.sparse_lrs) > 1, "lora_b_budget": self.matched.get(budget,
+                                                                                                       "")}, space)
                     if method in self.informed:
-                        self.where.append(where_rows(mask, regime, method, budget, seed))
+                        self.where.append(where_rows(mask, regime, method, budget, seed, space))
+
+
+def matched_budgets(budgets: list[str], scope: str, shapes: dict[str, Any]) -> dict[str, str]:
+    """``{weight budget: lora_b budget}``: for each share budget, the weight-space budget of the same count of
+    trainable entries as lora_b holds at that share (a count budget is already the same count in both spaces)."""
+    from gradlens.budget import Budget
+
+    matched = {}
+    for text in budgets:
+        budget = Budget.parse(text, scope)
+        if budget.fraction is None:
+            continue
+        counts = budget.counts(shapes["lora_b"])
+        k = counts if isinstance(counts, int) else sum(counts.values())
+        label = str(Budget(k=k, scope=scope))
+        if label not in budgets:
+            matched[label] = text
+    return matched
 
 
 def sweep_rates(lrs: list[float], score: Callable[[float], float], extensions: int) -> tuple[float, list[str]]:
@@ -279,8 +319,9 @@ def compare(config: CompareConfig) -> CompareResult:
         started = time.time()
         comparison = Comparison(config, out)
         try:
-            for regime in config.regimes:
-                comparison.regime(regime)
+            for space in config.space:
+                for regime in config.regimes:
+                    comparison.regime(regime, space)
         finally:
             comparison.bar.close()
         # Only this configuration's runs: a resumed table can also hold runs at rates a grown grid no longer picks
@@ -321,6 +362,7 @@ def write_results(config: CompareConfig, out: Path, placement: pd.DataFrame, swe
     from gradlens.compare.plot import placement_plot
 
     placement = with_references(placement)
+    spaces = space_table(placement) if len(placement) else pd.DataFrame()
     if len(placement):
         atomic_write(out / PLACEMENT, lambda tmp: placement.to_csv(tmp, index=False))
     summary = summarize(placement)
@@ -328,8 +370,8 @@ def write_results(config: CompareConfig, out: Path, placement: pd.DataFrame, swe
     where_df = pd.concat(where, ignore_index=True) if where else pd.DataFrame()
     probes, curve_df = pd.DataFrame(probe_rows), pd.DataFrame(curves)
     files = [f for f in (out / PLACEMENT, out / SWEEP) if f.is_file()]  # no sweep.csv when no rate was swept
-    for name, df in (("summary", summary), ("paired", paired), ("where", where_df), ("probes", probes),
-                     ("curves", curve_df)):
+    for name, df in (("summary", summary), ("paired", paired), ("spaces", spaces), ("where", where_df),
+                     ("probes", probes), ("curves", curve_df)):
         if len(df):
             atomic_write(out / f"{name}.csv", lambda tmp, df=df: df.to_csv(tmp, index=False))
             files.append(out / f"{name}.csv")
@@ -337,7 +379,8 @@ def write_results(config: CompareConfig, out: Path, placement: pd.DataFrame, swe
             "diverged_runs": int(placement["diverged"].fillna(False).astype(bool).sum())
             if "diverged" in placement else 0, "versions": package_versions()}
     files.append(placement_plot(summary, out / "placement.png", prov))
-    text = "\n".join([findings(summary, probes, paired), *(f"note: {n}" for n in notes or [])])
+    text = "\n".join([findings(summary, probes, paired), *space_lines(spaces),
+                      *(f"note: {n}" for n in notes or [])])
     json_dump({**prov, "seconds": seconds, "files": [f.name for f in files], "findings": text},
               out / "provenance.json")
     files.append(out / "provenance.json")

@@ -67,6 +67,7 @@ class CompareRuns:
 
     def __init__(self, config: CompareConfig, out: Path) -> None:
         from gradlens.lora import attach_lora, lora_b_parameters
+        from gradlens.sparse.space import attach_weight_space, weight_parameters
         from gradlens.tasks import load_task_for
         from gradlens.training.setup import load_base
 
@@ -78,10 +79,14 @@ class CompareRuns:
         self.data = split_task(self.task, config.n_val, config.n_eval)
         self.curves: list[dict[str, Any]] = []
         self._base_accuracy: dict[str, float] = {}
+        # The entries each space offers: B of a LoRA-FA adapter, or W of the same target modules.
         adapter = attach_lora(copy.deepcopy(self.base.model), **config.lora_kwargs())
-        self.shapes = {name: tuple(p.shape) for name, p in lora_b_parameters(adapter)}
+        weights = attach_weight_space(copy.deepcopy(self.base.model), config.lora_target_modules)
+        self.shapes = {"lora_b": {name: tuple(p.shape) for name, p in lora_b_parameters(adapter)},
+                       "weight": {name: tuple(p.shape) for name, p in weight_parameters(weights)}}
 
-    def record_config(self, regime: str, seed: int, lr: float | None, out: Path) -> RecordConfig:
+    def record_config(self, regime: str, seed: int, lr: float | None, out: Path,
+                      space: str = "lora_b") -> RecordConfig:
         """The run as ``gradlens record`` would describe it; TRL extras that the regime's config lacks are dropped
         (``num_generations`` means nothing to SFT)."""
         from gradlens.training.settings import config_fields
@@ -89,7 +94,7 @@ class CompareRuns:
         c = self.config
         trl = {k: v for k, v in c.trl.items() if k in config_fields(regime)}
         return RecordConfig(**c.model_task_fields(), regime=regime, out=str(out), max_steps=c.max_steps, seed=seed,
-                            learning_rate=lr, n_train=len(self.data.train), trl=trl)
+                            learning_rate=lr, n_train=len(self.data.train), trl=trl, space=space)
 
     def settings(self, regime: str, seed: int, lr: float | None) -> dict[str, Any]:
         from gradlens.training.settings import trl_settings
@@ -126,36 +131,54 @@ class CompareRuns:
         return setup_run(config, base=self.base, task=self.task, data=self.data.train)
 
     def train_run(self, regime: str, seed: int, lr: float, mask: dict[str, np.ndarray] | None,
-              tags: dict[str, Any] | None = None):
+              tags: dict[str, Any] | None = None, space: str = "lora_b"):
         """(trained PeftModel, measured train seconds, whether the loss and B stayed finite): full-B LoRA-FA, or
-        sparse-B when ``mask`` is given. The drift guard compares checksums only (no host copy per run)."""
+        sparse-B when ``mask`` is given (space ``weight``: the target modules' W, all of it or the mask's entries).
+        The drift guard compares checksums only (no host copy per run); space ``weight`` trains the base weights, so
+        it has none."""
         from gradlens.drift import DriftGuard
         from gradlens.training.run import run_training
 
         c = self.config
-        config = self.record_config(regime, seed, lr, self.out)
+        config = self.record_config(regime, seed, lr, self.out, space)
         callbacks = []
         if tags is not None and c.curve_every:
             callbacks.append(_accuracy_curve(self.tokenizer, self.task, self.data.heldout, c.curve_every,
                                              self.curves, tags))
         result = run_training(config, out=None, tool="gradlens compare", setup=self.setup(config), mask=mask,
-                              drift_guard=DriftGuard(keep_copy=False), callbacks=callbacks, progress=False,
+                              drift_guard=DriftGuard(keep_copy=False) if space == "lora_b" else None,
+                              callbacks=callbacks, progress=False,
                               settings={"disable_tqdm": True, "logging_steps": c.max_steps})
         return result.model, result.seconds, result.finite
 
-    def probe(self, regime: str, seed: int, lr: float, methods: list[str]):
-        """Masks of the informed ``methods`` for every budget from a probe of this seed (reused on resume)."""
+    def export_delta(self, model: Any, mask: dict[str, np.ndarray], out: Path, metadata: dict[str, Any]) -> Path:
+        """A weight-space run's trained minus base (the in-memory base model's weights), exactly 0 outside the mask,
+        as ``out/sparse_delta.safetensors``."""
+        from gradlens.sparse.delta import DELTA_FILE, save_delta, weight_delta
+        from gradlens.sparse.space import weight_parameters
+
+        base = dict(self.base.model.named_modules())
+        anchors = {name: base[name].weight for name in mask}
+        delta = weight_delta(dict(weight_parameters(model)), anchors, mask, str(out / DELTA_FILE))
+        out.mkdir(parents=True, exist_ok=True)
+        return save_delta(out / DELTA_FILE, delta, {**metadata, "space": "weight"})
+
+    def probe(self, regime: str, seed: int, lr: float, methods: list[str], budgets: list[str],
+              space: str = "lora_b"):
+        """Masks of the informed ``methods`` for every budget from a probe of this seed in ``space`` (reused on
+        resume)."""
         from gradlens.placement.probe import PROBE_FILE, probe, read_probe
         from gradlens.sparse.masks import load_mask
 
         c = self.config
-        out = self.out / "probes" / f"{regime}-seed{seed}"
-        wanted = {f"{m}/{Budget.parse(b, c.scope)}" for m in methods for b in c.budgets}
+        out = self.out / "probes" / (f"{regime}-seed{seed}" if space == "lora_b" else f"{space}-{regime}-seed{seed}")
+        wanted = {f"{m}/{Budget.parse(b, c.scope)}" for m in methods for b in budgets}
         if not (out / PROBE_FILE).is_file() or not wanted <= set(read_probe(out)["masks"]):
             if out.exists():  # interrupted, or made for fewer budgets or methods: probes are seeded, so run it again
                 shutil.rmtree(out)
-            fields = {k: v for k, v in asdict(self.record_config(regime, seed, lr, out)).items() if k != "max_steps"}
-            config = ProbeConfig(**fields, max_steps=c.probe_steps, methods=methods, budgets=list(c.budgets),
+            fields = {k: v for k, v in asdict(self.record_config(regime, seed, lr, out, space)).items()
+                      if k != "max_steps"}
+            config = ProbeConfig(**fields, max_steps=c.probe_steps, methods=methods, budgets=list(budgets),
                                  scope=c.scope, train_steps=c.max_steps)
             probe(config, progress=False, setup=self.setup(config))
         info = read_probe(out)

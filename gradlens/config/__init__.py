@@ -16,6 +16,7 @@ from gradlens.config.fields import (
     PROMPT_FORMATS,
     REGIMES,
     SELECT_METHODS,
+    SPACES,
     STORAGE_DTYPES,
     TOY_PREFIX,
     check_seed,
@@ -23,6 +24,6 @@ from gradlens.config.fields import (
 from gradlens.config.training import CompareConfig, ModelTaskConfig, ProbeConfig, RecordConfig, TrainConfig
 
 __all__ = ["DEVICES", "DIAGNOSE_METHODS", "INFORMED_METHODS", "MATH_PREFIX", "MODEL_DTYPES", "PLACEMENT_METHODS",
-           "PROMPT_FORMATS", "REGIMES", "SELECT_METHODS", "STORAGE_DTYPES", "TOY_PREFIX", "AnalyzeConfig",
+           "PROMPT_FORMATS", "REGIMES", "SELECT_METHODS", "SPACES", "STORAGE_DTYPES", "TOY_PREFIX", "AnalyzeConfig",
            "CompareConfig", "DiagnoseConfig", "ModelTaskConfig", "ProbeConfig", "RecordConfig", "ReportConfig",
            "SelectConfig", "TrainConfig", "check_seed"]

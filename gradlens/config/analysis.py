@@ -8,10 +8,12 @@ from gradlens.config.fields import (
     DIAGNOSE_METHODS,
     INFORMED_METHODS,
     SELECT_METHODS,
+    SPACES,
     budgets_field,
     check_budgets,
     check_methods,
     check_seed,
+    check_space,
     field_help,
     scope_field,
 )
@@ -65,6 +67,9 @@ class SelectConfig:
     budgets: list[str] = budgets_field(["1%"])
     scope: str = scope_field()
     seed: int = field(default=0, metadata=field_help("seed of the random selectors (informed ones are deterministic)"))
+    space: str | None = field(default=None, metadata=field_help(
+        "the space the run was recorded in (lora_b or weight); given, it must match the run's (default: the run's)",
+        choices=SPACES))
     overwrite: bool = field(default=False, metadata=field_help(
         "write into an --out that already holds files, removing its old masks first (by default a used --out is "
         "refused, so the masks of two runs never mix)"))
@@ -72,6 +77,8 @@ class SelectConfig:
     def __post_init__(self) -> None:
         if not self.out:
             raise GradlensError("an output directory is required (--out OUT_DIR)")
+        if self.space is not None:
+            check_space(self.space)
         check_methods(self.methods, SELECT_METHODS)
         check_budgets(self.budgets, self.scope)
         check_seed("seed", self.seed)
@@ -93,6 +100,12 @@ class DiagnoseConfig:
     train_steps: int | None = field(default=None, metadata=field_help(
         "optimizer steps of the training run the placement is for, the horizon of recovery_run (default: the "
         "probe's --train_steps if it recorded one, else none)"))
+    check: str | None = field(default=None, metadata=field_help(
+        "instead of diagnosing a run: a CSV with one row per measured point (world, cell, budget, probe statistics, "
+        "gap = informed minus random accuracy); the predictor is chosen on each world and its Spearman with the gap "
+        "reported on the other (leave one world out)"))
+    predictors: list[str] | None = field(default=None, metadata=field_help(
+        "--check: the probe-statistic columns to choose from (default: every numeric column but the gap)"))
     overwrite: bool = field(default=False, metadata=field_help(
         "write into an --out that already holds files (by default a used --out is refused, so the outputs of two "
         "inputs never mix)"))

@@ -18,6 +18,13 @@ MATH_PREFIX = "gsm8k"  # --task gsm8k (the hub's openai/gsm8k) or gsm8k:SOURCE (
 
 TOY_PREFIX = "toy:"
 
+# What placement works over: the entries of LoRA's B (A frozen, the default), or the entries of the chosen modules'
+# base weights W (no adapter; the parameterisation of arXiv 2602.01599).
+SPACES: tuple[str, ...] = ("lora_b", "weight")
+DEFAULT_SPACE = "lora_b"
+SPACE_HELP = ("'lora_b' (the default): the entries of LoRA's B, A frozen; 'weight': the entries of the base weights W "
+              "(d_out x d_in) of the --lora_target_modules, trained without an adapter")
+
 # Selector names, kept here (light) so flags are checked without importing numpy; gradlens.placement uses the same.
 PLACEMENT_METHODS: tuple[str, ...] = ("random", "random_matched", "magnitude", "fisher", "sign", "sign_magnitude",
                                       "modules")
@@ -49,6 +56,19 @@ def scope_field() -> Any:
     """The ``scope`` flag shared by probe, select and compare."""
     return field(default="global", metadata=field_help(
         "'global': top-k over the whole adapter; 'per_module': the same share in every matrix", choices=SCOPES))
+
+
+def check_space(space: str, flag: str = "--space") -> None:
+    if space not in SPACES:
+        raise GradlensError(f"{flag} {space!r} is not one of {', '.join(SPACES)}")
+
+
+def check_spaces(spaces: list[str]) -> None:
+    """compare's ``--space``: distinct known spaces, at least one."""
+    if not spaces or len(set(spaces)) != len(spaces):
+        raise GradlensError(f"--space must name distinct spaces, at least one; got {spaces}")
+    for space in spaces:
+        check_space(space)
 
 
 def check_methods(methods: list[str], allowed: tuple[str, ...]) -> None:

@@ -14,11 +14,15 @@ from gradlens.config.fields import (
     PLACEMENT_METHODS,
     PROMPT_FORMATS,
     REGIMES,
+    SPACE_HELP,
+    SPACES,
     STORAGE_DTYPES,
     budgets_field,
     check_budgets,
     check_methods,
     check_seed,
+    check_space,
+    check_spaces,
     check_trl_extras,
     field_help,
     scope_field,
@@ -134,6 +138,8 @@ class RecordConfig(ModelTaskConfig):
     """Everything ``gradlens record`` needs; any other TRL config field goes in ``trl``."""
 
     regime: str = field(default="sft", metadata=field_help("training regime", choices=REGIMES))
+    space: str = field(default="lora_b", metadata=field_help(f"what trains and is recorded: {SPACE_HELP}",
+                                                             choices=SPACES))
     out: str = field(default="", metadata=field_help("run directory to write (required)"))
     n_eval: int = field(default=0, metadata=field_help(
         "after training, greedy accuracy on the first N held-out examples, written to RUN_DIR/eval.json "
@@ -166,6 +172,7 @@ class RecordConfig(ModelTaskConfig):
         super().__post_init__()
         if self.regime not in REGIMES:
             raise GradlensError(f"unknown regime {self.regime!r}; choose one of: {', '.join(REGIMES)}")
+        check_space(self.space)
         if not self.out:
             raise GradlensError("an output run directory is required (--out RUN_DIR)")
         if self.storage_dtype not in STORAGE_DTYPES:
@@ -254,6 +261,10 @@ class CompareConfig(ModelTaskConfig):
     out: str = field(default="", metadata=field_help("output directory (required)"))
     regimes: list[str] = field(default_factory=lambda: list(REGIMES), metadata=field_help(
         "regimes to compare", choices=REGIMES))
+    space: list[str] = field(default_factory=lambda: ["lora_b"], metadata=field_help(
+        f"spaces to compare, each with its own full reference, probe and masks: {SPACE_HELP}. With both, "
+        "spaces.csv sets them side by side at the same share of each space and, for weight, at the same count of "
+        "trainable entries as lora_b's", choices=SPACES))
     methods: list[str] = field(default_factory=lambda: ["random", "random_matched", "fisher", "sign"],
                                metadata=field_help("placement methods; random_matched copies the per-module counts of "
                                               "the first informed method's mask", choices=PLACEMENT_METHODS))
@@ -299,6 +310,7 @@ class CompareConfig(ModelTaskConfig):
             raise GradlensError("an output directory is required (--out OUT_DIR)")
         if not self.regimes or any(r not in REGIMES for r in self.regimes):
             raise GradlensError(f"regimes must be among: {', '.join(REGIMES)}; got {self.regimes}")
+        check_spaces(self.space)
         check_methods(self.methods, PLACEMENT_METHODS)
         if "random_matched" in self.methods and not set(self.methods) & set(INFORMED_METHODS):
             raise GradlensError("random_matched needs an informed method to copy its per-module counts from "

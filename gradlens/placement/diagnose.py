@@ -72,11 +72,12 @@ from gradlens.budget import Budget, Shapes
 from gradlens.config import DIAGNOSE_METHODS
 from gradlens.errors import GradlensError
 from gradlens.fsio import atomic_write, check_unused_out, json_dump
+from gradlens.placement.diagnose_check import MEASURED, accuracy_line
 from gradlens.placement.probe import PROBE_FILE, read_probe
 from gradlens.placement.selectors import scores, select
 from gradlens.provenance import package_versions
 from gradlens.stats.streaming import Accumulators, ModuleAccumulator
-from gradlens.store.runstate import announce
+from gradlens.store.runstate import announce, run_space
 
 CSV_FILE = "diagnose.csv"
 JSON_FILE = "diagnose.json"
@@ -305,7 +306,7 @@ def _budget_lines(rows: list[dict[str, Any]]) -> list[str]:
         noise = 0 < r["drift_top"] <= 2 * r["drift_null"]
         drifts.append(drift + (", so mostly selection noise)" if noise else ")"))
     sentence = (f"at k = {first['budget']} ({first['k']:,} of {first['entries']:,} entries, {first['scope']}), "
-                f"random placement is expected to recover {'; '.join(parts)}.")
+                f"the heuristic puts random placement at {'; '.join(parts)}.")
     numbers = (f"  drift fraction per entry: random {first['drift_random']:.3f}, {', '.join(drifts)}; coherence: "
                f"random {first['coherence_random']:.2f}, "
                + ", ".join(f"{r['method']} {r['coherence_top']:.2f}" for r in rows))
@@ -316,10 +317,12 @@ def describe(result: DiagnoseResult) -> str:
     """Console text: the adapter's coherence, one sentence per budget (numbers below it), what is heuristic."""
     a = result.adapter
     lag1 = "n/a" if a["lag1_cosine"] is None else f"{a['lag1_cosine']:.3f}"
+    letter = "W" if run_space(result.run_meta) == "weight" else "B"
     lines = [f"gradlens diagnose: {result.run}: {a['steps']} steps ({a['steps_with_gradient']} with a gradient), "
-             f"{a['entries']:,} B entries; coherence {a['coherence']:.2f} of at most {a['steps_with_gradient']} "
-             f"(normalized {a['coherence_norm']:.3f}, lag-1 cosine {lag1}); drift fraction {a['drift']:.4f} per "
-             f"entry, worth about {max(a['drift_entries'], 0):,.0f} fully consistent entries"]
+             f"{a['entries']:,} {letter} entries; coherence {a['coherence']:.2f} of at most "
+             f"{a['steps_with_gradient']} (normalized {a['coherence_norm']:.3f}, lag-1 cosine {lag1}); drift "
+             f"fraction {a['drift']:.4f} per entry, worth about {max(a['drift_entries'], 0):,.0f} fully consistent "
+             "entries"]
     if result.zero_steps:
         lines.append(f"note: {len(result.zero_steps)} step(s) had an all-zero gradient (e.g. GRPO groups with equal "
                      f"rewards) and count nowhere: {result.zero_steps[:10]}")
@@ -328,6 +331,7 @@ def describe(result: DiagnoseResult) -> str:
     for budget in dict.fromkeys(r["budget"] for r in result.rows):
         lines += _budget_lines([r for r in result.rows if r["budget"] == budget])
     lines.append(f"({HEURISTIC})")
+    lines.append(f"({accuracy_line()})")
     return "\n".join(lines)
 
 
@@ -350,6 +354,7 @@ def save(result: DiagnoseResult, out: str | Path, config: Any = None) -> list[Pa
                "config": cfg, "train_steps": result.train_steps, "steps": result.steps,
                "zero_gradient_steps": result.zero_steps,
                "nonfinite_steps_excluded": result.nonfinite_steps, "adapter": result.adapter, "rows": result.rows,
-               "heuristic": HEURISTIC, "run_meta": result.run_meta, "versions": package_versions(),
+               "heuristic": HEURISTIC, "measured_accuracy": MEASURED, "run_meta": result.run_meta,
+               "versions": package_versions(),
                "files": [CSV_FILE, JSON_FILE]}, out / JSON_FILE)
     return [out / CSV_FILE, out / JSON_FILE]

@@ -15,7 +15,7 @@ from gradlens.errors import GradlensError
 from gradlens.fsio import check_unused_out, json_dump
 from gradlens.placement.diagnose import locate_run
 from gradlens.provenance import package_versions
-from gradlens.store.runstate import announce
+from gradlens.store.runstate import announce, require_space, run_space
 
 if TYPE_CHECKING:
     from gradlens.store import Run
@@ -53,7 +53,7 @@ def write_masks(run: Run, out: Path, methods: Sequence[str], budgets: Sequence[s
     from gradlens.placement.selectors import select
     from gradlens.sparse.masks import save_mask
 
-    adapter = adapter_metadata(run)
+    adapter = {**adapter_metadata(run), "space": run_space(run.meta)}
     acc = run.accumulators()
     shapes = {s.name: s.shape for s in run.specs}
     masks: dict[tuple[str, str], Path] = {}
@@ -81,6 +81,7 @@ def select_masks(run_dir: str | Path, config: SelectConfig) -> tuple[dict[tuple[
     check_unused_out(out, config.overwrite)
     run_path, probe = locate_run(Path(run_dir))
     run = open_run(run_path)
+    require_space(run_space(run.meta), config.space, str(run.path))
     if not run.steps:
         raise GradlensError(f"{run.path}: the run holds no recorded steps, so there is nothing to score")
     state = announce(run.meta, str(run.path), doing="scoring")

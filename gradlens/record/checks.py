@@ -115,12 +115,13 @@ class SignalCounter:
 
     REASONS = {"zero_reward_std": ("every GRPO group of its generation batch has equal rewards (zero advantage)",
                                    "check the reward function, max_completion_length and the prompt format"),
-               "zero_gradient": ("every recorded LoRA-B gradient is exactly zero",
-                                 "check the rewards (GRPO), the loss mask and the adapter's frozen lora_A")}
+               "zero_gradient": ("every recorded {what} gradient is exactly zero",
+                                 "check the rewards (GRPO), the loss mask and (LoRA-B) the adapter's frozen lora_A")}
 
-    def __init__(self, warn: Callable[[str], None], grpo: bool = False) -> None:
+    def __init__(self, warn: Callable[[str], None], grpo: bool = False, what: str = "LoRA-B") -> None:
         self.warn = warn
         self.grpo = grpo
+        self.what = what  # the recorded parameters: LoRA-B, or base-weight (space weight)
         self.counts = {"steps": 0, "no_signal": 0, "zero_gradient": 0, "zero_reward_std": 0}
 
     def note(self, step: int, meta: dict[str, Any]) -> None:
@@ -131,8 +132,8 @@ class SignalCounter:
             self.counts[key] += 1
             if self.counts[key] == 1:
                 what, hint = self.REASONS[key]
-                self.warn(f"step {step} learns nothing: {what}; {hint} (further such steps are counted and "
-                          "summarised at the end)")
+                self.warn(f"step {step} learns nothing: {what.format(what=self.what)}; {hint} (further such steps are "
+                          "counted and summarised at the end)")
 
     @property
     def share(self) -> float | None:
@@ -144,7 +145,7 @@ class SignalCounter:
         n, bad = self.counts["steps"], self.counts["no_signal"]
         if bad == 0:
             return None
-        reasons = [f"all-zero LoRA-B gradients in {self.counts['zero_gradient']}"]
+        reasons = [f"all-zero {self.what} gradients in {self.counts['zero_gradient']}"]
         if self.grpo:
             reasons.insert(0, f"zero reward variance in every group in {self.counts['zero_reward_std']}")
         return (f"{bad} of {n} recorded steps ({bad / n:.0%}) had no learning signal ({', '.join(reasons)}); their "

@@ -36,7 +36,6 @@ from gradlens.callback_order import add_first
 from gradlens.dtensors import is_sharded
 from gradlens.engines import refuse_sharded
 from gradlens.errors import GradlensError
-from gradlens.lora import require_lora
 from gradlens.models import unwrap
 from gradlens.modules import ModuleFilter, ModuleSpec, match_modules
 from gradlens.record.adapter import describe_adapter, describe_dataset
@@ -53,6 +52,7 @@ from gradlens.record.checks import (
 from gradlens.record.clip import ClipWatch, clip_statistics
 from gradlens.record.collective import agree, distributed
 from gradlens.record.sharded import ShardedGather, squares_held_here
+from gradlens.sparse.space import LORA_B, WHAT, space_parameters
 from gradlens.store import DTYPES, AsyncRunWriter, RunWriter
 from gradlens.store.background import NORM_CHUNK
 from gradlens.store.runstate import adapter_line, adapter_note, resume_hint, stop_reason
@@ -80,12 +80,14 @@ class GradientRecorder(TrainerCallback):
             Use :meth:`attach` to add the recorder and bind the trainer in one call.
         announce: print one line at train begin (where, what, dtype, regime, adapter); a trained A is warned about
             either way.
+        space: ``"lora_b"`` (LoRA's B, the default) or ``"weight"`` (the trainable base weights of a model without an
+            adapter, :mod:`gradlens.sparse.space`); recorded alike, and the manifest says which.
     """
 
     def __init__(self, output_dir: str | os.PathLike[str], *, modules: ModuleFilter = None, every_n_steps: int = 1,
                  dtype: str = "float32", save_raw: bool = True, resume: bool = False,
                  steps_per_shard: int | None = None, max_queue: int = 4, config: dict[str, Any] | None = None,
-                 seed: int | None = None, trainer: Any = None, announce: bool = True) -> None:
+                 seed: int | None = None, trainer: Any = None, announce: bool = True, space: str = LORA_B) -> None:
         if every_n_steps < 1:
             raise GradlensError(f"every_n_steps must be >= 1, got {every_n_steps}")
         if dtype not in DTYPES:
@@ -104,10 +106,12 @@ class GradientRecorder(TrainerCallback):
         self.seed = seed
         self.trainer = trainer
         self.announce = announce
+        self.space = space
         self.writer: AsyncRunWriter | None = None
         self.specs: list[ModuleSpec] = []
         self.steps_recorded = 0
-        self.signal = SignalCounter(self._warn)  # recorded steps of this session without a learning signal
+        # recorded steps of this session without a learning signal
+        self.signal = SignalCounter(self._warn, what=WHAT[space])
         self._params: list[torch.nn.Parameter] = []
         self._gather: ShardedGather | None = None  # FSDP2: the recorded gradients are DTensors, gathered each step
         self._clip = ClipWatch()
@@ -140,16 +144,17 @@ class GradientRecorder(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
         model = unwrap(model)
-        found = require_lora(model, "GradientRecorder: the model")
+        found = space_parameters(model, self.space, "GradientRecorder: the model")
         kept = set(match_modules([n for n, _ in found], self.module_filter))
         if not kept:
-            raise GradlensError(f"module filter {self.module_filter!r} matches none of the {len(found)} LoRA modules "
-                                f"(e.g. {found[0][0]})")
+            raise GradlensError(f"module filter {self.module_filter!r} matches none of the {len(found)} "
+                                f"{WHAT[self.space]} modules (e.g. {found[0][0]})")
         chosen = [(n, p) for n, p in found if n in kept]
         refuse_sharded("cannot be recorded", args, self.trainer, [p for _, p in found])
         frozen = [n for n, p in chosen if not p.requires_grad]
         if frozen:
-            raise GradlensError(f"lora_B of {frozen[0]} does not require grad; only trainable modules can be recorded")
+            raise GradlensError(f"the {WHAT[self.space]} weight of {frozen[0]} does not require grad; only trainable "
+                                "modules can be recorded")
         self.specs = [ModuleSpec.from_name(n, p.shape) for n, p in chosen]
         self._params = [p for _, p in chosen]
         ours = {id(p) for p in self._params}
@@ -160,7 +165,8 @@ class GradientRecorder(TrainerCallback):
         self._clip.install(self.trainer)
         self._main = state.is_world_process_zero
         self._planned = state.max_steps if state.max_steps and state.max_steps > 0 else None
-        self.adapter = describe_adapter(model)
+        self.adapter = describe_adapter(model) if self.space == LORA_B else {
+            "space": self.space, "target_modules": sorted({n.rsplit(".", 1)[-1] for n, _ in found})}
         self._source = {"model": getattr(getattr(model, "config", None), "name_or_path", None),
                         "dataset": describe_dataset(getattr(self.trainer, "train_dataset", None))}
         notes = self._check_setup(args, train_dataloader)
@@ -304,7 +310,8 @@ class GradientRecorder(TrainerCallback):
         regime = "GRPO" if self.signal.grpo else type(self.trainer).__name__ if self.trainer is not None else "Trainer"
         planned = f", {self._planned} steps planned" if self._planned else ""
         storage = f"{self.dtype} shards" if self.save_raw else "statistics only, no shards"
-        print(f"gradlens: recording {len(self.specs)} LoRA-B modules ({entries:,} B entries) every "
+        letter = "B" if self.space == LORA_B else "W"
+        print(f"gradlens: recording {len(self.specs)} {WHAT[self.space]} modules ({entries:,} {letter} entries) every "
               f"{self.every_n_steps} step(s) into {self.output_dir} ({storage}, {regime}{planned}); adapter: "
               f"{adapter_line(self.adapter)}", flush=True)
 
@@ -336,7 +343,7 @@ class GradientRecorder(TrainerCallback):
         config = {"recorder": {"modules": repr(self.module_filter), "every_n_steps": self.every_n_steps,
                                "dtype": self.dtype, "save_raw": self.save_raw, "warnings": notes,
                                "processes": torch.distributed.get_world_size() if distributed() else 1,
-                               "sharding": "FSDP2" if self._gather is not None else None},
+                               "sharding": "FSDP2" if self._gather is not None else None, "space": self.space},
                   "adapter": self.adapter, **self._source,
                   "trainer_class": type(self.trainer).__name__ if self.trainer is not None else None,
                   "training_args": json.loads(args.to_json_string()), **self.config}

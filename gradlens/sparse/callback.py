@@ -13,6 +13,7 @@ from transformers import TrainerCallback
 from gradlens.callback_order import add_first
 from gradlens.engines import refuse_sharded
 from gradlens.sparse.hooks import SparseB, apply_mask
+from gradlens.sparse.space import LORA_B
 
 
 class SparseBCallback(TrainerCallback):
@@ -24,8 +25,11 @@ class SparseBCallback(TrainerCallback):
     (they still only mask); call ``sparse.remove()`` to lift them.
     """
 
-    def __init__(self, mask: Mapping[str, np.ndarray]) -> None:
+    def __init__(self, mask: Mapping[str, np.ndarray], space: str = LORA_B,
+                 anchors: Mapping[str, Any] | None = None) -> None:
         self.mask = mask
+        self.space = space
+        self.anchors = anchors  # space "weight": the values the masked-out entries keep (default: at train begin)
         self.sparse: SparseB | None = None
 
     @classmethod
@@ -41,7 +45,7 @@ class SparseBCallback(TrainerCallback):
         refuse_sharded("a sparse-B mask cannot be kept on it", args, None, trainable)
         if self.sparse is not None:  # a second train() call
             self.sparse.remove()
-        self.sparse = apply_mask(model, self.mask)
+        self.sparse = apply_mask(model, self.mask, self.space, self.anchors)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.sparse.enforce()

@@ -10,6 +10,10 @@ Under FSDP2 each process holds a block of rows of B (a ``DTensor``) and the modu
 tensor hook on the sharded weight never runs; the mask is sliced to the process's block instead, and a
 post-accumulate-grad hook (which FSDP2 runs after it reduce-scatters each micro-batch's gradient into the block, before
 clipping) zeroes the block's masked entries; :meth:`SparseB.enforce` zeroes the block's masked weights.
+
+The same works over the base weights (``space="weight"``, :mod:`gradlens.sparse.space`): there the masked entries are
+not 0 but the base model's values, so :class:`SparseB` keeps them (``anchors``) and :meth:`SparseB.enforce` restores
+them, exactly, after every optimizer step (AdamW's decoupled weight decay moves an entry whose gradient is 0).
 """
 
 from __future__ import annotations
@@ -21,16 +25,16 @@ import torch
 
 from gradlens.dtensors import block_of, is_sharded, local
 from gradlens.errors import GradlensError
-from gradlens.lora import require_lora
 from gradlens.models import unwrap
 from gradlens.sparse.masks import check_mask_fits
+from gradlens.sparse.space import LORA_B, WEIGHT, space_parameters
 
 
-def fit_mask(model: torch.nn.Module, mask: Mapping[str, np.ndarray], where: str
+def fit_mask(model: torch.nn.Module, mask: Mapping[str, np.ndarray], where: str, space: str = LORA_B
          ) -> list[tuple[str, torch.nn.Parameter, torch.Tensor]]:
-    """``(name, lora_B weight, bool mask on its device)`` of every LoRA module, after checking the mask fits them; for
-    an FSDP2 weight the mask of this process's block."""
-    params = require_lora(model, where)
+    """``(name, parameter, bool mask on its device)`` of every module of ``space`` (LoRA's B, or the base weights),
+    after checking the mask fits them; for an FSDP2 weight the mask of this process's block."""
+    params = space_parameters(model, space, where)
     check_mask_fits(mask, {name: tuple(p.shape) for name, p in params}, where)
     fitted = []
     for name, p in params:
@@ -42,15 +46,18 @@ def fit_mask(model: torch.nn.Module, mask: Mapping[str, np.ndarray], where: str
 
 
 class SparseB:
-    """Handle on a mask applied to a model's ``lora_B`` weights (see :func:`apply_mask`).
+    """Handle on a mask applied to a model's ``lora_B`` weights, or base weights (see :func:`apply_mask`).
 
     ``params`` and ``masks`` are keyed by module name; a mask is a bool tensor on its parameter's device, ``True``
-    where the entry trains.
+    where the entry trains. ``anchors``: the values the masked-out entries keep (the base weights); None keeps them 0.
     """
 
-    def __init__(self, fitted: list[tuple[str, torch.nn.Parameter, torch.Tensor]]) -> None:
+    def __init__(self, fitted: list[tuple[str, torch.nn.Parameter, torch.Tensor]],
+                 anchors: Mapping[str, torch.Tensor] | None = None) -> None:
         self.params: dict[str, torch.nn.Parameter] = {name: p for name, p, _ in fitted}
         self.masks: dict[str, torch.Tensor] = {name: keep for name, _, keep in fitted}
+        self.anchors = None if anchors is None else {name: anchors[name].to(p.device) for name, p in
+                                                     self.params.items()}
         # masked_fill rather than multiplying by the mask: exact zeros even where a gradient is inf or NaN.
         self._frozen = {name: ~keep for name, keep in self.masks.items()}
         self.enforce()
@@ -74,10 +81,14 @@ class SparseB:
         return hook
 
     def enforce(self) -> None:
-        """Set every masked-out entry to exactly 0 (after an optimizer step, or when the mask is applied)."""
+        """Set every masked-out entry to exactly 0, or its anchor (after an optimizer step, or when the mask is
+        applied)."""
         with torch.no_grad():
             for name, p in self.params.items():
-                local(p).masked_fill_(self._frozen[name], 0)
+                if self.anchors is None:
+                    local(p).masked_fill_(self._frozen[name], 0)
+                else:
+                    local(p).copy_(torch.where(self._frozen[name], local(self.anchors[name]), local(p)))
 
     def remove(self) -> None:
         """Remove the gradient hooks: the whole of B trains again. Safe to call twice."""
@@ -86,17 +97,23 @@ class SparseB:
         self._hooks = []
 
 
-def apply_mask(model: torch.nn.Module, mask: Mapping[str, np.ndarray]) -> SparseB:
-    """Train only the selected entries of the active adapter's ``lora_B`` weights from now on.
+def apply_mask(model: torch.nn.Module, mask: Mapping[str, np.ndarray], space: str = LORA_B,
+               anchors: Mapping[str, torch.Tensor] | None = None) -> SparseB:
+    """Train only the selected entries of the active adapter's ``lora_B`` weights (or, ``space="weight"``, of the
+    trainable base weights) from now on.
 
-    ``mask`` maps every LoRA module name (as :func:`gradlens.lora.lora_b_parameters` yields them) to a bool
-    ``(d_out, r)`` array; a missing or extra module, a wrong shape or dtype is an error. The masked-out entries are
-    set to 0: on a fresh LoRA-FA adapter B is all zeros, so this changes nothing, and on a trained one it makes the
-    model the sparse adapter the mask describes. Other adapters (e.g. GRPO's frozen ``ref``) are left alone.
+    ``mask`` maps every module name of the space (as :func:`gradlens.lora.lora_b_parameters` or
+    :func:`gradlens.sparse.space.weight_parameters` yield them) to a bool array of the parameter's shape; a missing
+    or extra module, a wrong shape or dtype is an error. In ``lora_b`` the masked-out entries are set to 0: on a
+    fresh LoRA-FA adapter B is all zeros, so this changes nothing, and on a trained one it makes the model the sparse
+    adapter the mask describes. Other adapters (e.g. GRPO's frozen ``ref``) are left alone. In ``weight`` they keep
+    ``anchors`` (default: their values now, the base model's).
     """
-    fitted = fit_mask(unwrap(model), mask, "apply_mask")
+    fitted = fit_mask(unwrap(model), mask, "apply_mask", space)
     frozen = [name for name, p, _ in fitted if not p.requires_grad]
     if frozen:
         raise GradlensError(f"apply_mask: lora_B of {frozen[0]} does not require grad; attach the adapter with "
                             "attach_lora()")
-    return SparseB(fitted)
+    if space == WEIGHT and anchors is None:
+        anchors = {name: p.detach().clone() for name, p, _ in fitted}
+    return SparseB(fitted, anchors if space == WEIGHT else None)

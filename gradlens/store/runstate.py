@@ -17,7 +17,7 @@ import socket
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from gradlens.errors import GradlensWarning
+from gradlens.errors import GradlensError, GradlensWarning
 
 WRITING, COMPLETE, STOPPED, UNKNOWN = "writing", "complete", "stopped", "unknown"
 INTERRUPTED = "interrupted"
@@ -135,7 +135,9 @@ def announce(meta: dict[str, Any], label: str, doing: str = "analysing") -> dict
 
 def adapter_line(adapter: dict[str, Any]) -> str:
     """The adapter in a few words: ``LoRA-FA r=8 alpha=16 scaling 2.0, dropout 0.0, targets q_proj,v_proj`` (DoRA,
-    rsLoRA and a trained A named)."""
+    rsLoRA and a trained A named); for a weight-space run, that there is none."""
+    if adapter.get("space") == "weight":
+        return f"none: the base weights W train (space weight), targets {','.join(adapter.get('target_modules', []))}"
     kind = "LoRA-FA (A frozen)" if adapter.get("lora_fa") else "LoRA with A trainable"
     if adapter.get("use_dora"):
         magnitude = "trainable" if adapter.get("dora_magnitude_trainable") else "frozen"
@@ -152,3 +154,20 @@ def adapter_note(adapter: Any) -> str | None:
     if isinstance(adapter, dict) and adapter.get("a_trainable"):
         return MOVING_A
     return None
+
+
+def run_space(meta: dict[str, Any]) -> str:
+    """The space a run was recorded in (``lora_b`` or ``weight``), from its manifest JSON; a run recorded before
+    gradlens stored it is ``lora_b``, the only space there was."""
+    config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    recorder = config.get("recorder") if isinstance(config.get("recorder"), dict) else {}
+    return str(recorder.get("space") or "lora_b")
+
+
+def require_space(found: str, wanted: str | None, where: str, flag: str = "--space") -> str:
+    """``found`` when ``wanted`` is None or the same; else the one-line error naming the file and both spaces (mixing
+    them would place entries of one parameterisation in the other, silently)."""
+    if wanted is not None and wanted != found:
+        raise GradlensError(f"{where}: it is in space {found!r}, but {flag} is {wanted!r}; placements of one space do "
+                            "not transfer to the other")
+    return found

@@ -71,17 +71,17 @@ def train_runtime(trainer: Any) -> float:
     raise GradlensError("the trainer logged no train_runtime; did training run?")
 
 
-def stayed_finite(trainer: Any) -> bool:
-    """Whether training stayed finite: every logged loss and every trained LoRA-B weight."""
+def stayed_finite(trainer: Any, space: str = "lora_b") -> bool:
+    """Whether training stayed finite: every logged loss and every trained LoRA-B weight (or base weight)."""
     import torch
 
     from gradlens.dtensors import is_sharded, local, sum_over_processes
-    from gradlens.lora import lora_b_parameters
+    from gradlens.sparse.space import space_parameters
 
     losses = [v for entry in trainer.state.log_history for k, v in entry.items() if k in ("loss", "train_loss")]
     if not all(math.isfinite(float(v)) for v in losses):
         return False
-    params = [p.detach() for _, p in lora_b_parameters(trainer.model)]
+    params = [p.detach() for _, p in space_parameters(trainer.model, space)]
     if any(is_sharded(p) for p in params):  # FSDP2: every process checks its blocks
         return sum_over_processes([(~torch.isfinite(local(p))).sum() for p in params], params) == 0
     return all(bool(torch.isfinite(p).all()) for p in params)
@@ -153,7 +153,8 @@ def run_training(config: RecordConfig, *, out: Path | None, tool: str, setup: Ru
 
     ``out``: where the Trainer's directory, the adapter, ``eval.json`` and ``train.json`` go (None: a temporary
     Trainer directory and no outputs); ``setup``: the model, task and rows when the caller made them
-    (:func:`~gradlens.training.setup.setup_run` otherwise); ``mask``: sparse-B, only its entries of B train;
+    (:func:`~gradlens.training.setup.setup_run` otherwise); ``mask``: sparse-B, only its entries of B train (space
+    ``weight``: only its entries of W, and ``OUT/sparse_delta.safetensors`` holds trained minus base);
     ``record_dir``: record every B gradient there (``resume``: continue the run in it); ``drift_guard``: a
     :class:`~gradlens.drift.DriftGuard` to fingerprint the base weights; ``callbacks``: more TrainerCallbacks (after
     gradlens's own); ``progress=False`` drops the Trainer's bar and console logs; ``settings``: TRL fields over the
@@ -163,7 +164,9 @@ def run_training(config: RecordConfig, *, out: Path | None, tool: str, setup: Ru
 
     from gradlens.callback_order import add_first
     from gradlens.drift import describe
-    from gradlens.lora import b_nonzero, require_lora
+    from gradlens.lora import b_nonzero
+    from gradlens.sparse.delta import moved_entries
+    from gradlens.sparse.space import WEIGHT, space_parameters
     from gradlens.training.settings import check_overrides, trl_settings
     from gradlens.training.setup import setup_run
     from gradlens.training.trl_trainer import build_trainer
@@ -171,10 +174,15 @@ def run_training(config: RecordConfig, *, out: Path | None, tool: str, setup: Ru
     start = time.perf_counter()
     check_overrides(config.regime, config.trl)
     setup = setup or setup_run(config)
+    params = space_parameters(setup.model, config.space, "the model")
     if mask is not None:
         from gradlens.sparse.masks import check_mask_fits
 
-        check_mask_fits(mask, {n: tuple(p.shape) for n, p in require_lora(setup.model)}, f"--mask {mask_path}")
+        check_mask_fits(mask, {n: tuple(p.shape) for n, p in params}, f"--mask {mask_path}")
+    if config.space == WEIGHT and drift_guard is not None:
+        raise GradlensError("the drift guard checks that base weights stay frozen; space 'weight' trains them")
+    # space weight: the base weights, before a checkpoint is loaded, for the delta and for the masked-out entries
+    anchors = {n: p.detach().clone() for n, p in params} if config.space == WEIGHT else None
     trl = {**trl_settings(config, setup.task, setup.device, setup.model_dtype), **(settings or {})}
     notes = list(notes)
     with contextlib.ExitStack() as stack:
@@ -206,12 +214,12 @@ def run_training(config: RecordConfig, *, out: Path | None, tool: str, setup: Ru
                                         every_n_steps=config.every_n_steps, dtype=config.storage_dtype,
                                         save_raw=config.save_raw, resume=resume,
                                         steps_per_shard=config.steps_per_shard, config=provenance, seed=config.seed,
-                                        announce=progress)
+                                        announce=progress, space=config.space)
         sparse = None
         if mask is not None:
             from gradlens.sparse.callback import SparseBCallback
 
-            sparse = SparseBCallback(mask)
+            sparse = SparseBCallback(mask, config.space, anchors)
         add_first(trainer, [c for c in (drift_guard, sparse, recorder) if c is not None] + list(callbacks))
         if config.logging_dir is not None:  # transformers 5 takes TensorBoard's directory from the environment only
             stack.enter_context(_environment("TENSORBOARD_LOGGING_DIR", config.logging_dir))
@@ -221,41 +229,45 @@ def run_training(config: RecordConfig, *, out: Path | None, tool: str, setup: Ru
             if recorder is not None:
                 recorder.close()
     steps, seconds = trainer.state.global_step, train_runtime(trainer)
-    nonzero, entries = b_nonzero(trainer.model)
+    nonzero, entries = b_nonzero(trainer.model) if anchors is None else moved_entries(dict(params), anchors)
     if nonzero == 0:
-        _warn(notes, f"no entry of B moved from 0 in {steps} steps: the adapter is the base model (under GRPO: did "
+        what = "B moved from 0" if anchors is None else "the trained base weights moved"
+        _warn(notes, f"no entry of {what} in {steps} steps: the adapter is the base model (under GRPO: did "
                      "every group of completions get equal rewards?)")
     if drift_guard is not None and drift_guard.report.get("drifted"):
         notes.append(describe(drift_guard.report))
     info = {**provenance, "steps": steps, "train_seconds": seconds, "regime": config.regime,
-            "sparse": mask is not None, "b_nonzero": nonzero, "b_entries": entries,
+            "sparse": mask is not None, "space": config.space, "b_nonzero": nonzero, "b_entries": entries,
             "run": str(record_dir) if record_dir is not None else None,
             "drift_guard": provenance.get("drift_guard", {"checked": False, "reason": "no drift guard"}),
             "training_args": json.loads(trainer.args.to_json_string()), "warnings": notes}
     adapter = evaluation = None
     if out is not None:  # one writer under DDP, like the recorder (under FSDP2 every process gathers and evaluates)
-        adapter, evaluation = _write_outputs(trainer, setup, out, mask, mask_meta or {})
-    if out is not None and trainer.is_world_process_zero():
-        remove_if_empty(out / TRAINER_DIR)  # no checkpoint or log was written there
+        adapter, evaluation = _write_outputs(trainer, setup, out, mask, mask_meta or {}, config, anchors)
     info.update(adapter=str(adapter) if adapter else None, wall_seconds=time.perf_counter() - start,
                 eval=None if evaluation is None else {k: evaluation[k] for k in ("accuracy", "ci95", "n", "correct")})
     if out is not None and trainer.is_world_process_zero():
         from gradlens.fsio import json_dump
         from gradlens.provenance import package_versions
 
+        remove_if_empty(out / TRAINER_DIR)  # no checkpoint or log was written there
         json_dump({**info, "versions": package_versions()}, out / TRAIN_FILE)
     return TrainingResult(path=out, trainer=trainer, steps=steps, seconds=seconds, wall_seconds=info["wall_seconds"],
-                          finite=stayed_finite(trainer), info=info, adapter=adapter, eval=evaluation, run=record_dir,
+                          finite=stayed_finite(trainer, config.space), info=info, adapter=adapter, eval=evaluation,
+                          run=record_dir,
                           signal=dict(recorder.signal.counts) if recorder else {},
                           no_signal_share=recorder.signal.share if recorder else None)
 
 
 def _write_outputs(trainer: Any, setup: RunSetup, out: Path, mask: Mapping[str, Any] | None,
-                   mask_meta: Mapping[str, str]) -> tuple[Path | None, dict[str, Any] | None]:
-    """Save the adapter and, with held-out rows, evaluate them into ``eval.json``; the main process writes.
+                   mask_meta: Mapping[str, str], config: RecordConfig,
+                   anchors: Mapping[str, Any] | None) -> tuple[Path | None, dict[str, Any] | None]:
+    """Save the adapter (space ``weight``: the delta, and a SHiRA adapter where the mask fits one) and, with
+    held-out rows, evaluate them into ``eval.json``; the main process writes.
 
-    Under DDP only the main process gets here. Under FSDP2 every process does: the adapter's blocks are gathered to
-    the main process, and every process runs the same greedy evaluation (a sharded model's forward is a collective).
+    Under DDP only the main process saves and evaluates. Under FSDP2 every process does: the adapter's blocks are
+    gathered to the main process, and every process runs the same greedy evaluation (a sharded model's forward is a
+    collective). Space ``weight`` is not sharded (it is refused under FSDP2).
     """
     from gradlens.evaluate import greedy_report
     from gradlens.fsio import json_dump
@@ -265,7 +277,14 @@ def _write_outputs(trainer: Any, setup: RunSetup, out: Path, mask: Mapping[str, 
     main = trainer.is_world_process_zero()
     if state is None and not main:
         return None, None
-    adapter = _save_adapter(trainer.model, out / ADAPTER_DIR, mask, mask_meta, state) if main else None
+    if anchors is not None:
+        from gradlens.sparse.delta import save_weight_space
+
+        adapter = save_weight_space(trainer.model, anchors, mask, {**mask_meta, "regime": config.regime,
+                                                                   "model": config.model, "seed": config.seed},
+                                    out, out / ADAPTER_DIR, config.lora_r)
+    else:
+        adapter = _save_adapter(trainer.model, out / ADAPTER_DIR, mask, mask_meta, state) if main else None
     evaluation = None
     if setup.eval_data is not None:
         evaluation = greedy_report(trainer.model, setup.tokenizer, setup.task, setup.eval_data)

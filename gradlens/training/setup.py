@@ -52,7 +52,8 @@ def load_base(config: ModelTaskConfig, *, progress: bool = True) -> LoadedBase:
 
 def setup_run(config: RecordConfig, *, base: LoadedBase | None = None, task: Task | None = None,
               data: Any = None) -> RunSetup:
-    """Seed everything, then the model with its LoRA-FA adapter, the task and its rows.
+    """Seed everything, then the model with its LoRA-FA adapter (space ``weight``: the base model with only the
+    target modules' weights trainable), the task and its rows.
 
     ``base``: a base model already in memory, copied (so it stays a base model for the next run) instead of loaded;
     ``task`` and ``data``: the task and training rows when the caller holds them (compare). Held-out rows are loaded
@@ -66,7 +67,12 @@ def setup_run(config: RecordConfig, *, base: LoadedBase | None = None, task: Tas
     set_seed(config.seed)
     base = LoadedBase(copy.deepcopy(base.model), base.tokenizer, base.device, base.model_dtype) if base else (
         load_base(config))
-    model = attach_lora(base.model, **config.lora_kwargs(), seed=config.seed)
+    if config.space == "weight":  # no adapter: the target modules' base weights train
+        from gradlens.sparse.space import attach_weight_space
+
+        model = attach_weight_space(base.model, config.lora_target_modules)
+    else:
+        model = attach_lora(base.model, **config.lora_kwargs(), seed=config.seed)
     task = task or load_task_for(config, model, base.tokenizer)
     data = data if data is not None else task.dataset(task.train_split, config.n_train)
     eval_data = task.dataset(task.eval_split, config.n_eval) if config.n_eval > 0 else None

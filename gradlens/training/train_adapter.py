@@ -2,7 +2,10 @@
 
 The library behind ``gradlens train``. With ``mask`` (a probe's or select's mask file) only the mask's entries of B
 train, and the adapter is exported with the mask; a mask that does not fit the adapter (modules, shapes, rank, the
-seed that drew A) is refused before anything is trained or written. A :class:`~gradlens.drift.DriftGuard` checks
+seed that drew A, the space) is refused before anything is trained or written. With ``space="weight"`` the target
+modules' base weights train instead (all of them, or the mask's entries), and ``OUT/sparse_delta.safetensors`` holds
+trained minus base (:mod:`gradlens.sparse.delta`); the drift guard, which checks that base weights stay frozen, is
+off. A :class:`~gradlens.drift.DriftGuard` checks
 that the base weights stayed frozen, ``record`` also records every B gradient into ``OUT/run``, ``n_eval`` ends the
 run with held-out greedy accuracy. ``OUT/train.json`` holds the provenance.
 """
@@ -22,15 +25,19 @@ RUN_DIR = "run"
 
 
 def read_mask(config: TrainConfig) -> tuple[dict[str, Any], dict[str, str], list[str]]:
-    """The mask of ``--mask`` with its metadata, refused when it was scored on another rank or LoRA-A seed; the
-    warnings of :func:`~gradlens.sparse.masks.check_mask_adapter`."""
+    """The mask of ``--mask`` with its metadata, refused when it was scored in another space than ``--space``, or
+    (space ``lora_b``) on another rank or LoRA-A seed; the warnings of
+    :func:`~gradlens.sparse.masks.check_mask_adapter`."""
     from gradlens.lora import default_alpha
     from gradlens.sparse.masks import check_mask_adapter, load_mask
+    from gradlens.store.runstate import require_space
 
     path = Path(config.mask)
     if not path.is_file():
         raise GradlensError(f"--mask {path}: no such file")
     mask, meta = load_mask(path)
+    if require_space(meta.get("space") or "lora_b", config.space, f"--mask {path}") == "weight":
+        return mask, meta, []  # W has no A: the rank and A seed the mask was scored with do not bear on it
     notes = check_mask_adapter(meta, {"model": config.model, "lora_r": config.lora_r,
                                       "lora_alpha": default_alpha(config.lora_r, config.lora_alpha),
                                       "lora_seed": config.seed}, f"--mask {path}")
@@ -55,5 +62,6 @@ def train(config: TrainConfig, *, progress: bool = True, callbacks: Sequence[Any
         warnings.warn(note, GradlensWarning, stacklevel=2)
     return run_training(config, out=out, tool="gradlens train", mask=mask, mask_meta=meta, mask_path=config.mask,
                         record_dir=out / RUN_DIR if config.record else None,
-                        drift_guard=DriftGuard() if config.drift_guard else None, callbacks=callbacks,
+                        drift_guard=DriftGuard() if config.drift_guard and config.space == "lora_b" else None,
+                        callbacks=callbacks,
                         progress=progress, notes=notes)

@@ -16,7 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from gradlens.callback_order import add_first
 from gradlens.errors import GradlensError
-from gradlens.lora import require_lora
+from gradlens.sparse.space import LORA_B, WEIGHT, is_peft, space_parameters
 from gradlens.tasks.base import Task
 from gradlens.training.settings import build_trl_config
 
@@ -24,7 +24,8 @@ from gradlens.training.settings import build_trl_config
 def build_trainer(regime: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train_dataset: Any,
                   task: Task, *, output_dir: str, settings: Mapping[str, Any] | None = None, eval_dataset: Any = None,
                   callbacks: Sequence[Any] = ()):
-    """The ``SFTTrainer`` or ``GRPOTrainer`` of a LoRA model: SFT on the dataset's completions (prompt-completion
+    """The ``SFTTrainer`` or ``GRPOTrainer`` of a LoRA model (or of a model whose chosen base weights train, space
+    ``weight``): SFT on the dataset's completions (prompt-completion
     format: the loss covers the completion only), GRPO with the task's reward functions.
 
     ``callbacks`` go first among the Trainer's, in the given order (:mod:`gradlens.callback_order`, which also
@@ -32,7 +33,7 @@ def build_trainer(regime: str, model: PreTrainedModel, tokenizer: PreTrainedToke
     """
     from trl import GRPOTrainer, SFTTrainer
 
-    require_lora(model)
+    space_parameters(model, LORA_B if is_peft(model) else WEIGHT)  # a LoRA adapter, or base weights that train
     args = build_trl_config(regime, output_dir, settings)
     if regime == "sft":
         trainer = SFTTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,

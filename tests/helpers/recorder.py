@@ -48,13 +48,15 @@ def restore_lora_b(model, snapshot: dict[str, torch.Tensor]) -> None:
             p.copy_(snapshot[name])
 
 
-def sft_reference(model, names: list[str], micro_batches: list[dict[str, torch.Tensor]]):
+def sft_reference(model, names: list[str], micro_batches: list[dict[str, torch.Tensor]],
+                  params: dict[str, torch.Tensor] | None = None):
     """(loss, gradients by name) of the completion-only token-mean cross entropy over one optimizer step.
 
     The Trainer's loss with ``num_items_in_batch``: the summed CE of every label != -100 (labels shifted by one, as a
     causal LM predicts the next token) over all micro-batches, divided by the number of such labels in all of them.
+    ``params``: the parameters to differentiate by name (default: every ``lora_B``).
     """
-    params = dict(lora_b_parameters(model))
+    params = dict(lora_b_parameters(model)) if params is None else params
     total, count = 0.0, 0
     for b in micro_batches:
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
