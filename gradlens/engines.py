@@ -5,7 +5,7 @@ per-process gradients they cannot read or mask whole (DeepSpeed ZeRO, FSDP1) in 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import torch
@@ -53,11 +53,14 @@ def fsdp_version(args: Any, trainer: Any) -> int | None:
     return None
 
 
-def refuse_sharded(what: str, args: Any, trainer: Any, params: Sequence[torch.nn.Parameter]) -> None:
+def refuse_sharded(what: str, args: Any, trainer: Any, params: Sequence[torch.nn.Parameter],
+                   supported: Collection[str] = ()) -> str | None:
     """Raise one line (on every process alike: each sees the same setup) when ``what`` cannot run under this run's
-    sharding scheme; see :func:`sharded_training`."""
+    sharding scheme (see :func:`sharded_training`) and the caller does not handle it (``supported``); else return
+    the scheme's name (None for none)."""
     sharding = sharded_training(args, trainer, params)
-    if sharding is not None:
+    if sharding is not None and sharding not in supported:
         raise GradlensError(f"{sharding} shards gradients, so param.grad is not the full gradient and {what}; shard "
                             "with FSDP2 instead (fsdp_version: 2 in the accelerate config, see docs/distributed.md): "
                             f"gradlens supports {SUPPORTED_SETUPS}")
+    return sharding

@@ -1,0 +1,125 @@
+"""``gradlens record`` under DeepSpeed ZeRO-2 on two CPU processes (gloo), against DDP; ZeRO stages it does not read
+refused in one line.
+
+The runs go through ``accelerate launch`` with the shipped configs (``recipes/accelerate/{ddp,zero2}.yaml``):
+accelerate takes its DeepSpeed plugin on CPU processes as it is, DeepSpeed picks its CPU accelerator and partitions
+the gradients and optimizer state over the two processes as on GPUs. Skipped where ``deepspeed`` is not installed.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gradlens import open_run
+from tests.helpers.launch import ACCELERATE_CONFIGS, accelerate_gradlens
+
+pytest.importorskip("deepspeed")
+pytestmark = pytest.mark.slow
+
+STEPS = 12
+# Small batches, a high rate and max_grad_norm 1: every step clips (DeepSpeed's gradient_clipping is the Trainer's
+# max_grad_norm), and the weights move enough that a gradient read before the reduction, or not clipped, would show.
+RECORD = ["record", "--max_steps", str(STEPS), "--per_device_train_batch_size", "2", "--max_grad_norm", "1.0",
+          "--learning_rate", "0.01", "--logging_steps", "1", "--disable_tqdm", "true", "--n_train", "64", "--seed",
+          "0", "--steps_per_shard", "1"]
+EPS32 = float(np.finfo(np.float32).eps)
+# DDP sums the two processes' gradients and halves the sum; ZeRO-2 reduces them into its partitions in its own order,
+# and its global norm (so its clip factor) rounds differently in the last bit: the first step's gradients differ by a
+# few float32 ulps of a module's largest entry (1.4 measured). After it the two engines' weights differ in the last
+# bits, and the difference grows through the steps (up to ~300 ulps by step 12, measured); 1024 ulps leaves room for
+# that, while a gradient read from one process only, or unclipped, is off by order 1.
+FIRST_ULPS = 8
+ULPS = 1024
+
+
+def launched(config: str, *args: str, config_file: Path | None = None) -> subprocess.CompletedProcess:
+    proc = accelerate_gradlens(config, *args, config_file=config_file)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def assert_close(ra: dict, rb: dict, keys: tuple[str, ...]) -> None:
+    for key in keys:
+        assert rb[key] == pytest.approx(ra[key], rel=ULPS * EPS32, abs=0), f"step {ra['step']} {key}"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The same ``gradlens record`` under DDP and under ZeRO-2."""
+    tmp = tmp_path_factory.mktemp("zero")
+    for config in ("ddp", "zero2"):
+        launched(config, *RECORD, "--out", str(tmp / config))
+    return {config: tmp / config for config in ("ddp", "zero2")}
+
+
+def test_deepspeed_zero2_records_what_ddp_records(runs) -> None:
+    a, b = open_run(runs["ddp"]), open_run(runs["zero2"])
+    assert (a.meta["config"]["recorder"]["processes"], a.meta["config"]["recorder"]["sharding"]) == (2, None)
+    assert (b.meta["config"]["recorder"]["processes"], b.meta["config"]["recorder"]["sharding"]) == \
+        (2, "DeepSpeed ZeRO-2")
+    assert a.steps == b.steps == list(range(1, STEPS + 1)) and a.meta["complete"] and b.meta["complete"]
+    assert a.modules == b.modules and len(a.modules) == 14
+
+    for step in a.steps:
+        for name in a.modules:
+            ga, gb = a.gradients(name, [step])[0], b.gradients(name, [step])[0]
+            assert np.abs(ga).max() > 0, f"step {step} {name}: zero gradient"
+            tol = (FIRST_ULPS if step == 1 else ULPS) * EPS32 * float(np.abs(ga).max())
+            worst = float(np.abs(gb.astype(np.float64) - ga).max())
+            assert worst <= tol, f"step {step} {name}: ZeRO-2 - DDP = {worst:.3g} > {tol:.3g}"
+    for ra, rb in zip(a.step_records, b.step_records, strict=True):
+        assert ra["clip_coef"] < 1.0 and ra["learning_rate"] == rb["learning_rate"]
+        assert_close(ra, rb, ("loss", "grad_norm", "grad_norm_clipped", "clip_coef", "b_grad_norm"))
+        assert (rb["zero_gradient"], rb["epoch"]) == (ra["zero_gradient"], ra["epoch"])
+        # The recorded gradient is the clipped one: its norm is the pre-clip B norm times the coefficient.
+        norm = np.sqrt(sum(float(np.square(b.gradients(n, [rb["step"]])[0].astype(np.float64)).sum())
+                           for n in b.modules))
+        assert norm == pytest.approx(rb["b_grad_norm"] * rb["clip_coef"], rel=8 * EPS32)
+
+    acc_a, acc_b = a.accumulators(), b.accumulators()
+    for name in a.modules:
+        for field in ("count", "nonzero"):
+            np.testing.assert_array_equal(getattr(acc_b[name], field), getattr(acc_a[name], field))
+        for field in ("sum", "sumsq", "sumabs", "sqnorm", "dot_prev"):
+            x, y = np.asarray(getattr(acc_a[name], field)), np.asarray(getattr(acc_b[name], field))
+            scale = float(np.nanmax(np.abs(x))) if np.isfinite(x).any() else 0.0
+            np.testing.assert_allclose(y, x, rtol=0, atol=ULPS * EPS32 * max(scale, 1e-30), err_msg=f"{name} {field}")
+
+
+def test_deepspeed_zero2_grpo_with_accumulation_records_what_ddp_records(tmp_path: Path) -> None:
+    """GRPO with two micro-batches an optimizer step (DeepSpeed steps at the boundary only) and every second step
+    recorded: the same generation batches, rewards, losses and gradients as DDP."""
+    args = ["record", "--regime", "grpo", "--max_steps", "4", "--num_generations", "4",
+            "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2", "--every_n_steps", "2",
+            "--beta", "0.0", "--disable_tqdm", "true", "--logging_steps", "100"]
+    for config in ("ddp", "zero2"):
+        launched(config, *args, "--out", str(tmp_path / config))
+    a, b = open_run(tmp_path / "ddp"), open_run(tmp_path / "zero2")
+    assert b.meta["config"]["recorder"]["sharding"] == "DeepSpeed ZeRO-2" and a.steps == b.steps == [2, 4]
+    fields = ("generation_batch", "reward_mean", "reward_std", "frac_reward_zero_std", "zero_reward_std",
+              "zero_gradient", "learning_rate")
+    assert [[r[k] for k in fields] for r in b.step_records] == [[r[k] for k in fields] for r in a.step_records]
+    for ra, rb in zip(a.step_records, b.step_records, strict=True):
+        assert_close(ra, rb, ("loss", "grad_norm", "clip_coef", "b_grad_norm"))
+    for name in a.modules:
+        ga, gb = a.gradients(name), b.gradients(name)
+        assert np.abs(ga).max() > 0, name
+        assert np.abs(gb - ga).max() <= ULPS * EPS32 * np.abs(ga).max(), name
+
+
+def test_deepspeed_zero3_is_refused_in_one_line(tmp_path: Path) -> None:
+    """ZeRO-3 partitions the parameters too: refused before anything is written, exit code 2, one line."""
+    config = tmp_path / "zero3.yaml"
+    config.write_text((ACCELERATE_CONFIGS / "zero2.yaml").read_text().replace("zero_stage: 2", "zero_stage: 3"))
+    proc = accelerate_gradlens("zero3", "record", "--max_steps", "2", "--out", str(tmp_path / "run"),
+                               config_file=config)
+    assert proc.returncode != 0
+    said = [line for line in proc.stderr.splitlines() if line.startswith("gradlens record: error:")]
+    assert said and all(line == said[0] for line in said), proc.stderr[-3000:]
+    assert said[0].startswith("gradlens record: error: DeepSpeed ZeRO-3 is not recorded (only ZeRO-2")
+    assert "FSDP2" in said[0] and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "manifest.json").exists()
