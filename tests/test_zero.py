@@ -1,9 +1,10 @@
-"""``gradlens record`` under DeepSpeed ZeRO-2 on two CPU processes (gloo), against DDP; ZeRO stages it does not read
-refused in one line.
+"""``gradlens record`` under DeepSpeed ZeRO-1, ZeRO-2 and ZeRO-3 on two CPU processes (gloo), against DDP; DeepSpeed
+without ZeRO refused in one line.
 
-The runs go through ``accelerate launch`` with the shipped configs (``recipes/accelerate/{ddp,zero2}.yaml``):
-accelerate takes its DeepSpeed plugin on CPU processes as it is, DeepSpeed picks its CPU accelerator and partitions
-the gradients and optimizer state over the two processes as on GPUs. Skipped where ``deepspeed`` is not installed.
+The runs go through ``accelerate launch`` with the shipped configs (``recipes/accelerate/{ddp,zero2,zero3}.yaml``,
+ZeRO-1 and ZeRO-0 written from ``zero2.yaml``): accelerate takes its DeepSpeed plugin on CPU processes as it is,
+DeepSpeed picks its CPU accelerator and partitions the optimizer state, gradients (ZeRO-2/3) and parameters (ZeRO-3)
+over the two processes as on GPUs. Skipped where ``deepspeed`` is not installed.
 """
 
 from __future__ import annotations
@@ -27,16 +28,27 @@ RECORD = ["record", "--max_steps", str(STEPS), "--per_device_train_batch_size", 
           "--learning_rate", "0.01", "--logging_steps", "1", "--disable_tqdm", "true", "--n_train", "64", "--seed",
           "0", "--steps_per_shard", "1"]
 EPS32 = float(np.finfo(np.float32).eps)
-# DDP sums the two processes' gradients and halves the sum; ZeRO-2 reduces them into its partitions in its own order,
+# DDP sums the two processes' gradients and halves the sum; ZeRO reduces them into its partitions in its own order,
 # and its global norm (so its clip factor) rounds differently in the last bit: the first step's gradients differ by a
-# few float32 ulps of a module's largest entry (1.4 measured). After it the two engines' weights differ in the last
-# bits, and the difference grows through the steps (up to ~300 ulps by step 12, measured); 1024 ulps leaves room for
-# that, while a gradient read from one process only, or unclipped, is off by order 1.
-FIRST_ULPS = 8
+# few float32 ulps of a module's largest entry (1.4 measured under ZeRO-1/2, 4.8 under ZeRO-3). After it the two
+# engines' weights differ in the last bits, and the difference grows through the steps (up to ~300 ulps by step 12,
+# measured); 1024 ulps leaves room for that, while a gradient read from one process only, or unclipped, is off by
+# order 1.
+FIRST_ULPS = 16
 ULPS = 1024
+STAGES = ("zero1", "zero2", "zero3")
 
 
-def launched(config: str, *args: str, config_file: Path | None = None) -> subprocess.CompletedProcess:
+def zero_config(tmp: Path, stage: int) -> Path:
+    """An accelerate config for ZeRO-``stage``, written from the shipped ``zero2.yaml``."""
+    path = tmp / f"zero{stage}.yaml"
+    path.write_text((ACCELERATE_CONFIGS / "zero2.yaml").read_text().replace("zero_stage: 2", f"zero_stage: {stage}"))
+    return path
+
+
+def launched(config: str, *args: str, tmp: Path) -> subprocess.CompletedProcess:
+    """``gradlens ARGS`` under ``config``: a shipped config, or ``zero1`` (written into ``tmp``)."""
+    config_file = zero_config(tmp, 1) if config == "zero1" else None
     proc = accelerate_gradlens(config, *args, config_file=config_file)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
@@ -49,18 +61,19 @@ def assert_close(ra: dict, rb: dict, keys: tuple[str, ...]) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The same ``gradlens record`` under DDP and under ZeRO-2."""
+    """The same ``gradlens record`` under DDP and under each ZeRO stage."""
     tmp = tmp_path_factory.mktemp("zero")
-    for config in ("ddp", "zero2"):
-        launched(config, *RECORD, "--out", str(tmp / config))
-    return {config: tmp / config for config in ("ddp", "zero2")}
+    for config in ("ddp", *STAGES):
+        launched(config, *RECORD, "--out", str(tmp / config), tmp=tmp)
+    return {config: tmp / config for config in ("ddp", *STAGES)}
 
 
-def test_deepspeed_zero2_records_what_ddp_records(runs) -> None:
-    a, b = open_run(runs["ddp"]), open_run(runs["zero2"])
+@pytest.mark.parametrize("stage", STAGES)
+def test_deepspeed_zero_records_what_ddp_records(runs, stage: str) -> None:
+    a, b = open_run(runs["ddp"]), open_run(runs[stage])
     assert (a.meta["config"]["recorder"]["processes"], a.meta["config"]["recorder"]["sharding"]) == (2, None)
     assert (b.meta["config"]["recorder"]["processes"], b.meta["config"]["recorder"]["sharding"]) == \
-        (2, "DeepSpeed ZeRO-2")
+        (2, f"DeepSpeed ZeRO-{stage[-1]}")
     assert a.steps == b.steps == list(range(1, STEPS + 1)) and a.meta["complete"] and b.meta["complete"]
     assert a.modules == b.modules and len(a.modules) == 14
 
@@ -70,7 +83,7 @@ def test_deepspeed_zero2_records_what_ddp_records(runs) -> None:
             assert np.abs(ga).max() > 0, f"step {step} {name}: zero gradient"
             tol = (FIRST_ULPS if step == 1 else ULPS) * EPS32 * float(np.abs(ga).max())
             worst = float(np.abs(gb.astype(np.float64) - ga).max())
-            assert worst <= tol, f"step {step} {name}: ZeRO-2 - DDP = {worst:.3g} > {tol:.3g}"
+            assert worst <= tol, f"step {step} {name}: {stage} - DDP = {worst:.3g} > {tol:.3g}"
     for ra, rb in zip(a.step_records, b.step_records, strict=True):
         assert ra["clip_coef"] < 1.0 and ra["learning_rate"] == rb["learning_rate"]
         assert_close(ra, rb, ("loss", "grad_norm", "grad_norm_clipped", "clip_coef", "b_grad_norm"))
@@ -90,16 +103,17 @@ def test_deepspeed_zero2_records_what_ddp_records(runs) -> None:
             np.testing.assert_allclose(y, x, rtol=0, atol=ULPS * EPS32 * max(scale, 1e-30), err_msg=f"{name} {field}")
 
 
-def test_deepspeed_zero2_grpo_with_accumulation_records_what_ddp_records(tmp_path: Path) -> None:
-    """GRPO with two micro-batches an optimizer step (DeepSpeed steps at the boundary only) and every second step
-    recorded: the same generation batches, rewards, losses and gradients as DDP."""
+def test_deepspeed_zero3_grpo_with_accumulation_records_what_ddp_records(tmp_path: Path) -> None:
+    """GRPO under ZeRO-3 (TRL's pairing for PEFT), two micro-batches an optimizer step (DeepSpeed steps at the
+    boundary only) and every second step recorded: the same generation batches, rewards, losses and gradients as
+    DDP."""
     args = ["record", "--regime", "grpo", "--max_steps", "4", "--num_generations", "4",
             "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2", "--every_n_steps", "2",
             "--beta", "0.0", "--disable_tqdm", "true", "--logging_steps", "100"]
-    for config in ("ddp", "zero2"):
-        launched(config, *args, "--out", str(tmp_path / config))
-    a, b = open_run(tmp_path / "ddp"), open_run(tmp_path / "zero2")
-    assert b.meta["config"]["recorder"]["sharding"] == "DeepSpeed ZeRO-2" and a.steps == b.steps == [2, 4]
+    for config in ("ddp", "zero3"):
+        launched(config, *args, "--out", str(tmp_path / config), tmp=tmp_path)
+    a, b = open_run(tmp_path / "ddp"), open_run(tmp_path / "zero3")
+    assert b.meta["config"]["recorder"]["sharding"] == "DeepSpeed ZeRO-3" and a.steps == b.steps == [2, 4]
     fields = ("generation_batch", "reward_mean", "reward_std", "frac_reward_zero_std", "zero_reward_std",
               "zero_gradient", "learning_rate")
     assert [[r[k] for k in fields] for r in b.step_records] == [[r[k] for k in fields] for r in a.step_records]
@@ -111,15 +125,16 @@ def test_deepspeed_zero2_grpo_with_accumulation_records_what_ddp_records(tmp_pat
         assert np.abs(gb - ga).max() <= ULPS * EPS32 * np.abs(ga).max(), name
 
 
-def test_deepspeed_zero3_is_refused_in_one_line(tmp_path: Path) -> None:
-    """ZeRO-3 partitions the parameters too: refused before anything is written, exit code 2, one line."""
-    config = tmp_path / "zero3.yaml"
-    config.write_text((ACCELERATE_CONFIGS / "zero2.yaml").read_text().replace("zero_stage: 2", "zero_stage: 3"))
-    proc = accelerate_gradlens("zero3", "record", "--max_steps", "2", "--out", str(tmp_path / "run"),
-                               config_file=config)
+def test_deepspeed_without_zero_is_refused_in_one_line(tmp_path: Path) -> None:
+    """DeepSpeed without ZeRO (stage 0) keeps each process's gradient local until its step: refused before anything
+    is written, exit code 2, one line."""
+    proc = accelerate_gradlens("zero0", "record", "--max_steps", "2", "--out", str(tmp_path / "run"),
+                               config_file=zero_config(tmp_path, 0))
     assert proc.returncode != 0
     said = [line for line in proc.stderr.splitlines() if line.startswith("gradlens record: error:")]
     assert said and all(line == said[0] for line in said), proc.stderr[-3000:]
-    assert said[0].startswith("gradlens record: error: DeepSpeed ZeRO-3 is not recorded (only ZeRO-2")
-    assert "FSDP2" in said[0] and "Traceback" not in proc.stderr
+    assert said[0].startswith("gradlens record: error: DeepSpeed without ZeRO (zero_stage: 0) is not recorded")
+    assert "FSDP2" in said[0]
+    # Each process exits 2 with that line, no traceback of its own (the launcher reports the failed child).
+    assert "exitcode  : 2 " in proc.stderr and "GradlensError" not in proc.stderr
     assert not (tmp_path / "run" / "manifest.json").exists()

@@ -53,7 +53,7 @@ from gradlens.record.checks import (
 from gradlens.record.clip import ClipWatch, clip_statistics
 from gradlens.record.collective import agree, distributed
 from gradlens.record.sharded import ShardedGather, squares_held_here
-from gradlens.record.zero import ZeroRead, zero_read
+from gradlens.record.zero import ZeroRead, full_shape, zero_read
 from gradlens.store import DTYPES, AsyncRunWriter, RunWriter
 from gradlens.store.background import NORM_CHUNK
 from gradlens.store.runstate import adapter_line, adapter_note, resume_hint, stop_reason
@@ -111,7 +111,7 @@ class GradientRecorder(TrainerCallback):
         self.signal = SignalCounter(self._warn)  # recorded steps of this session without a learning signal
         self._params: list[torch.nn.Parameter] = []
         self._gather: ShardedGather | None = None  # FSDP2: the recorded gradients are DTensors, gathered each step
-        self._zero: ZeroRead | None = None  # DeepSpeed ZeRO-2: read whole inside the engine's step, before it
+        self._zero: ZeroRead | None = None  # DeepSpeed ZeRO: read whole inside the engine's step, before it
         self._clip = ClipWatch()
         self._clip_unseen_said = False
         self._failure: BaseException | None = None  # under DDP: raised on every process at the next agreement
@@ -149,13 +149,13 @@ class GradientRecorder(TrainerCallback):
                                 f"(e.g. {found[0][0]})")
         chosen = [(n, p) for n, p in found if n in kept]
         sharding = refuse_sharded("cannot be recorded", args, self.trainer, [p for _, p in found], ("DeepSpeed",))
-        # DeepSpeed: refused here unless ZeRO-2; then every process reads in the engine's step (a collective)
+        # DeepSpeed: refused here unless ZeRO-1/2/3 as tested; then every process reads in the engine's step
         self._zero = zero_read(self.trainer, [p for _, p in chosen], self._next_step_recorded,
                                state.is_world_process_zero) if sharding == "DeepSpeed" else None
         frozen = [n for n, p in chosen if not p.requires_grad]
         if frozen:
             raise GradlensError(f"lora_B of {frozen[0]} does not require grad; only trainable modules can be recorded")
-        self.specs = [ModuleSpec.from_name(n, p.shape) for n, p in chosen]
+        self.specs = [ModuleSpec.from_name(n, full_shape(p)) for n, p in chosen]
         self._params = [p for _, p in chosen]
         if self._zero is not None:
             self._zero.install()

@@ -1,13 +1,16 @@
-"""DeepSpeed ZeRO-2: each recorded LoRA-B gradient read whole, before DeepSpeed clips, applies and zeroes it.
+"""DeepSpeed ZeRO-1/2/3: each recorded LoRA-B gradient read whole, before DeepSpeed clips, applies and zeroes it.
 
 Under accelerate, DeepSpeed's ``engine.step()`` runs inside ``accelerator.backward()`` at the accumulation boundary,
 so by the Trainer's ``on_pre_optimizer_step`` the gradients have been reduced, clipped, applied and zeroed (and
 ``accelerator.clip_grad_norm_`` returns None). :class:`ZeroRead` wraps the engine's ``step`` for the run instead: at a
 recorded boundary, before the step, every process reads each recorded gradient whole with DeepSpeed's public
-``deepspeed.utils.safe_get_full_grad`` (under ZeRO-2 an all-reduce of the parameter's partitions over the data-parallel
-group, so every process calls it). After the step, the global norm DeepSpeed computed and its ``gradient_clipping``
-give the factor DeepSpeed multiplied the gradients by, computed as DeepSpeed computes it; the recorded gradient is the
-one read times that factor, what the optimizer used, as under DDP.
+``deepspeed.utils.safe_get_full_grad``: a collective over the data-parallel group (under ZeRO-1/2 an all-reduce of the
+parameter's slices of the partitioned, averaged gradient; under ZeRO-3 an all-gather of its partitions), so every
+process calls it, one parameter at a time. After the step, the global norm DeepSpeed computed and its
+``gradient_clipping`` give the factor DeepSpeed multiplied the gradients by, computed as DeepSpeed computes it; the
+recorded gradient is the one read times that factor, what the optimizer used, as under DDP.
+
+fp16 (loss-scaled gradients), bf16 and offload are refused: not tested.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 from gradlens.errors import GradlensError
 
 DS_CLIP_EPS = 1e-6  # DeepSpeed's unscale_and_clip_grads: the gradients are divided by max(1, (norm + eps) / clip)
-ZERO_WAY = "record under ZeRO-2 (zero_stage: 2, no offload, fp32) or FSDP2, see docs/distributed.md"
+ZERO_WAY = "record under ZeRO-1/2/3 without offload in fp32, or FSDP2, see docs/distributed.md"
 
 
 class ZeroRead:
@@ -47,10 +50,10 @@ class ZeroRead:
         def step(*args: Any, **kwargs: Any) -> Any:
             if not (self.engine.is_gradient_accumulation_boundary() and self.wanted()):
                 return original(*args, **kwargs)
-            if any(p.grad is not None for p in self.params):  # ZeRO-2 moved them to its partitions in backward
+            if any(p.grad is not None for p in self.params):  # ZeRO moved them to its partitions in backward
                 raise GradlensError(f"{self.name}: a LoRA-B parameter still holds a local .grad at the step, so "
                                     f"safe_get_full_grad would not give the averaged gradient; {ZERO_WAY}")
-            grads = [safe_get_full_grad(p) for p in self.params]  # a collective: every process reads
+            grads = [safe_get_full_grad(p) for p in self.params]  # collectives: every process reads
             out = original(*args, **kwargs)
             clipped = self.clip_factor()
             if self.main:
@@ -84,6 +87,11 @@ class ZeroRead:
         return seen
 
 
+def full_shape(param: torch.nn.Parameter) -> tuple[int, ...]:
+    """A parameter's whole shape: ZeRO-3 leaves an empty ``param`` and keeps the shape in ``ds_shape``."""
+    return tuple(getattr(param, "ds_shape", param.shape))
+
+
 def zero_read(trainer: Any, params: Sequence[torch.nn.Parameter], wanted: Callable[[], bool], main: bool) -> ZeroRead:
     """A :class:`ZeroRead` on the Trainer's DeepSpeed engine, or a one-line refusal of what it cannot read whole."""
     engine = getattr(trainer, "deepspeed", None) or getattr(trainer, "model_wrapped", None)
@@ -91,9 +99,10 @@ def zero_read(trainer: Any, params: Sequence[torch.nn.Parameter], wanted: Callab
         raise GradlensError("DeepSpeed is on but the recorder found no DeepSpeed engine on the Trainer at train begin "
                             "(attach it with GradientRecorder.attach(trainer, ...)); " + ZERO_WAY)
     stage = engine.zero_optimization_stage()
-    if stage != 2:
-        raise GradlensError(f"DeepSpeed ZeRO-{stage} is not recorded (only ZeRO-2 is built and tested); {ZERO_WAY}")
-    if engine.zero_use_cpu_optimizer():  # ZeRO-2 offloads only the optimizer (to the CPU or NVMe)
+    if stage not in (1, 2, 3):  # 0: DeepSpeed without ZeRO keeps each process's gradient in param.grad
+        raise GradlensError(f"DeepSpeed without ZeRO (zero_stage: {stage}) is not recorded; {ZERO_WAY}")
+    offload = getattr(engine.zero_offload_param(), "device", "none")
+    if engine.zero_use_cpu_optimizer() or offload != "none":  # to the CPU or NVMe: not tested
         raise GradlensError(f"DeepSpeed ZeRO-{stage} with offload is not recorded; {ZERO_WAY}")
     if engine.fp16_enabled() or engine.bfloat16_enabled():
         precision = "fp16" if engine.fp16_enabled() else "bf16"
