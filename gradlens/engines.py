@@ -1,6 +1,8 @@
 """Which distributed engine a training run uses, seen from a Trainer's arguments, its accelerator, accelerate's
 launcher environment or the parameters themselves; the recorder and sparse-B training refuse the engines whose
-per-process gradients they cannot read or mask whole (DeepSpeed ZeRO, FSDP1) in the same words."""
+per-process gradients they cannot read or mask whole from ``param.grad`` (DeepSpeed ZeRO, FSDP1) in the same words,
+unless the caller reads them another way (the recorder reads DeepSpeed through its engine,
+:mod:`gradlens.record.zero`)."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ SUPPORTED_SETUPS = ("one process (CPU or one GPU), DDP across processes (torchru
 
 
 def sharded_training(args: Any, trainer: Any, params: Sequence[torch.nn.Parameter]) -> str | None:
-    """The name of a sharding scheme the recorder cannot read (DeepSpeed, FSDP1), or None where it can.
+    """The name of a sharding scheme whose ``param.grad`` is not the full gradient (DeepSpeed, FSDP1), or None.
 
     Under DeepSpeed ZeRO and FSDP1 each process holds a shard (or nothing) in ``param.grad`` behind the engine's own
     flat buffers, not the full averaged gradient the recorder reads. FSDP2 keeps each gradient a ``DTensor`` whose
