@@ -16,18 +16,20 @@ import numpy as np
 import pytest
 
 from gradlens import open_run
+from tests.helpers.agreement import (
+    EPS32,
+    assert_accumulators_agree,
+    assert_gradients_agree,
+    assert_step_records_agree,
+    clipped_record,
+)
 from tests.helpers.launch import ACCELERATE_CONFIGS, accelerate_gradlens
 
 pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.slow
 
 STEPS = 12
-# Small batches, a high rate and max_grad_norm 1: every step clips (DeepSpeed's gradient_clipping is the Trainer's
-# max_grad_norm), and the weights move enough that a gradient read before the reduction, or not clipped, would show.
-RECORD = ["record", "--max_steps", str(STEPS), "--per_device_train_batch_size", "2", "--max_grad_norm", "1.0",
-          "--learning_rate", "0.01", "--logging_steps", "1", "--disable_tqdm", "true", "--n_train", "64", "--seed",
-          "0", "--steps_per_shard", "1"]
-EPS32 = float(np.finfo(np.float32).eps)
+RECORD = clipped_record(STEPS)  # every step clips: DeepSpeed's gradient_clipping is the Trainer's max_grad_norm
 # DDP sums the two processes' gradients and halves the sum; ZeRO reduces them into its partitions in its own order,
 # and its global norm (so its clip factor) rounds differently in the last bit: the first step's gradients differ by a
 # few float32 ulps of a module's largest entry (1.4 measured under ZeRO-1/2, 4.8 under ZeRO-3). After it the two
@@ -54,11 +56,6 @@ def launched(config: str, *args: str, tmp: Path) -> subprocess.CompletedProcess:
     return proc
 
 
-def assert_close(ra: dict, rb: dict, keys: tuple[str, ...]) -> None:
-    for key in keys:
-        assert rb[key] == pytest.approx(ra[key], rel=ULPS * EPS32, abs=0), f"step {ra['step']} {key}"
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The same ``gradlens record`` under DDP and under each ZeRO stage."""
@@ -77,30 +74,16 @@ def test_deepspeed_zero_records_what_ddp_records(runs, stage: str) -> None:
     assert a.steps == b.steps == list(range(1, STEPS + 1)) and a.meta["complete"] and b.meta["complete"]
     assert a.modules == b.modules and len(a.modules) == 14
 
-    for step in a.steps:
-        for name in a.modules:
-            ga, gb = a.gradients(name, [step])[0], b.gradients(name, [step])[0]
-            assert np.abs(ga).max() > 0, f"step {step} {name}: zero gradient"
-            tol = (FIRST_ULPS if step == 1 else ULPS) * EPS32 * float(np.abs(ga).max())
-            worst = float(np.abs(gb.astype(np.float64) - ga).max())
-            assert worst <= tol, f"step {step} {name}: {stage} - DDP = {worst:.3g} > {tol:.3g}"
+    assert_gradients_agree(a, b, FIRST_ULPS, ULPS, stage)
+    assert_step_records_agree(a, b, ULPS, ("loss", "grad_norm", "grad_norm_clipped", "clip_coef", "b_grad_norm"))
     for ra, rb in zip(a.step_records, b.step_records, strict=True):
         assert ra["clip_coef"] < 1.0 and ra["learning_rate"] == rb["learning_rate"]
-        assert_close(ra, rb, ("loss", "grad_norm", "grad_norm_clipped", "clip_coef", "b_grad_norm"))
         assert (rb["zero_gradient"], rb["epoch"]) == (ra["zero_gradient"], ra["epoch"])
         # The recorded gradient is the clipped one: its norm is the pre-clip B norm times the coefficient.
         norm = np.sqrt(sum(float(np.square(b.gradients(n, [rb["step"]])[0].astype(np.float64)).sum())
                            for n in b.modules))
         assert norm == pytest.approx(rb["b_grad_norm"] * rb["clip_coef"], rel=8 * EPS32)
-
-    acc_a, acc_b = a.accumulators(), b.accumulators()
-    for name in a.modules:
-        for field in ("count", "nonzero"):
-            np.testing.assert_array_equal(getattr(acc_b[name], field), getattr(acc_a[name], field))
-        for field in ("sum", "sumsq", "sumabs", "sqnorm", "dot_prev"):
-            x, y = np.asarray(getattr(acc_a[name], field)), np.asarray(getattr(acc_b[name], field))
-            scale = float(np.nanmax(np.abs(x))) if np.isfinite(x).any() else 0.0
-            np.testing.assert_allclose(y, x, rtol=0, atol=ULPS * EPS32 * max(scale, 1e-30), err_msg=f"{name} {field}")
+    assert_accumulators_agree(a, b, ULPS)
 
 
 def test_deepspeed_zero3_grpo_with_accumulation_records_what_ddp_records(tmp_path: Path) -> None:
@@ -117,12 +100,8 @@ def test_deepspeed_zero3_grpo_with_accumulation_records_what_ddp_records(tmp_pat
     fields = ("generation_batch", "reward_mean", "reward_std", "frac_reward_zero_std", "zero_reward_std",
               "zero_gradient", "learning_rate")
     assert [[r[k] for k in fields] for r in b.step_records] == [[r[k] for k in fields] for r in a.step_records]
-    for ra, rb in zip(a.step_records, b.step_records, strict=True):
-        assert_close(ra, rb, ("loss", "grad_norm", "clip_coef", "b_grad_norm"))
-    for name in a.modules:
-        ga, gb = a.gradients(name), b.gradients(name)
-        assert np.abs(ga).max() > 0, name
-        assert np.abs(gb - ga).max() <= ULPS * EPS32 * np.abs(ga).max(), name
+    assert_step_records_agree(a, b, ULPS, ("loss", "grad_norm", "clip_coef", "b_grad_norm"))
+    assert_gradients_agree(a, b, ULPS, ULPS, "zero3")  # the first recorded step is the second: after an update
 
 
 def test_deepspeed_without_zero_is_refused_in_one_line(tmp_path: Path) -> None:
