@@ -207,10 +207,11 @@ class GradientRecorder(TrainerCallback):
         if not state.is_world_process_zero:
             return
         try:
-            if self._zero is not None:  # read whole and clipped inside DeepSpeed's step; its norm and factor
+            if self._zero is not None:  # read whole and clipped inside DeepSpeed's step, with its norm and factor
                 if read is None:
                     raise GradlensError(f"{self._zero.name}: the engine's step did not run before step {step}'s "
                                         "on_pre_optimizer_step, so its gradients were not read")
+                # The other gradients' squares (the second part) are unused where the clipping is known.
                 gathered, clipped = (read[0], torch.zeros(1, dtype=torch.float64)), read[1]
             self._record(step, args, loss, clipped, grpo_meta, optimizer, state, gathered)
         except Exception as e:
