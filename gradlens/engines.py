@@ -1,11 +1,13 @@
 """Which distributed engine a training run uses, seen from a Trainer's arguments, its accelerator, accelerate's
 launcher environment or the parameters themselves; the recorder and sparse-B training refuse the engines whose
-per-process gradients they cannot read or mask whole (DeepSpeed ZeRO, FSDP1) in the same words."""
+per-process gradients they cannot read or mask whole from ``param.grad`` (DeepSpeed ZeRO, FSDP1) in the same words,
+unless the caller reads them another way (the recorder reads DeepSpeed through its engine,
+:mod:`gradlens.record.zero`)."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import torch
@@ -17,7 +19,7 @@ SUPPORTED_SETUPS = ("one process (CPU or one GPU), DDP across processes (torchru
 
 
 def sharded_training(args: Any, trainer: Any, params: Sequence[torch.nn.Parameter]) -> str | None:
-    """The name of a sharding scheme the recorder cannot read (DeepSpeed, FSDP1), or None where it can.
+    """The name of a sharding scheme whose ``param.grad`` is not the full gradient (DeepSpeed, FSDP1), or None.
 
     Under DeepSpeed ZeRO and FSDP1 each process holds a shard (or nothing) in ``param.grad`` behind the engine's own
     flat buffers, not the full averaged gradient the recorder reads. FSDP2 keeps each gradient a ``DTensor`` whose
@@ -53,11 +55,14 @@ def fsdp_version(args: Any, trainer: Any) -> int | None:
     return None
 
 
-def refuse_sharded(what: str, args: Any, trainer: Any, params: Sequence[torch.nn.Parameter]) -> None:
+def refuse_sharded(what: str, args: Any, trainer: Any, params: Sequence[torch.nn.Parameter],
+                   supported: Collection[str] = ()) -> str | None:
     """Raise one line (on every process alike: each sees the same setup) when ``what`` cannot run under this run's
-    sharding scheme; see :func:`sharded_training`."""
+    sharding scheme (see :func:`sharded_training`) and the caller does not handle it (``supported``); else return
+    the scheme's name (None for none)."""
     sharding = sharded_training(args, trainer, params)
-    if sharding is not None:
+    if sharding is not None and sharding not in supported:
         raise GradlensError(f"{sharding} shards gradients, so param.grad is not the full gradient and {what}; shard "
                             "with FSDP2 instead (fsdp_version: 2 in the accelerate config, see docs/distributed.md): "
                             f"gradlens supports {SUPPORTED_SETUPS}")
+    return sharding

@@ -18,18 +18,20 @@ import numpy as np
 import pytest
 
 from gradlens import open_run
+from tests.helpers.agreement import (
+    EPS32,
+    assert_accumulators_agree,
+    assert_gradients_agree,
+    assert_step_records_agree,
+    clipped_record,
+)
 from tests.helpers.launch import REPO, accelerate_gradlens, accelerate_gradlens_cmd, finish, kill_all, start, torchrun
 from tests.helpers.store import committed_steps
 
 pytestmark = pytest.mark.slow
 
 STEPS = 40
-# Small batches, a high rate and max_grad_norm 1: every step clips, and the weights move enough that a wrong gather
-# would show. Shards of one step each, so that a kill leaves committed steps behind.
-RECORD = ["record", "--max_steps", str(STEPS), "--per_device_train_batch_size", "2", "--max_grad_norm", "1.0",
-          "--learning_rate", "0.01", "--logging_steps", "1", "--disable_tqdm", "true", "--n_train", "64", "--seed",
-          "0", "--steps_per_shard", "1"]
-EPS32 = float(np.finfo(np.float32).eps)
+RECORD = clipped_record(STEPS)
 # DDP all-reduces and FSDP2 reduce-scatters the same per-process gradients: a sum of two float32 terms (and a halving)
 # is exact either way, so the first step agrees bit for bit. After it the two engines' updates round differently in
 # the last bit, and the difference grows through the steps (up to ~100 float32 ulps of a module's largest entry by
@@ -67,36 +69,12 @@ def test_fsdp2_records_what_ddp_records(runs) -> None:
     assert a.steps == b.steps == list(range(1, STEPS + 1)) and a.meta["complete"] and b.meta["complete"]
     assert a.modules == b.modules and len(a.modules) == 14
 
-    for step in a.steps:
-        for name in a.modules:
-            ga, gb = a.gradients(name, [step])[0], b.gradients(name, [step])[0]
-            assert np.abs(ga).max() > 0, f"step {step} {name}: zero gradient"
-            if step == 1:
-                np.testing.assert_array_equal(gb, ga, err_msg=f"step 1 {name}")
-            else:
-                tol = ULPS * EPS32 * float(np.abs(ga).max())
-                worst = float(np.abs(gb.astype(np.float64) - ga).max())
-                assert worst <= tol, f"step {step} {name}: FSDP2 - DDP = {worst:.3g} > {tol:.3g}"
+    assert_gradients_agree(a, b, 0, ULPS, "FSDP2")  # the first step bit for bit
+    assert_step_records_agree(a, b, ULPS, ("loss", "grad_norm", "grad_norm_clipped", "clip_coef", "b_grad_norm"))
     for ra, rb in zip(a.step_records, b.step_records, strict=True):
         assert ra["clip_coef"] < 1.0 and ra["learning_rate"] == rb["learning_rate"]
-        for key in ("loss", "grad_norm", "grad_norm_clipped", "clip_coef", "b_grad_norm"):
-            assert rb[key] == pytest.approx(ra[key], rel=ULPS * EPS32, abs=0), f"step {ra['step']} {key}"
         assert (rb["zero_gradient"], rb["epoch"]) == (ra["zero_gradient"], ra["epoch"])
-
-    acc_a, acc_b = a.accumulators(), b.accumulators()
-    for name in a.modules:
-        for field in ("count", "nonzero"):
-            np.testing.assert_array_equal(getattr(acc_b[name], field), getattr(acc_a[name], field))
-        # A sign count is exact but jumps by 2 where an entry within the tolerance of 0 flips sign: compare the
-        # entries that never come that close.
-        grads = a.gradients(name).astype(np.float64)
-        near_zero = (np.abs(grads) <= ULPS * EPS32 * np.abs(grads).max(axis=(1, 2), keepdims=True)).any(axis=0)
-        assert near_zero.mean() < 0.5, name  # most entries are compared
-        np.testing.assert_array_equal(acc_b[name].sumsign[~near_zero], acc_a[name].sumsign[~near_zero], name)
-        for field in ("sum", "sumsq", "sumabs", "sqnorm", "dot_prev"):
-            x, y = np.asarray(getattr(acc_a[name], field)), np.asarray(getattr(acc_b[name], field))
-            scale = float(np.nanmax(np.abs(x))) if np.isfinite(x).any() else 0.0
-            np.testing.assert_allclose(y, x, rtol=0, atol=ULPS * EPS32 * max(scale, 1e-30), err_msg=f"{name} {field}")
+    assert_accumulators_agree(a, b, ULPS)
 
     # Live scalars: one log line a step from the main process only. The B norm is the step's own under both engines;
     # the step-to-step cosine comes from the writer's thread as of the last step it has written (so it may lag the
@@ -134,9 +112,7 @@ def test_fsdp2_grpo_records_what_ddp_records(tmp_path: Path) -> None:
               "zero_gradient")
     assert [[r[k] for k in fields] for r in b.step_records] == [[r[k] for k in fields] for r in a.step_records]
     assert [r["generation_batch"] for r in b.step_records] == [0, 1, 2]
-    for ra, rb in zip(a.step_records, b.step_records, strict=True):
-        for key in ("loss", "grad_norm", "clip_coef", "b_grad_norm"):
-            assert rb[key] == pytest.approx(ra[key], rel=ULPS * EPS32, abs=0), f"step {ra['step']} {key}"
+    assert_step_records_agree(a, b, ULPS, ("loss", "grad_norm", "clip_coef", "b_grad_norm"))
     for name in a.modules:
         ga, gb = a.gradients(name), b.gradients(name)
         np.testing.assert_array_equal(gb[0], ga[0], err_msg=name)  # the first step: bit for bit

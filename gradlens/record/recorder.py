@@ -52,6 +52,7 @@ from gradlens.record.checks import (
 from gradlens.record.clip import ClipWatch, clip_statistics
 from gradlens.record.collective import agree, distributed
 from gradlens.record.sharded import ShardedGather, squares_held_here
+from gradlens.record.zero import ZeroRead, full_shape, zero_read
 from gradlens.sparse.space import LORA_B, WHAT, space_parameters
 from gradlens.store import DTYPES, AsyncRunWriter, RunWriter
 from gradlens.store.background import NORM_CHUNK
@@ -114,6 +115,7 @@ class GradientRecorder(TrainerCallback):
         self.signal = SignalCounter(self._warn, what=WHAT[space])
         self._params: list[torch.nn.Parameter] = []
         self._gather: ShardedGather | None = None  # FSDP2: the recorded gradients are DTensors, gathered each step
+        self._zero: ZeroRead | None = None  # DeepSpeed ZeRO: read whole inside the engine's step, before it
         self._clip = ClipWatch()
         self._clip_unseen_said = False
         self._failure: BaseException | None = None  # under DDP: raised on every process at the next agreement
@@ -150,13 +152,21 @@ class GradientRecorder(TrainerCallback):
             raise GradlensError(f"module filter {self.module_filter!r} matches none of the {len(found)} "
                                 f"{WHAT[self.space]} modules (e.g. {found[0][0]})")
         chosen = [(n, p) for n, p in found if n in kept]
-        refuse_sharded("cannot be recorded", args, self.trainer, [p for _, p in found])
+        sharding = refuse_sharded("cannot be recorded", args, self.trainer, [p for _, p in found], ("DeepSpeed",))
+        if sharding == "DeepSpeed" and self.space != LORA_B:
+            raise GradlensError("space 'weight' is not supported under DeepSpeed (only LoRA-B is read through ZeRO); "
+                                "use space lora_b, or DDP for space weight")
+        # DeepSpeed: refused here unless ZeRO-1/2/3 as tested; then every process reads in the engine's step
+        self._zero = zero_read(self.trainer, [p for _, p in chosen], self._next_step_recorded,
+                               state.is_world_process_zero) if sharding == "DeepSpeed" else None
         frozen = [n for n, p in chosen if not p.requires_grad]
         if frozen:
             raise GradlensError(f"the {WHAT[self.space]} weight of {frozen[0]} does not require grad; only trainable "
                                 "modules can be recorded")
-        self.specs = [ModuleSpec.from_name(n, p.shape) for n, p in chosen]
+        self.specs = [ModuleSpec.from_name(n, full_shape(p)) for n, p in chosen]
         self._params = [p for _, p in chosen]
+        if self._zero is not None:
+            self._zero.install()
         ours = {id(p) for p in self._params}
         # Every other trainable parameter counts in the global norm the Trainer clipped (unrecorded LoRA modules too).
         self._others = [p for p in model.parameters() if p.requires_grad and id(p) not in ours]
@@ -192,6 +202,7 @@ class GradientRecorder(TrainerCallback):
         loss = self._step_loss(recorded)
         grpo_meta = self._grpo_meta(args, step)
         clipped = self._clip.take()  # at every step: a skipped step's clipping must not count for the next one
+        read = self._zero.take() if self._zero is not None else None
         if not recorded:
             return
         if distributed():  # the mean loss over processes, and whether the main process failed (then all raise)
@@ -205,6 +216,12 @@ class GradientRecorder(TrainerCallback):
         if not state.is_world_process_zero:
             return
         try:
+            if self._zero is not None:  # read whole and clipped inside DeepSpeed's step, with its norm and factor
+                if read is None:
+                    raise GradlensError(f"{self._zero.name}: the engine's step did not run before step {step}'s "
+                                        "on_pre_optimizer_step, so its gradients were not read")
+                # The other gradients' squares (the second part) are unused where the clipping is known.
+                gathered, clipped = (read[0], torch.zeros(1, dtype=torch.float64)), read[1]
             self._record(step, args, loss, clipped, grpo_meta, optimizer, state, gathered)
         except Exception as e:
             if not distributed():
@@ -283,12 +300,15 @@ class GradientRecorder(TrainerCallback):
         agree(error)  # under DDP every process stops together if the main process failed
 
     def close(self) -> None:
-        """Flush and close the run (also done at train end and at interpreter exit); unwrap the Trainer's clipping.
+        """Flush and close the run (also done at train end and at interpreter exit); unwrap the Trainer's clipping
+        (and DeepSpeed's step).
 
         The run is complete if training ended at its planned last step; else stopped, with the reason: the exception
         being raised as this runs (an interrupt, an error), or training that ended early.
         """
         self._clip.remove()
+        if self._zero is not None:
+            self._zero.remove()
         hook, self._exit_hook = self._exit_hook, None
         if hook is not None:
             atexit.unregister(hook)
@@ -343,7 +363,8 @@ class GradientRecorder(TrainerCallback):
         config = {"recorder": {"modules": repr(self.module_filter), "every_n_steps": self.every_n_steps,
                                "dtype": self.dtype, "save_raw": self.save_raw, "warnings": notes,
                                "processes": torch.distributed.get_world_size() if distributed() else 1,
-                               "sharding": "FSDP2" if self._gather is not None else None, "space": self.space},
+                               "sharding": "FSDP2" if self._gather is not None else
+                               self._zero.name if self._zero is not None else None, "space": self.space},
                   "adapter": self.adapter, **self._source,
                   "trainer_class": type(self.trainer).__name__ if self.trainer is not None else None,
                   "training_args": json.loads(args.to_json_string()), **self.config}
@@ -353,6 +374,11 @@ class GradientRecorder(TrainerCallback):
                         planned_steps=self._planned, resume_hint=resume_hint(self.config))
         self.writer = AsyncRunWriter(run, max_queue=self.max_queue)
         self._exit_hook = _close_at_exit(self)
+
+    def _next_step_recorded(self) -> bool:
+        """Whether the optimizer step about to run is recorded (read inside DeepSpeed's step, before the Trainer
+        counts it)."""
+        return (self.trainer.state.global_step + 1) % self.every_n_steps == 0
 
     def _step_loss(self, recorded: bool = True) -> torch.Tensor | None:
         """This step's training loss (a float64 tensor), from the Trainer's running sum (which it resets at each log).

@@ -68,15 +68,18 @@ def torchrun(script: Path, *args: str, nproc: int = 2) -> subprocess.CompletedPr
                          str(script), *args]))
 
 
-def accelerate_gradlens_cmd(config: str, *args: str, nproc: int = 2) -> list[str]:
-    """``accelerate launch --config_file recipes/accelerate/CONFIG.yaml`` of ``gradlens ARGS`` on CPU processes.
+def accelerate_gradlens_cmd(config: str, *args: str, nproc: int = 2, config_file: Path | None = None) -> list[str]:
+    """``accelerate launch --config_file recipes/accelerate/CONFIG.yaml`` (or ``config_file``) of ``gradlens ARGS`` on
+    CPU processes.
 
-    Through :data:`FSDP_ON_CPU`, which lets accelerate's FSDP path run on CPUs (it changes nothing for DDP).
+    Through :data:`FSDP_ON_CPU`, which lets accelerate's FSDP path run on CPUs (it changes nothing for DDP or
+    DeepSpeed, which accelerate runs on CPU processes as it is).
     """
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-            str(ACCELERATE_CONFIGS / f"{config}.yaml"), "--num_processes", str(nproc), "--main_process_port",
-            str(free_port()), str(FSDP_ON_CPU), "-m", "gradlens.cli.main", *args]
+            str(config_file or ACCELERATE_CONFIGS / f"{config}.yaml"), "--num_processes", str(nproc),
+            "--main_process_port", str(free_port()), str(FSDP_ON_CPU), "-m", "gradlens.cli.main", *args]
 
 
-def accelerate_gradlens(config: str, *args: str, nproc: int = 2) -> subprocess.CompletedProcess:
-    return finish(start(accelerate_gradlens_cmd(config, *args, nproc=nproc)))
+def accelerate_gradlens(config: str, *args: str, nproc: int = 2,
+                        config_file: Path | None = None) -> subprocess.CompletedProcess:
+    return finish(start(accelerate_gradlens_cmd(config, *args, nproc=nproc, config_file=config_file)))
