@@ -1,6 +1,9 @@
 # gradlens developer Makefile (pip + venv only).
 #   make venv   create $(VENV) and install torch (CPU) + the package with [dev] extras
-#   make test   ruff check + mkdocs build --strict + pytest   (extra pytest args: make test PYTEST_ARGS="-k store -x")
+#   make test   ruff check + mkdocs build --strict + pytest without the slow tests (the suite a developer runs; aim:
+#               under 10 minutes on 2 cores; extra pytest args: make test PYTEST_ARGS="-k store -x")
+#   make test-slow  the tests marked slow: multi-process (DDP, FSDP2, ZeRO), notebooks, recipes, hub ids, benchmarks
+#   make test-all   both, as CI runs them (.ci/run)
 #   make demo   toy task -> record SFT and GRPO -> analyze -> placement contrast -> report.html, under $(DEMO_OUT)
 #   make lint   ruff check
 #   make docs   serve the docs site (mkdocs.yml, docs/) at http://127.0.0.1:8000; make docs-build builds it into site/
@@ -20,7 +23,7 @@ DEMO_OUT ?= runs/demo
 
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint docs docs-build demo clean figures gpu-wheels
+.PHONY: venv test test-slow test-all lint docs docs-build demo clean figures gpu-wheels
 .DELETE_ON_ERROR:
 
 venv: $(STAMP)
@@ -42,7 +45,12 @@ lint: venv
 test: venv
 	$(VENV)/bin/ruff check .
 	$(MAKE) docs-build
-	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-slow: venv
+	$(VENV)/bin/python -m pytest -q -m slow $(PYTEST_ARGS)
+
+test-all: test test-slow
 
 # The docs site. --strict: a broken link, a page missing from the nav or a docstring mkdocstrings cannot read fails
 # the build. NO_MKDOCS_2_WARNING silences Material's banner about MkDocs 2, which the pins in pyproject.toml exclude.
