@@ -33,6 +33,7 @@ from typing import Any
 from _common import add_output_argument, write_json
 from scipy import stats
 
+from gradlens.evaluate import wilson_interval
 from gradlens.provenance import package_versions
 from gradlens.store import open_run
 from gradlens.toy.model import ensure_base_model
@@ -100,7 +101,9 @@ def train_run(regime: str, seed: int, steps: int, n_eval: int, work: Path, field
         row.update(zero_reward_std_steps=sum(bool(r.get("zero_reward_std")) for r in records),
                    signal_share=sum(not (r.get("zero_reward_std") or r.get("zero_gradient")) for r in records)
                    / len(records),
-                   mean_groups_with_signal=statistics.mean(1 - z for z in zero_std if z is not None))
+                   mean_groups_with_signal=statistics.mean(1 - z for z in zero_std if z is not None),
+                   reward_first_10_steps=statistics.mean(r["reward_mean"] for r in records[:10]),
+                   reward_last_10_steps=statistics.mean(r["reward_mean"] for r in records[-10:]))
     print(json.dumps(row))
     return row
 
@@ -118,10 +121,15 @@ def explore(specs: list[list[str]], args: argparse.Namespace) -> None:
         runs = list(pool.map(lambda job: train_run(job[0], job[1], args.steps, args.n_eval, args.work, job[3],
                                                    job[2]), jobs))
     payload = json.loads(args.json.read_text())
+    base = payload["base"]
+    floor = wilson_interval(round(base["greedy"] * base["n"]), base["n"])[0]
+    for run in runs:  # below the base model's interval: the rate (or setting) broke the model; not averaged
+        run["collapsed"] = run["accuracy"] < floor
     section = payload.setdefault("exploration", {
         "note": "runs off the defaults (gradlens train --model toy:math --max_steps STEPS --n_eval N plus FIELDS), "
                 "appended by --explore; accuracy is greedy on the first n held-out problems, cpu_seconds the one-"
-                "thread process's user+system time", "runs": []})
+                "thread process's user+system time; collapsed: greedy accuracy below the base model's 95% Wilson "
+                "interval on the same prompts", "runs": []})
     section["runs"] += [{**run, "steps": args.steps, "versions": package_versions(), "load_average_after":
                          os.getloadavg()} for run in runs]
     write_json(args.json, {k: v for k, v in payload.items() if k != "machine"})
