@@ -174,12 +174,12 @@ def main() -> None:
                            "cpu_seconds_max": max(r["cpu_seconds"] for r in rows)}
         if regime == "grpo":
             summary[regime]["signal_share"] = mean_interval([r["signal_share"] for r in rows])
+    # Sections this run does not write (the exploration, timings taken by hand) are kept.
     kept = json.loads(args.json.read_text()) if args.json.exists() else {}
-    write_json(args.json, {**{k: v for k, v in kept.items() if k.startswith("exploration")},
-                           "benchmark": "toy_math", "steps": args.steps, "seeds": args.seeds,
-                             "recipe": {k: recipe[k] for k in ("build_seconds", "pretrain_steps", "batch_size",
-                                                               "learning_rate", "carryless_share", "threads")},
-                             "base": base, "summary": summary, "runs": runs})
+    write_json(args.json, {**kept, "benchmark": "toy_math", "steps": args.steps, "seeds": args.seeds,
+                           "recipe": {k: recipe[k] for k in ("build_seconds", "pretrain_steps", "batch_size",
+                                                             "learning_rate", "carryless_share", "threads")},
+                           "base": base, "summary": summary, "runs": runs})
 
 
 if __name__ == "__main__":
