@@ -15,13 +15,14 @@ from gradlens.errors import GradlensError
 # The toy:math world's word problems (train.jsonl, test.jsonl), read by the gsm8k task like any GSM8K copy.
 MATH_DATA_DIR = Path(__file__).parent / "toy" / "data" / "math"
 # What --model toy:math runs with where the user sets nothing: its own data through the gsm8k task, an answer budget
-# above its longest worked solution (73 tokens), and TRL settings chosen by the sweep in
-# benchmarks/results/toy_math.json
-# (exploration; docs/toy-math.md). SFT: no rate or batch beat 16 at 2e-3 beyond seed noise (3e-3/5e-3/1e-2, batch 32,
-# a constant rate). GRPO: sampling at temperature 0.7 instead of 1.0 (greedy is what is evaluated; T=1 samples are
-# less accurate than greedy) gained most on seed 0 (0.345 against 0.280; T=0.5 0.290), with 2e-3 inside its rate grid
-# (1e-3 0.280, 3e-3 collapsed); 4 prompts a step, groups of 4 and reusing generations (num_iterations 2) did not help.
-# The 3-seed numbers these defaults give are the benchmark's summary.
+# above its longest worked solution (73 tokens), and TRL settings chosen by a sweep (benchmarks/results/toy_math.json,
+# exploration; docs/toy-math.md). Measured with them, 60 steps, seeds 0-2, 200 held-out problems, base greedy 0.280:
+# SFT 0.370, gain +0.090 [0.021, 0.159] (no rate from 2e-3 to 1e-2, batch 32 or constant rate did better beyond seed
+# noise); GRPO 0.307, gain +0.027 [-0.061, 0.115], a gradient in 87% of steps, 143-159 CPU-s a run. GRPO samples at
+# temperature 0.7, not 1.0, since greedy is what is evaluated and T=1 samples are worse than greedy (0.18 vs 0.28):
+# the sweep's best (seed 0: 0.345 vs 0.280 at T=1, 0.290 at T=0.5; rate 2e-3 inside its grid, 3e-3 collapsed), yet
+# only +0.020 [-0.082, 0.122] over T=1 paired on seeds 0-2. 4 prompts a step (groups of 4, or reused generations)
+# did not help; the >= 0.1 gain targets stay missed.
 MATH_EVAL_MAX_NEW_TOKENS = 96
 MATH_TRL_DEFAULTS: dict[str, dict[str, Any]] = {
     "sft": {"per_device_train_batch_size": 16, "learning_rate": 2e-3, "max_length": 256},
