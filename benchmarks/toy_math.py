@@ -111,10 +111,13 @@ def train_run(regime: str, seed: int, steps: int, n_eval: int, work: Path, field
 def explore(specs: list[list[str]], args: argparse.Namespace) -> None:
     """Train each ``REGIME LABEL FIELD=VALUE...`` on every seed and append the runs to the JSON's exploration
     section, with the package versions they ran on."""
+    if not args.json.exists() or "base" not in json.loads(args.json.read_text()):
+        raise SystemExit(f"--explore: {args.json} holds no base model report; run the benchmark once first")
     jobs = []
-    for regime, label, *assignments in specs:
-        if regime not in ("sft", "grpo") or any("=" not in a for a in assignments):
-            raise SystemExit(f"--explore {' '.join([regime, label, *assignments])}: want REGIME LABEL FIELD=VALUE...")
+    for spec in specs:
+        if len(spec) < 2 or spec[0] not in ("sft", "grpo") or any("=" not in a for a in spec[2:]):
+            raise SystemExit(f"--explore {' '.join(spec)}: want REGIME LABEL FIELD=VALUE..., REGIME sft or grpo")
+        regime, label, *assignments = spec
         fields = dict(a.split("=", 1) for a in assignments)
         jobs += [(regime, seed, label, fields) for seed in args.seeds]
     with ThreadPoolExecutor(args.jobs) as pool:
