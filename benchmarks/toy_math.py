@@ -6,6 +6,12 @@ seconds are what it takes on an idle core), and under GRPO the share of recorded
     python benchmarks/toy_math.py --seeds 0 1 2 --n_eval 200 --work /tmp/toy-math
 
 Writes ``benchmarks/results/toy_math.json``. The machine is shared, so the load average is stored with every time.
+
+The defaults were chosen by runs off them, each a regime, a label and TRL fields, recorded in the same JSON's
+``exploration`` section (kept when the benchmark is run again):
+
+    python benchmarks/toy_math.py --seeds 0 --explore grpo t0.7 temperature=0.7 --explore grpo b32 \
+        per_device_train_batch_size=32 --jobs 2
 """
 
 from __future__ import annotations
@@ -27,8 +33,16 @@ from typing import Any
 from _common import add_output_argument, write_json
 from scipy import stats
 
+from gradlens.evaluate import wilson_interval
+from gradlens.provenance import package_versions
 from gradlens.store import open_run
 from gradlens.toy.model import ensure_base_model
+
+# The settings a run off the defaults may change, stored with each exploration run as TRL read them.
+EXPLORED_ARGS = ("per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type",
+                 "warmup_steps", "warmup_ratio", "max_grad_norm", "num_generations", "max_completion_length",
+                 "generation_batch_size", "steps_per_generation", "num_iterations", "temperature", "beta",
+                 "scale_rewards", "loss_type", "mask_truncated_completions", "max_length")
 
 
 def gradlens(*args: str) -> tuple[str, float, float]:
@@ -60,28 +74,68 @@ def base_report(n_eval: int, k: int) -> dict[str, Any]:
             "load_average": os.getloadavg()}
 
 
-def train_run(regime: str, seed: int, steps: int, n_eval: int, work: Path) -> dict[str, Any]:
-    """One ``gradlens train --model toy:math`` run with the regime's defaults; accuracy, seconds and signal."""
-    out = work / f"{regime}-seed{seed}"
+def train_run(regime: str, seed: int, steps: int, n_eval: int, work: Path, fields: dict[str, str] | None = None,
+              label: str = "") -> dict[str, Any]:
+    """One ``gradlens train --model toy:math`` run with the regime's defaults, or with ``fields`` (TRL fields, or
+    gradlens flags such as ``lora_r``) over them; accuracy, seconds and signal."""
+    fields = fields or {}
+    out = work / f"{regime}{'-' + label if label else ''}-seed{seed}"
     load = os.getloadavg()
+    overrides = [arg for field, value in fields.items() for arg in (f"--{field}", value)]
     _, seconds, cpu = gradlens("train", "--model", "toy:math", "--regime", regime, "--max_steps", str(steps), "--seed",
-                          str(seed), "--n_eval", str(n_eval), "--record", "--out", str(out), "--disable_tqdm", "true")
+                          str(seed), "--n_eval", str(n_eval), "--record", "--out", str(out), "--disable_tqdm", "true",
+                          *overrides)
     evaluation = json.loads((out / "eval.json").read_text())
     train_info = json.loads((out / "train.json").read_text())
     records = open_run(out / "run").step_records
-    row = {"regime": regime, "seed": seed, "accuracy": evaluation["accuracy"], "ci95": evaluation["ci95"],
+    row = {"regime": regime, **({"label": label, "fields": fields} if fields else {}), "seed": seed,
+           "accuracy": evaluation["accuracy"], "ci95": evaluation["ci95"],
            "n": evaluation["n"], "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1),
            "train_seconds": train_info.get("train_seconds"),
            "load_average_before": load, "steps": len(records),
            "zero_gradient_steps": sum(bool(r.get("zero_gradient")) for r in records)}
+    if fields:  # what the run trained with, as TRL read it
+        row["training_args"] = {k: v for k, v in train_info["training_args"].items() if k in EXPLORED_ARGS}
     if regime == "grpo":
         zero_std = [r.get("frac_reward_zero_std") for r in records]
         row.update(zero_reward_std_steps=sum(bool(r.get("zero_reward_std")) for r in records),
                    signal_share=sum(not (r.get("zero_reward_std") or r.get("zero_gradient")) for r in records)
                    / len(records),
-                   mean_groups_with_signal=statistics.mean(1 - z for z in zero_std if z is not None))
+                   mean_groups_with_signal=statistics.mean(1 - z for z in zero_std if z is not None),
+                   reward_first_10_steps=statistics.mean(r["reward_mean"] for r in records[:10]),
+                   reward_last_10_steps=statistics.mean(r["reward_mean"] for r in records[-10:]))
     print(json.dumps(row))
     return row
+
+
+def explore(specs: list[list[str]], args: argparse.Namespace) -> None:
+    """Train each ``REGIME LABEL FIELD=VALUE...`` on every seed and append the runs to the JSON's exploration
+    section, with the package versions they ran on."""
+    if not args.json.exists() or "base" not in json.loads(args.json.read_text()):
+        raise SystemExit(f"--explore: {args.json} holds no base model report; run the benchmark once first")
+    jobs = []
+    for spec in specs:
+        if len(spec) < 2 or spec[0] not in ("sft", "grpo") or any("=" not in a for a in spec[2:]):
+            raise SystemExit(f"--explore {' '.join(spec)}: want REGIME LABEL FIELD=VALUE..., REGIME sft or grpo")
+        regime, label, *assignments = spec
+        fields = dict(a.split("=", 1) for a in assignments)
+        jobs += [(regime, seed, label, fields) for seed in args.seeds]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        runs = list(pool.map(lambda job: train_run(job[0], job[1], args.steps, args.n_eval, args.work, job[3],
+                                                   job[2]), jobs))
+    payload = json.loads(args.json.read_text())
+    base = payload["base"]
+    floor = wilson_interval(round(base["greedy"] * base["n"]), base["n"])[0]
+    for run in runs:  # below the base model's interval: the rate (or setting) broke the model; not averaged
+        run["collapsed"] = run["accuracy"] < floor
+    section = payload.setdefault("exploration", {
+        "note": "runs off the defaults (gradlens train --model toy:math --max_steps STEPS --n_eval N plus FIELDS), "
+                "appended by --explore; accuracy is greedy on the first n held-out problems, cpu_seconds the one-"
+                "thread process's user+system time; collapsed: greedy accuracy below the base model's 95% Wilson "
+                "interval on the same prompts", "runs": []})
+    section["runs"] += [{**run, "steps": args.steps, "versions": package_versions(), "load_average_after":
+                         os.getloadavg()} for run in runs]
+    write_json(args.json, {k: v for k, v in payload.items() if k != "machine"})
 
 
 def mean_interval(values: list[float]) -> dict[str, float]:
@@ -102,8 +156,14 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--jobs", type=int, default=1, help="training runs at once (each on one thread)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/gradlens-toy-math"))
+    parser.add_argument("--explore", nargs="+", action="append", metavar="REGIME LABEL FIELD=VALUE",
+                        help="instead of the benchmark, runs with these fields off the defaults, appended to the "
+                             "JSON's exploration section (repeat for several settings)")
     add_output_argument(parser, "toy_math")
     args = parser.parse_args()
+    if args.explore:
+        explore(args.explore, args)
+        return
     recipe = json.loads((ensure_base_model("math") / "gradlens_recipe.json").read_text())
     base = base_report(args.n_eval, args.k)
     jobs = [(regime, seed) for regime in args.regimes for seed in args.seeds]
@@ -117,10 +177,12 @@ def main() -> None:
                            "cpu_seconds_max": max(r["cpu_seconds"] for r in rows)}
         if regime == "grpo":
             summary[regime]["signal_share"] = mean_interval([r["signal_share"] for r in rows])
-    write_json(args.json, {"benchmark": "toy_math", "steps": args.steps, "seeds": args.seeds,
-                             "recipe": {k: recipe[k] for k in ("build_seconds", "pretrain_steps", "batch_size",
-                                                               "learning_rate", "carryless_share", "threads")},
-                             "base": base, "summary": summary, "runs": runs})
+    # Sections this run does not write (the exploration, timings taken by hand) are kept.
+    kept = json.loads(args.json.read_text()) if args.json.exists() else {}
+    write_json(args.json, {**kept, "benchmark": "toy_math", "steps": args.steps, "seeds": args.seeds,
+                           "recipe": {k: recipe[k] for k in ("build_seconds", "pretrain_steps", "batch_size",
+                                                             "learning_rate", "carryless_share", "threads")},
+                           "base": base, "summary": summary, "runs": runs})
 
 
 if __name__ == "__main__":

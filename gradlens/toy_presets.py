@@ -15,14 +15,19 @@ from gradlens.errors import GradlensError
 # The toy:math world's word problems (train.jsonl, test.jsonl), read by the gsm8k task like any GSM8K copy.
 MATH_DATA_DIR = Path(__file__).parent / "toy" / "data" / "math"
 # What --model toy:math runs with where the user sets nothing: its own data through the gsm8k task, an answer budget
-# above its longest worked solution (73 tokens), and TRL settings measured in benchmarks/results/toy_math.json: 60
-# SFT steps gain +0.09 over the base model; 60 GRPO steps (2 prompts of 8, ~3 CPU-minutes) keep a learning signal in
-# 89% of steps but gain only +0.007 (higher rates collapse; 4 prompts a step gained +0.045 on one seed).
+# above its longest worked solution (73 tokens), and TRL settings chosen by a sweep (benchmarks/results/toy_math.json,
+# exploration; docs/toy-math.md). Measured with them, 60 steps, seeds 0-2, 200 held-out problems, base greedy 0.280:
+# SFT 0.370, gain +0.090 [0.021, 0.159] (no rate from 2e-3 to 1e-2, batch 32 or constant rate did better beyond seed
+# noise); GRPO 0.307, gain +0.027 [-0.061, 0.115], a gradient in 87% of steps, 143-159 CPU-s a run. GRPO samples at
+# temperature 0.7, not 1.0, since greedy is what is evaluated and T=1 samples are worse than greedy (0.18 vs 0.28):
+# the sweep's best (seed 0: 0.345 vs 0.280 at T=1, 0.290 at T=0.5; rate 2e-3 inside its grid, 3e-3 collapsed), yet
+# only +0.020 [-0.082, 0.122] over T=1 paired on seeds 0-2. 4 prompts a step (groups of 4, or reused generations)
+# did not help; the >= 0.1 gain targets stay missed.
 MATH_EVAL_MAX_NEW_TOKENS = 96
 MATH_TRL_DEFAULTS: dict[str, dict[str, Any]] = {
     "sft": {"per_device_train_batch_size": 16, "learning_rate": 2e-3, "max_length": 256},
     "grpo": {"per_device_train_batch_size": 16, "num_generations": 8, "max_completion_length": 96,
-             "learning_rate": 2e-3, "temperature": 1.0},
+             "learning_rate": 2e-3, "temperature": 0.7},
 }
 
 

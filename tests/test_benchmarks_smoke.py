@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from gradlens.evaluate import wilson_interval
+
 pytestmark = pytest.mark.slow  # 6 child processes and 4 short trainings: about 60 s on 2 idle cores
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 TINY = {
@@ -63,3 +65,24 @@ def test_real_shape_reports_both_runs_from_the_hub_id(tmp_path: Path, monkeypatc
     config = result["model_config"]
     assert (config["vocab_size"], config["num_attention_heads"], config["num_key_value_heads"]) == (151936, 14, 2)
     assert config["tie_word_embeddings"] and config["rope_theta"] == 1e6 and config["rms_norm_eps"] == 1e-6
+
+
+def test_toy_math_explore_appends_runs_and_keeps_the_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                              ) -> None:
+    """``toy_math.py --explore`` trains off the defaults, appends the run (its fields as TRL read them) to the JSON's
+    exploration section and keeps what was there; a run below the base model's interval is marked collapsed."""
+    out = tmp_path / "toy_math.json"
+    earlier = {"base": {"greedy": 0.9, "n": 200}, "summary": {"sft": "kept"}, "exploration_seed0": {"runs": []}}
+    out.write_text(json.dumps(earlier))
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    monkeypatch.setattr(sys, "argv", ["toy_math.py", "--seeds", "0", "--steps", "2", "--n_eval", "4", "--work",
+                                      str(tmp_path / "work"), "--json", str(out), "--explore", "sft", "lr1e-3",
+                                      "learning_rate=1e-3", "per_device_train_batch_size=4"])
+    runpy.run_path(str(BENCHMARKS / "toy_math.py"), run_name="__main__")
+    result = json.loads(out.read_text())
+    assert {k: result[k] for k in earlier} == earlier
+    (run,) = result["exploration"]["runs"]
+    assert run["fields"] == {"learning_rate": "1e-3", "per_device_train_batch_size": "4"}
+    assert run["training_args"]["learning_rate"] == 1e-3 and run["training_args"]["per_device_train_batch_size"] == 4
+    assert run["steps"] == 2 and run["n"] == 4 and run["versions"]["trl"]
+    assert run["collapsed"] == (run["accuracy"] < wilson_interval(180, 200)[0])  # the base's 0.9 of 200
