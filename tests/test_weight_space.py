@@ -78,7 +78,7 @@ def test_recorded_weight_gradients_equal_autograd(tmp_path: Path) -> None:
     attach_weight_space(model)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert len(trainable) == 14 and all(n.endswith("_proj.weight") for n in trainable)  # 7 projections x 2 layers
-    trainer = sft_trainer(tmp_path, (model, tokenizer))
+    trainer = sft_trainer(tmp_path, (model, tokenizer), space="weight")
     snaps = SnapshotWeights()
     trainer.add_callback(snaps)
     GradientRecorder.attach(trainer, tmp_path / "run", space="weight", announce=False)

@@ -192,7 +192,7 @@ def run_training(config: RecordConfig, *, out: Path | None, tool: str, setup: Ru
         try:
             trainer = build_trainer(config.regime, setup.model, setup.tokenizer, setup.data, setup.task,
                                     output_dir=str(trainer_dir), settings=trl,
-                                    eval_dataset=_eval_dataset(setup, trl, config))
+                                    eval_dataset=_eval_dataset(setup, trl, config), space=config.space)
         except GradlensError:
             if created:
                 shutil.rmtree(out, ignore_errors=True)

@@ -16,24 +16,25 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from gradlens.callback_order import add_first
 from gradlens.errors import GradlensError
-from gradlens.sparse.space import LORA_B, WEIGHT, is_peft, space_parameters
+from gradlens.sparse.space import LORA_B, space_parameters
 from gradlens.tasks.base import Task
 from gradlens.training.settings import build_trl_config
 
 
 def build_trainer(regime: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train_dataset: Any,
                   task: Task, *, output_dir: str, settings: Mapping[str, Any] | None = None, eval_dataset: Any = None,
-                  callbacks: Sequence[Any] = ()):
-    """The ``SFTTrainer`` or ``GRPOTrainer`` of a LoRA model (or of a model whose chosen base weights train, space
-    ``weight``): SFT on the dataset's completions (prompt-completion
-    format: the loss covers the completion only), GRPO with the task's reward functions.
+                  callbacks: Sequence[Any] = (), space: str = LORA_B):
+    """The ``SFTTrainer`` or ``GRPOTrainer`` of a LoRA model (``space="weight"``: of a model whose chosen base
+    weights train, without an adapter): SFT on the dataset's completions (prompt-completion format: the loss covers
+    the completion only), GRPO with the task's reward functions. A model without what ``space`` trains is a one-line
+    error (a plain model would otherwise train every weight).
 
     ``callbacks`` go first among the Trainer's, in the given order (:mod:`gradlens.callback_order`, which also
     says the order gradlens's own callbacks take).
     """
     from trl import GRPOTrainer, SFTTrainer
 
-    space_parameters(model, LORA_B if is_peft(model) else WEIGHT)  # a LoRA adapter, or base weights that train
+    space_parameters(model, space, "the model")
     args = build_trl_config(regime, output_dir, settings)
     if regime == "sft":
         trainer = SFTTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,

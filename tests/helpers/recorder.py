@@ -36,10 +36,10 @@ def lora_model():
     return attach_lora(model), tokenizer
 
 
-def sft_trainer(tmp_path: Path, model_and_tokenizer=None, **overrides) -> SFTTrainer:
+def sft_trainer(tmp_path: Path, model_and_tokenizer=None, space: str = "lora_b", **overrides) -> SFTTrainer:
     model, tokenizer = model_and_tokenizer or lora_model()
     return build_trainer("sft", model, tokenizer, AdditionTask().dataset("train", N_TRAIN), AdditionTask(),
-                         output_dir=str(tmp_path / "trainer"), settings={**SFT_SETTINGS, **overrides})
+                         output_dir=str(tmp_path / "trainer"), settings={**SFT_SETTINGS, **overrides}, space=space)
 
 
 def restore_lora_b(model, snapshot: dict[str, torch.Tensor]) -> None:
