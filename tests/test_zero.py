@@ -4,7 +4,8 @@ without ZeRO refused in one line.
 The runs go through ``accelerate launch`` with the shipped configs (``recipes/accelerate/{ddp,zero2,zero3}.yaml``,
 ZeRO-1 and ZeRO-0 written from ``zero2.yaml``): accelerate takes its DeepSpeed plugin on CPU processes as it is,
 DeepSpeed picks its CPU accelerator and partitions the optimizer state, gradients (ZeRO-2/3) and parameters (ZeRO-3)
-over the two processes as on GPUs. Skipped where ``deepspeed`` is not installed.
+over the two processes as on GPUs. A ZeRO-2 run killed and resumed equals the uninterrupted one. Skipped where
+``deepspeed`` is not installed.
 """
 
 from __future__ import annotations
