@@ -11,7 +11,6 @@ from __future__ import annotations
 import ast
 import json
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +21,11 @@ from tests.helpers.agreement import (
     EPS32,
     assert_accumulators_agree,
     assert_gradients_agree,
+    assert_resumed_equals,
     assert_step_records_agree,
     clipped_record,
 )
-from tests.helpers.launch import REPO, accelerate_gradlens, accelerate_gradlens_cmd, finish, kill_all, start, torchrun
-from tests.helpers.store import committed_steps
+from tests.helpers.launch import REPO, accelerate_gradlens, accelerate_gradlens_cmd, kill_after_committed, torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -124,28 +123,15 @@ def test_fsdp2_kill_and_resume_equals_the_uninterrupted_fsdp2_run(runs, tmp_path
     records the remaining steps, and the run equals the uninterrupted FSDP2 run bit for bit."""
     reference = open_run(runs["fsdp2"][0])
     out = tmp_path / "run"
-    proc = start(accelerate_gradlens_cmd("fsdp2", *RECORD, "--out", str(out)))
-    deadline = time.monotonic() + 240
-    while proc.poll() is None and committed_steps(out) < 3 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert proc.poll() is None, finish(proc).stderr[-3000:]
-    kill_all(proc)
-    finish(proc)
+    kill_after_committed(accelerate_gradlens_cmd("fsdp2", *RECORD, "--out", str(out)), out, 3)
     killed = open_run(out)
     n = killed.steps[-1]
     assert killed.steps == list(range(1, n + 1)) and 3 <= n < STEPS and not killed.meta["complete"]
 
     launched("fsdp2", *RECORD, "--out", str(out), "--resume")
     run = open_run(out)
-    assert run.steps == reference.steps and run.meta["status"] == "complete"
     assert run.meta["config"]["recorder"]["sharding"] == "FSDP2"
-    acc, acc_ref = run.accumulators(), reference.accumulators()
-    for name in run.modules:
-        np.testing.assert_array_equal(run.gradients(name), reference.gradients(name))
-        np.testing.assert_array_equal(acc[name].sum, acc_ref[name].sum)
-    keys = ("loss", "grad_norm", "clip_coef", "b_grad_norm")
-    assert [[r[k] for k in keys] for r in run.step_records] == [[r[k] for k in keys] for r in reference.step_records]
-
+    assert_resumed_equals(run, reference)
 
 def test_fsdp2_sparse_b_train_keeps_b_zero_outside_the_mask(tmp_path: Path) -> None:
     """``train --mask --record`` under FSDP2: the exported adapter is the full one (PEFT loads it), exactly 0 outside

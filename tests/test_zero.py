@@ -4,12 +4,15 @@ without ZeRO refused in one line.
 The runs go through ``accelerate launch`` with the shipped configs (``recipes/accelerate/{ddp,zero2,zero3}.yaml``,
 ZeRO-1 and ZeRO-0 written from ``zero2.yaml``): accelerate takes its DeepSpeed plugin on CPU processes as it is,
 DeepSpeed picks its CPU accelerator and partitions the optimizer state, gradients (ZeRO-2/3) and parameters (ZeRO-3)
-over the two processes as on GPUs. Skipped where ``deepspeed`` is not installed.
+over the two processes as on GPUs. A ZeRO-2 run killed and resumed equals the uninterrupted one. Skipped where
+``deepspeed`` is not installed.
 """
 
 from __future__ import annotations
 
+import functools
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +23,11 @@ from tests.helpers.agreement import (
     EPS32,
     assert_accumulators_agree,
     assert_gradients_agree,
+    assert_resumed_equals,
     assert_step_records_agree,
     clipped_record,
 )
-from tests.helpers.launch import ACCELERATE_CONFIGS, accelerate_gradlens
+from tests.helpers.launch import ACCELERATE_CONFIGS, accelerate_gradlens, accelerate_gradlens_cmd, kill_after_committed
 
 pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.slow
@@ -57,17 +61,22 @@ def launched(config: str, *args: str, tmp: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The same ``gradlens record`` under DDP and under each ZeRO stage."""
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """The same ``gradlens record`` under DDP or a ZeRO stage, launched the first time a test asks for it (a launch
+    takes minutes on loaded CPUs, so a test run alone launches only what it uses)."""
     tmp = tmp_path_factory.mktemp("zero")
-    for config in ("ddp", *STAGES):
+
+    @functools.cache
+    def run(config: str) -> Path:
         launched(config, *RECORD, "--out", str(tmp / config), tmp=tmp)
-    return {config: tmp / config for config in ("ddp", *STAGES)}
+        return tmp / config
+
+    return run
 
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_deepspeed_zero_records_what_ddp_records(runs, stage: str) -> None:
-    a, b = open_run(runs["ddp"]), open_run(runs[stage])
+    a, b = open_run(runs("ddp")), open_run(runs(stage))
     assert (a.meta["config"]["recorder"]["processes"], a.meta["config"]["recorder"]["sharding"]) == (2, None)
     assert (b.meta["config"]["recorder"]["processes"], b.meta["config"]["recorder"]["sharding"]) == \
         (2, f"DeepSpeed ZeRO-{stage[-1]}")
@@ -84,6 +93,24 @@ def test_deepspeed_zero_records_what_ddp_records(runs, stage: str) -> None:
                            for n in b.modules))
         assert norm == pytest.approx(rb["b_grad_norm"] * rb["clip_coef"], rel=8 * EPS32)
     assert_accumulators_agree(a, b, ULPS)
+
+
+
+def test_deepspeed_zero2_kill_and_resume_equals_the_uninterrupted_zero2_run(runs, tmp_path: Path) -> None:
+    """Every process of a ZeRO-2 launch killed (SIGKILL) after 2 committed steps; ``--resume`` then records the
+    remaining steps, and the run equals the uninterrupted ZeRO-2 run bit for bit. (The run has 12 steps of ~0.1 s
+    after minutes of start-up, so the kill comes early to land before the end.)"""
+    reference = open_run(runs("zero2"))
+    out = tmp_path / "run"
+    kill_after_committed(accelerate_gradlens_cmd("zero2", *RECORD, "--out", str(out)), out, 2)
+    killed = open_run(out)
+    n = killed.steps[-1]
+    assert killed.steps == list(range(1, n + 1)) and 2 <= n < STEPS and not killed.meta["complete"]
+
+    launched("zero2", *RECORD, "--out", str(out), "--resume", tmp=tmp_path)
+    run = open_run(out)
+    assert run.meta["config"]["recorder"]["sharding"] == "DeepSpeed ZeRO-2"
+    assert_resumed_equals(run, reference)
 
 
 def test_deepspeed_zero3_grpo_with_accumulation_records_what_ddp_records(tmp_path: Path) -> None:

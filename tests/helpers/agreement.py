@@ -1,5 +1,6 @@
 """The same ``gradlens record`` under two distributed engines (DDP against FSDP2 or DeepSpeed ZeRO): the run they share
-and what "records the same" means, within float32 rounding measured in ulps of a module's largest entry."""
+and what "records the same" means, within float32 rounding measured in ulps of a module's largest entry; and a killed
+and resumed run against the uninterrupted one under the same engine, bit for bit."""
 
 from __future__ import annotations
 
@@ -54,3 +55,16 @@ def assert_accumulators_agree(a, b, ulps: int) -> None:
             x, y = np.asarray(getattr(acc_a[name], field)), np.asarray(getattr(acc_b[name], field))
             scale = float(np.nanmax(np.abs(x))) if np.isfinite(x).any() else 0.0
             np.testing.assert_allclose(y, x, rtol=0, atol=ulps * EPS32 * max(scale, 1e-30), err_msg=f"{name} {field}")
+
+
+def assert_resumed_equals(run, reference) -> None:
+    """A killed and resumed run equals the uninterrupted one bit for bit: every step, gradient, running sum and
+    step record's loss, norms and clip coefficient."""
+    assert run.steps == reference.steps and run.meta["status"] == "complete"
+    assert run.modules == reference.modules
+    acc, acc_ref = run.accumulators(), reference.accumulators()
+    for name in run.modules:
+        np.testing.assert_array_equal(run.gradients(name), reference.gradients(name), err_msg=name)
+        np.testing.assert_array_equal(acc[name].sum, acc_ref[name].sum, err_msg=name)
+    keys = ("loss", "grad_norm", "clip_coef", "b_grad_norm")
+    assert [[r[k] for k in keys] for r in run.step_records] == [[r[k] for k in keys] for r in reference.step_records]

@@ -7,9 +7,12 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+
+from tests.helpers.store import committed_steps
 
 REPO = Path(__file__).resolve().parents[2]
 ACCELERATE_CONFIGS = REPO / "recipes" / "accelerate"
@@ -60,6 +63,19 @@ def finish(proc: subprocess.Popen, timeout: float = TIMEOUT) -> subprocess.Compl
         stdout, stderr = proc.communicate()
         pytest.fail(f"launch did not finish in {timeout} s (deadlock?): {proc.args}\n{stderr[-4000:]}")
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def kill_after_committed(cmd: list[str], out: Path, steps: int) -> None:
+    """Start ``cmd``, a launch recording into ``out``, and SIGKILL every process of it as soon as ``out`` has
+    committed ``steps`` steps; fail if the launch ended (or committed nothing) first."""
+    proc = start(cmd)
+    deadline = time.monotonic() + TIMEOUT
+    while proc.poll() is None and committed_steps(out) < steps and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, finish(proc).stderr[-3000:]
+    kill_all(proc)
+    finish(proc)
+    assert committed_steps(out) >= steps, f"no {steps} committed steps in {TIMEOUT} s: {cmd}"
 
 
 def torchrun(script: Path, *args: str, nproc: int = 2) -> subprocess.CompletedProcess:
