@@ -15,7 +15,8 @@ import torch
 from gradlens.errors import GradlensError
 
 SUPPORTED_SETUPS = ("one process (CPU or one GPU), DDP across processes (torchrun, or accelerate launch with a "
-                    "multi-GPU config) or FSDP2 (accelerate launch with fsdp_version: 2)")
+                    "multi-GPU config) or FSDP2 (accelerate launch with fsdp_version: 2); the recorder also reads "
+                    "DeepSpeed ZeRO-1/2/3 in fp32")
 
 
 def sharded_training(args: Any, trainer: Any, params: Sequence[torch.nn.Parameter]) -> str | None:
