@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +105,15 @@ def safetensors_header(path: str | os.PathLike[str], what: str) -> dict[str, Any
     if size != 8 + n + end:
         raise GradlensError(f"{path}: truncated or corrupt {what} file ({size} bytes, header says {8 + n + end})")
     return header
+
+
+def safetensors_metadata(metadata: Mapping[str, Any], path: str | os.PathLike[str], what: str) -> dict[str, str]:
+    """``metadata`` as safetensors' string-to-string header: strings as they are, anything else JSON-encoded; a value
+    JSON cannot encode is a one-line error naming ``path``."""
+    try:
+        return {str(key): value if isinstance(value, str) else json.dumps(value) for key, value in metadata.items()}
+    except (TypeError, ValueError) as e:
+        raise GradlensError(f"{path}: {what} metadata is not JSON-serialisable ({e})") from None
 
 
 def check_unused_out(path: str | os.PathLike[str], overwrite: bool) -> None:

@@ -5,7 +5,6 @@ minus base, exactly 0 outside the mask) and, where the mask has SHiRA's per-modu
 from __future__ import annotations
 
 import copy
-import json
 import os
 import warnings
 from collections.abc import Mapping
@@ -16,7 +15,7 @@ import numpy as np
 import torch
 
 from gradlens.errors import GradlensError
-from gradlens.fsio import atomic_write
+from gradlens.fsio import atomic_write, safetensors_metadata
 from gradlens.models import unwrap
 
 DELTA_FILE = "sparse_delta.safetensors"
@@ -44,7 +43,7 @@ def save_delta(path: str | os.PathLike[str], delta: Mapping[str, torch.Tensor], 
     from safetensors.torch import save_file
 
     path = Path(path)
-    meta = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+    meta = safetensors_metadata(metadata, path, "sparse delta")
     atomic_write(path, lambda tmp: save_file(dict(delta), tmp, metadata=meta))
     return path
 

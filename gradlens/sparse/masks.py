@@ -7,7 +7,6 @@ A :data:`Mask` maps each LoRA module name (as in ``Run.modules``, e.g. ``model.l
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -20,7 +19,7 @@ import safetensors.numpy
 
 from gradlens.budget import Shapes
 from gradlens.errors import GradlensError
-from gradlens.fsio import atomic_write, safetensors_header
+from gradlens.fsio import atomic_write, safetensors_header, safetensors_metadata
 from gradlens.modules import ModuleSpec, sort_projections
 
 Mask = dict[str, np.ndarray]
@@ -114,10 +113,7 @@ def save_mask(path: str | os.PathLike[str], mask: Mapping[str, np.ndarray], meta
         if m.dtype != np.bool_ or m.ndim != 2:
             raise GradlensError(f"{path}: mask of module {name} is {m.dtype} {m.shape}, not a 2-D bool array")
         tensors[name] = m.astype(np.uint8)
-    try:
-        meta = {str(key): value if isinstance(value, str) else json.dumps(value) for key, value in metadata.items()}
-    except (TypeError, ValueError) as e:
-        raise GradlensError(f"{path}: mask metadata is not JSON-serialisable ({e})") from None
+    meta = safetensors_metadata(metadata, path, "mask")
     meta.update(gradlens_mask_format=MASK_FORMAT, k=str(sum(int(t.sum()) for t in tensors.values())))
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: safetensors.numpy.save_file(tensors, tmp, metadata=meta))
