@@ -12,7 +12,7 @@ import pytest
 import safetensors.numpy
 
 from gradlens.errors import GradlensError
-from gradlens.fsio import atomic_write, json_dump, read_json, safetensors_header
+from gradlens.fsio import atomic_write, json_dump, read_json, safetensors_header, safetensors_metadata
 
 
 def one_line_error(match: str, fn, *args) -> str:
@@ -101,3 +101,11 @@ def test_bad_framing_is_refused_unread(tmp_path: Path) -> None:
     text = json.dumps(header, separators=(",", ":")).encode().ljust(n)  # same length: the data stays in place
     one_line_error("'a' has 24 bytes, not 28", safetensors_header, variant("shape", raw[:8] + text + raw[8 + n:]),
                    "test")
+
+
+def test_safetensors_metadata_keeps_strings_encodes_the_rest_and_names_the_file_when_it_cannot() -> None:
+    meta = safetensors_metadata({"method": "sign", "k": 12, "budget": {"share": 0.01}}, "m.safetensors", "mask")
+    assert meta == {"method": "sign", "k": "12", "budget": json.dumps({"share": 0.01})}
+    with pytest.raises(GradlensError, match=r"^m\.safetensors: mask metadata is not JSON-serialisable") as e:
+        safetensors_metadata({"obj": object()}, "m.safetensors", "mask")
+    assert "\n" not in str(e.value)
