@@ -24,6 +24,7 @@ step lets the writer keep up, so a full queue does not count. The machine may be
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -53,7 +54,23 @@ def all_reduce_flat(grads: list[torch.Tensor]) -> None:
 
 
 def worker(engine: str, layers: int, rank: int, steps: int, pause: float, out: Path) -> None:
-    """One process of a launch: time ``steps`` steps with and without the recorder; rank 0 writes the JSON."""
+    """One process of a launch, from joining the process group to leaving it.
+
+    The sharded models' ``DTensor`` parameters hold the device mesh and so the gloo process group: they must be freed
+    before ``destroy_process_group``, or the group's C++ threads are torn down during interpreter shutdown, which
+    aborts the process now and then ("terminate called without an active exception").
+    """
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    timed_steps(engine, layers, rank, steps, pause, out)
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def timed_steps(engine: str, layers: int, rank: int, steps: int, pause: float, out: Path) -> None:
+    """Time ``steps`` steps with and without the recorder; rank 0 writes the JSON."""
     import torch.distributed as dist
     from bench_recording import lora_model
     from transformers import TrainerControl, TrainerState, TrainingArguments
@@ -61,7 +78,6 @@ def worker(engine: str, layers: int, rank: int, steps: int, pause: float, out: P
     from gradlens.lora import lora_b_parameters
     from gradlens.record.recorder import GradientRecorder
 
-    dist.init_process_group("gloo")
     me, world = dist.get_rank(), dist.get_world_size()
     shapes = adapter_shapes(layers, rank)
     models = [lora_model(shapes, rank) for _ in range(2)]  # [with recorder, without]
@@ -117,7 +133,6 @@ def worker(engine: str, layers: int, rank: int, steps: int, pause: float, out: P
             "blocked_s": median(slowest["with"]) - median(slowest["without"]),
             "recorder_call_s": median(slowest["call"]), "recorder_call_cpu_s": median(slowest["call_cpu"]),
             "recorded_as": json.loads((out / f"run-{engine}" / "manifest.json").read_text())["config"]["recorder"]}))
-    dist.destroy_process_group()
 
 
 def launch(engine: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:

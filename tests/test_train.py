@@ -340,3 +340,30 @@ def test_gpu_check_arguments(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
         with pytest.raises(SystemExit) as exit_info:
             gpu_check.parse_args(bad)
         assert exit_info.value.code == 2 and bad[0] in capsys.readouterr().err
+
+
+def test_a_run_leaves_the_process_group_it_joined_and_not_one_it_was_given(model_dir: str, tmp_path: Path) -> None:
+    """Under a launcher (here one process with torchrun's variables) accelerate joins a gloo group during the run;
+    ``main`` destroys it after a finished run, while Python is whole. A group the caller joined before is theirs."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**__import__("os").environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    script = f"""
+import sys, torch.distributed as dist
+from gradlens.cli.main import main
+given = sys.argv[1] == "given"
+if given:
+    dist.init_process_group("gloo")
+code = main(["train", "--model", {model_dir!r}, "--out", sys.argv[2], "--max_steps", "1", "--n_eval", "0",
+             "--per_device_train_batch_size", "8", *{QUIET!r}])
+print("RESULT", code, dist.is_initialized(), dist.get_world_size() if dist.is_initialized() else 0)
+"""
+    for case, expected in (("joined", "RESULT 0 False 0"), ("given", "RESULT 0 True 1")):
+        done = subprocess.run([sys.executable, "-c", script, case, str(tmp_path / case)], env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert expected in done.stdout, (case, done.stdout[-1000:], done.stderr[-2000:])

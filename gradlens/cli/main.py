@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import importlib
 import re
 import sys
@@ -87,6 +88,21 @@ def console_warnings(command: str) -> Iterator[None]:
         yield
 
 
+def in_process_group() -> bool:
+    """Whether this process is in a torch.distributed process group (without importing torch for ``--help``)."""
+    dist = sys.modules.get("torch.distributed")
+    return dist is not None and dist.is_available() and dist.is_initialized()
+
+
+def leave_process_group() -> None:
+    """Destroy the process group a finished run joined (accelerate or the Trainer joins it; neither leaves it),
+    once what holds it is freed: a group torn down during interpreter shutdown can abort a run that finished
+    ("terminate called without an active exception"), and NCCL warns that it was never destroyed."""
+    if in_process_group():
+        gc.collect()  # the run's model and trainer (FSDP2's DTensors hold the mesh, and the mesh the group)
+        sys.modules["torch.distributed"].destroy_process_group()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand; bad input of any kind ends as one line on stderr and exit code 2, never a traceback."""
     parser = build_parser()
@@ -101,8 +117,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.extra = extra
     args.argv = list(sys.argv[1:] if argv is None else argv)  # the command line as given (e.g. to say how to resume)
     try:
+        joined_before = in_process_group()
         with console_warnings(args.command):
-            return int(module.run(args) or 0)
+            code = int(module.run(args) or 0)
+        if not joined_before:
+            leave_process_group()
+        return code
     except GradlensError as e:
         print(one_line(f"gradlens {args.command}: error: {e}"), file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@ Usage: ``python -m torch.distributed.run --standalone --nproc_per_node N gather_
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 from pathlib import Path
@@ -36,8 +37,16 @@ class Blocks(torch.nn.Module):
 
 
 def main() -> None:
-    out = Path(sys.argv[1])
+    """Join, gather, and leave only once the sharded model (which holds the mesh's process group) is freed: a group
+    torn down during interpreter shutdown aborts the process now and then."""
     dist.init_process_group("gloo")
+    gather_and_write(Path(sys.argv[1]))
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def gather_and_write(out: Path) -> None:
     rank = dist.get_rank()
     torch.manual_seed(0)
     model = Blocks()
@@ -61,7 +70,6 @@ def main() -> None:
         (out / "blocks.json").write_text(json.dumps(every))
     else:
         assert gathered is None and state == {}
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
