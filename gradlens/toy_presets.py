@@ -22,7 +22,8 @@ MATH_DATA_DIR = Path(__file__).parent / "toy" / "data" / "math"
 # temperature 0.7, not 1.0, since greedy is what is evaluated and T=1 samples are worse than greedy (0.18 vs 0.28):
 # the sweep's best (seed 0: 0.345 vs 0.280 at T=1, 0.290 at T=0.5; rate 2e-3 inside its grid, 3e-3 collapsed), yet
 # only +0.020 [-0.082, 0.122] over T=1 paired on seeds 0-2. 4 prompts a step (groups of 4, or reused generations)
-# did not help; the >= 0.1 gain targets stay missed.
+# did not help, nor did a warmup with a constant rate (collapses), Dr. GRPO's loss, or 8 prompts a step (+0.045 /
+# +0.055 on seeds 0 / 2 at 1.4x the CPU); the >= 0.1 gain targets stay missed.
 MATH_EVAL_MAX_NEW_TOKENS = 96
 MATH_TRL_DEFAULTS: dict[str, dict[str, Any]] = {
     "sft": {"per_device_train_batch_size": 16, "learning_rate": 2e-3, "max_length": 256},

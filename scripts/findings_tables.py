@@ -164,7 +164,12 @@ def main(argv: list[str]) -> int:
         print("\n".join(row for cell in a.grown_grid for row in grown_grid(Path(cell))))
         return 0
     phase = Path(a.phase)
-    print("\n".join([*placement(phase), "", *rivals(phase)]))
+    print("\n".join(placement(phase)))
+    if (phase / "rivals").is_dir():
+        print("\n" + "\n".join(rivals(phase)))
+    else:
+        print(f"\n(no rival measurements in {phase / 'rivals'}: scripts/rival_measurements.py --phase {phase} "
+              "makes them)")
     if a.groups:
         print("\n" + "\n".join(groups(Path(a.groups))))
     return 0

@@ -18,16 +18,19 @@ include ``toy:wide``, a preset that gradlens/toy_presets.py must define (hidden 
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: experiments/ is not installed
 
 from experiments.rivals import PhaseConfig, run_phase
 from gradlens.errors import GradlensError
+from gradlens.fsio import json_dump
 
 
 def parse(argv: list[str]) -> tuple[PhaseConfig, Path | None, bool]:
@@ -53,6 +56,8 @@ def parse(argv: list[str]) -> tuple[PhaseConfig, Path | None, bool]:
     p.add_argument("--n_val", type=int, default=d.n_val)
     p.add_argument("--n_eval", type=int, default=d.n_eval)
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--results", default=None, help="also write one JSON (to commit) holding phase.json and every "
+                   "cell's provenance, summary, paired differences, sweep and runs")
     p.add_argument("--tables_only", action="store_true",
                    help="train nothing: tabulate and draw the cells already in --out (each with the seeds it ran)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
@@ -62,12 +67,30 @@ def parse(argv: list[str]) -> tuple[PhaseConfig, Path | None, bool]:
                          method=a.method, seeds=a.seeds, probe_steps=a.probe_steps, full_lrs=a.full_lrs or None,
                          sparse_lrs=a.sparse_lrs, sweep_seeds=a.sweep_seeds, grid_extensions=a.grid_extensions,
                          n_val=a.n_val, n_eval=a.n_eval, resume=a.resume, progress=a.progress)
-    return config, Path(a.figure) if a.figure else None, a.tables_only
+    return config, Path(a.figure) if a.figure else None, a.tables_only, Path(a.results) if a.results else None
+
+
+def results_bundle(out: Path) -> dict[str, Any]:
+    """What the run directories hold apart from weights and probes: phase.json, and per cell its provenance and
+    tables, so that the numbers of a finding can be committed (a cell directory is hundreds of MB)."""
+    import pandas as pd
+
+    from gradlens.fsio import read_json
+
+    def table(path: Path) -> list[dict[str, Any]]:
+        return json.loads(pd.read_csv(path, dtype={"budget": str}).to_json(orient="records"))
+
+    cells = {}
+    for cell in sorted(p.parent for p in out.glob("*/summary.csv")):
+        cells[cell.name] = {"provenance": read_json(cell / "provenance.json", "compare provenance"),
+                            **{name: table(cell / f"{name}.csv") for name in ("summary", "paired", "sweep",
+                                                                              "placement")}}
+    return {"phase": read_json(out / "phase.json", "phase diagram"), "cells": cells}
 
 
 def main(argv: list[str]) -> int:
     try:
-        config, figure, tables_only = parse(argv)
+        config, figure, tables_only, results = parse(argv)
         for model, steps in config.cells():  # refuse a missing preset before hours of training
             for regime in config.regimes:
                 for space in config.spaces:
@@ -83,6 +106,8 @@ def main(argv: list[str]) -> int:
     if figure is not None:
         figure.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(out / "phase.png", figure)
+    if results is not None:
+        json_dump(results_bundle(out), results)
     agree = result["agreement"]
     for row in result["rows"]:
         print(f"{row['cell']} {row['regime']:>4} {row['budget']:>6}: gap {row['gap']:+.3f} "
