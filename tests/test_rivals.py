@@ -4,6 +4,7 @@ recording on the tiny toy model."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -254,3 +255,34 @@ def test_grown_grid_keeps_the_runs_at_the_rate_the_grown_sweep_picks(tmp_path: P
     assert cols[3] == "0.650 (1)" and cols[4] == "0.750 (0.3)"
     assert cols[5].startswith("+0.100") and cols[5].endswith("(2)")
     assert cols[6].startswith(f"{gap:+.3f}")
+
+
+def test_phase_results_bundle_holds_every_cell_table_as_written(tmp_path: Path) -> None:
+    """scripts/phase_diagram.py --results: phase.json and each cell's provenance and tables in one JSON, rows equal to
+    the CSVs (budgets stay strings such as "0.1%"); a cell without its provenance is named in one line."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("phase_diagram", Path(__file__).parents[1] / "scripts"
+                                                  / "phase_diagram.py")
+    phase_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(phase_script)
+
+    (tmp_path / "phase.json").write_text(json.dumps({"config": {"seeds": [0]}, "rows": []}))
+    cell = tmp_path / "toy-math-60steps-sft"
+    cell.mkdir()
+    (cell / "provenance.json").write_text(json.dumps({"versions": {"torch": "x"}}))
+    tables = {"summary": [{"method": "random", "budget": "0.1%", "accuracy_mean": 0.28}],
+              "paired": [{"budget": "10%", "diff_mean": 0.008}],
+              "sweep": [{"method": "sign", "budget": "1%", "lr": 0.1, "accuracy": 0.39}],
+              "placement": [{"method": "full", "budget": None, "seed": 2, "accuracy": 0.365}]}
+    for name, rows in tables.items():
+        pd.DataFrame(rows).to_csv(cell / f"{name}.csv", index=False)
+    bundle = phase_script.results_bundle(tmp_path)
+    assert bundle["phase"]["config"] == {"seeds": [0]}
+    got = bundle["cells"]["toy-math-60steps-sft"]
+    assert got["provenance"] == {"versions": {"torch": "x"}}
+    for name, rows in tables.items():
+        assert got[name] == rows, name
+    (cell / "provenance.json").unlink()
+    with pytest.raises(GradlensError, match="provenance.json"):
+        phase_script.results_bundle(tmp_path)
