@@ -18,16 +18,15 @@ include ``toy:wide``, a preset that gradlens/toy_presets.py must define (hidden 
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: experiments/ is not installed
 
+from experiments.bundle import phase_bundle
 from experiments.rivals import PhaseConfig, run_phase
 from gradlens.errors import GradlensError
 from gradlens.fsio import json_dump
@@ -70,24 +69,6 @@ def parse(argv: list[str]) -> tuple[PhaseConfig, Path | None, bool]:
     return config, Path(a.figure) if a.figure else None, a.tables_only, Path(a.results) if a.results else None
 
 
-def results_bundle(out: Path) -> dict[str, Any]:
-    """What the run directories hold apart from weights and probes: phase.json, and per cell its provenance and
-    tables, so that the numbers of a finding can be committed (a cell directory is hundreds of MB)."""
-    import pandas as pd
-
-    from gradlens.fsio import read_json
-
-    def table(path: Path) -> list[dict[str, Any]]:
-        return json.loads(pd.read_csv(path, dtype={"budget": str}).to_json(orient="records"))
-
-    cells = {}
-    for cell in sorted(p.parent for p in out.glob("*/summary.csv")):
-        cells[cell.name] = {"provenance": read_json(cell / "provenance.json", "compare provenance"),
-                            **{name: table(cell / f"{name}.csv") for name in ("summary", "paired", "sweep",
-                                                                              "placement")}}
-    return {"phase": read_json(out / "phase.json", "phase diagram"), "cells": cells}
-
-
 def main(argv: list[str]) -> int:
     try:
         config, figure, tables_only, results = parse(argv)
@@ -107,7 +88,7 @@ def main(argv: list[str]) -> int:
         figure.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(out / "phase.png", figure)
     if results is not None:
-        json_dump(results_bundle(out), results)
+        json_dump(phase_bundle(out), results)
     agree = result["agreement"]
     for row in result["rows"]:
         print(f"{row['cell']} {row['regime']:>4} {row['budget']:>6}: gap {row['gap']:+.3f} "

@@ -31,7 +31,7 @@ def table() -> pd.DataFrame:
         full = 0.70 + 0.02 * rng.standard_normal()
         rows.append({"regime": "grpo", "method": "full", "budget": "", "seed": seed, "lr": 1e-3, "steps": 10,
                      "k": None, "accuracy": full, "sampled_accuracy": full, "diverged": False})
-        for method, level in (("random", 0.40), ("sign", 0.62), ("fisher", 0.55)):
+        for method, level in (("random", 0.40), ("sign", 0.62), ("fisher", 0.55), ("random_matched", 0.45)):
             acc = level + 0.03 * rng.standard_normal()
             diverged = method == "fisher" and seed == 3  # one diverged run: left out of means and pairs
             rows.append({"regime": "grpo", "method": method, "budget": "1%", "seed": seed, "lr": 0.1, "steps": 10,
@@ -52,6 +52,11 @@ def test_paired_differences_match_a_per_seed_computation(table: pd.DataFrame) ->
     got = paired.loc["fisher"]
     assert (got.n_pairs, got.n_excluded) == (4, 1)
     assert (got.diff_mean, got.ci95_lo, got.ci95_hi) == pytest.approx(want, rel=1e-12)
+    # the control random_matched is paired with random too; random is never paired with itself
+    want = _t_ci((acc["random_matched"] - acc["random"]).to_numpy())
+    got = paired.loc["random_matched"]
+    assert (got.diff_mean, got.ci95_lo, got.ci95_hi) == pytest.approx(want, rel=1e-12)
+    assert set(paired.index) == {"sign", "fisher", "random_matched"}
     # paired: the interval of the per-seed differences is narrower here than the unpaired one would be
     assert paired.loc["sign"].ci95_hi - paired.loc["sign"].ci95_lo > 0
 

@@ -258,14 +258,10 @@ def test_grown_grid_keeps_the_runs_at_the_rate_the_grown_sweep_picks(tmp_path: P
 
 
 def test_phase_results_bundle_holds_every_cell_table_as_written(tmp_path: Path) -> None:
-    """scripts/phase_diagram.py --results: phase.json and each cell's provenance and tables in one JSON, rows equal to
-    the CSVs (budgets stay strings such as "0.1%"); a cell without its provenance is named in one line."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("phase_diagram", Path(__file__).parents[1] / "scripts"
-                                                  / "phase_diagram.py")
-    phase_script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(phase_script)
+    """experiments.bundle (scripts/phase_diagram.py --results): phase.json and each cell's provenance and tables in
+    one JSON, rows equal to the CSVs (budgets stay strings such as "0.1%"); a missing provenance is named in one
+    line."""
+    from experiments.bundle import phase_bundle
 
     (tmp_path / "phase.json").write_text(json.dumps({"config": {"seeds": [0]}, "rows": []}))
     cell = tmp_path / "toy-math-60steps-sft"
@@ -277,7 +273,7 @@ def test_phase_results_bundle_holds_every_cell_table_as_written(tmp_path: Path) 
               "placement": [{"method": "full", "budget": None, "seed": 2, "accuracy": 0.365}]}
     for name, rows in tables.items():
         pd.DataFrame(rows).to_csv(cell / f"{name}.csv", index=False)
-    bundle = phase_script.results_bundle(tmp_path)
+    bundle = phase_bundle(tmp_path)
     assert bundle["phase"]["config"] == {"seeds": [0]}
     got = bundle["cells"]["toy-math-60steps-sft"]
     assert got["provenance"] == {"versions": {"torch": "x"}}
@@ -285,4 +281,4 @@ def test_phase_results_bundle_holds_every_cell_table_as_written(tmp_path: Path) 
         assert got[name] == rows, name
     (cell / "provenance.json").unlink()
     with pytest.raises(GradlensError, match="provenance.json"):
-        phase_script.results_bundle(tmp_path)
+        phase_bundle(tmp_path)

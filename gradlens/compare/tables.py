@@ -10,7 +10,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from gradlens.config import INFORMED_METHODS
 from gradlens.errors import GradlensError
 from gradlens.fsio import atomic_write
 
@@ -122,15 +121,16 @@ def summarize(placement: pd.DataFrame) -> pd.DataFrame:
 
 
 def paired_differences(placement: pd.DataFrame, baseline: str = "random") -> pd.DataFrame:
-    """Per regime, budget and informed method: the per-seed difference informed minus ``baseline`` (the same seed
-    shares the probe, the LoRA init and the data order), its mean and 95% t-interval; seeds where either run
-    diverged are left out and counted."""
+    """Per regime, budget and placement method other than ``baseline`` (the informed selectors, and the controls
+    ``random_matched`` and ``modules``): the per-seed difference method minus ``baseline`` (the same seed shares the
+    probe, the LoRA init and the data order), its mean and 95% t-interval; seeds where either run diverged are left
+    out and counted."""
     rows = []
     placement = with_space(placement)
-    for (space, regime, budget), g in placement[placement["method"].isin([*INFORMED_METHODS, baseline])].groupby(
-            ["space", "regime", "budget"], sort=False):
+    sparse = placement[placement["budget"].fillna("") != ""]  # not base or full, which have no budget
+    for (space, regime, budget), g in sparse.groupby(["space", "regime", "budget"], sort=False):
         base = g[g["method"] == baseline].set_index("seed")
-        for method in [m for m in dict.fromkeys(g["method"]) if m in INFORMED_METHODS]:
+        for method in [m for m in dict.fromkeys(g["method"]) if m != baseline]:
             informed = g[g["method"] == method].set_index("seed")
             seeds = sorted(set(informed.index) & set(base.index))
             ok = [s for s in seeds if not _flag(informed, s) and not _flag(base, s)]
