@@ -88,7 +88,7 @@ def train_run(regime: str, seed: int, steps: int, n_eval: int, work: Path, field
     evaluation = json.loads((out / "eval.json").read_text())
     train_info = json.loads((out / "train.json").read_text())
     records = open_run(out / "run").step_records
-    row = {"regime": regime, **({"label": label, "fields": fields} if fields else {}), "seed": seed,
+    row = {"regime": regime, **({"label": label, "fields": fields} if label else {}), "seed": seed,
            "accuracy": evaluation["accuracy"], "ci95": evaluation["ci95"],
            "n": evaluation["n"], "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1),
            "train_seconds": train_info.get("train_seconds"),
