@@ -54,3 +54,27 @@ def test_a_run_without_raw_shards_still_gets_every_figure(tmp_path: Path) -> Non
     assert np.isnan(result.summary["erank_traj"].iloc[0])
     paths = make_figures(result, tmp_path)
     assert [p.name for p in paths] == list(FIGURES) and all(p.stat().st_size > 0 for p in paths)
+
+
+def test_worlds_spaces_figure_plots_the_committed_paired_differences(tmp_path: Path) -> None:
+    """scripts/worlds_spaces_figure.py: every point is a sign - random difference exactly as the committed result
+    files hold it (toy:small: both spaces and regimes; toy:math: SFT only), and the PNG names its sources."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("worlds_spaces_figure", root / "scripts" / "worlds_spaces_figure.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    small = json.loads((root / "benchmarks/results/param_small.json").read_text())
+    math_ = json.loads((root / "benchmarks/results/phase_math.json").read_text())
+    df = script.points(small, math_).set_index(["world", "space", "regime", "budget"])
+    for r in small["rows"]:
+        got = df.loc[("toy:small", r["space"], r["regime"], r["budget"])]
+        assert (got["diff"], got["lo"], got["hi"]) == (r["sign_minus_random"]["mean"], *r["sign_minus_random"]["ci95"])
+    paired = [p for c in math_["cells"].values() for p in c["paired"] if p["method"] == "sign"]
+    for p in paired:
+        assert df.loc[("toy:math", p["space"], p["regime"], p["budget"]), "diff"] == p["diff_mean"]
+    assert len(df) == len(small["rows"]) + len(paired)
+    assert set(df.xs("toy:math", level="world").index.get_level_values("regime")) == {"sft"}
+    png = script.draw(df.reset_index(), tmp_path / "f.png")
+    assert "param_small.json" in Image.open(png).info["Source"]
