@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 import pandas as pd
 
 from experiments.bundle import compare_tables
+from gradlens.compare.tables import format_ci
 from gradlens.fsio import json_dump
 from gradlens.provenance import package_versions
 
@@ -49,15 +50,11 @@ def table(result: dict[str, dict[str, Any]]) -> list[str]:
         s = pd.DataFrame(tables["summary"]).set_index(["method", "budget"], drop=False)
         paired = pd.DataFrame(tables["paired"]).set_index(["budget", "method"])
         full = s[s["method"] == "full"].iloc[0]
-
-        def acc(r: pd.Series) -> str:
-            return f"{r.accuracy_mean:.3f} [{r.ci95_lo:.3f}, {r.ci95_hi:.3f}]"
-
         for budget in SETTINGS["budgets"]:
-            cells = [f"{acc(s.loc[(m, budget)])} ({s.loc[(m, budget)].lr:g})" for m in METHODS]
-            diffs = [paired.loc[(budget, m)] for m in METHODS[1:]]
-            out.append(f"| {regime.upper()} | {budget} | {acc(full)} | " + " | ".join(cells) + " | " + " | ".join(
-                f"{d.diff_mean:+.3f} [{d.ci95_lo:+.3f}, {d.ci95_hi:+.3f}]" for d in diffs) + " |")
+            cells = [f"{format_ci(s.loc[(m, budget)])} ({s.loc[(m, budget)].lr:g})" for m in METHODS]
+            diffs = [f"{d.diff_mean:+.3f} [{d.ci95_lo:+.3f}, {d.ci95_hi:+.3f}]"
+                     for d in (paired.loc[(budget, m)] for m in METHODS[1:])]
+            out.append(f"| {regime.upper()} | {budget} | {format_ci(full)} | " + " | ".join([*cells, *diffs]) + " |")
     return out
 
 

@@ -32,7 +32,7 @@ from gradlens.errors import GradlensError
 from gradlens.fsio import json_dump
 
 
-def parse(argv: list[str]) -> tuple[PhaseConfig, Path | None, bool]:
+def parse(argv: list[str]) -> tuple[PhaseConfig, Path | None, bool, Path | None]:
     d = PhaseConfig(out="")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/phase")

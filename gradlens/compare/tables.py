@@ -131,10 +131,10 @@ def paired_differences(placement: pd.DataFrame, baseline: str = "random") -> pd.
     for (space, regime, budget), g in sparse.groupby(["space", "regime", "budget"], sort=False):
         base = g[g["method"] == baseline].set_index("seed")
         for method in [m for m in dict.fromkeys(g["method"]) if m != baseline]:
-            informed = g[g["method"] == method].set_index("seed")
-            seeds = sorted(set(informed.index) & set(base.index))
-            ok = [s for s in seeds if not _flag(informed, s) and not _flag(base, s)]
-            diffs = [float(informed.at[s, "accuracy"] - base.at[s, "accuracy"]) for s in ok]
+            placed = g[g["method"] == method].set_index("seed")
+            seeds = sorted(set(placed.index) & set(base.index))
+            ok = [s for s in seeds if not _flag(placed, s) and not _flag(base, s)]
+            diffs = [float(placed.at[s, "accuracy"] - base.at[s, "accuracy"]) for s in ok]
             mean, lo, hi = t_interval(diffs)
             rows.append({"space": space, "regime": regime, "budget": budget, "method": method, "baseline": baseline,
                          "n_pairs": len(ok), "n_excluded": len(seeds) - len(ok), "diff_mean": mean,
