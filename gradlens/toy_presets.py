@@ -49,6 +49,8 @@ class ToyPreset:
     carryless_share: float = 0.7
     digits: int = 2
     world: str = "addition"
+    # Bumped when this preset's recipe changes, so that stale cached models are not reused (part of the cache key).
+    recipe_version: int = 1
 
 
 PRESETS: dict[str, ToyPreset] = {
@@ -66,7 +68,8 @@ PRESETS: dict[str, ToyPreset] = {
     # GSM8K-style word problems with worked solutions (gradlens.toy.math_data), a 4-layer Llama of about 3M
     # parameters over a BPE vocabulary: the real gsm8k task path on a model that learns.
     "math": ToyPreset(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=4, pretrain_steps=1200, batch_size=32, learning_rate=3e-3, world="math"),
+                      num_key_value_heads=4, pretrain_steps=3000, batch_size=32, learning_rate=3e-3, world="math",
+                      recipe_version=2),
 }
 
 

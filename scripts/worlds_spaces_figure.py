@@ -26,7 +26,7 @@ from gradlens.fsio import atomic_write, read_json
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = {"toy:small": ROOT / "benchmarks/results/param_small.json",
-           "toy:math": ROOT / "benchmarks/results/phase_math.json"}
+           "toy:math": ROOT / "benchmarks/results/phase_math_v1.json"}
 STYLE = {("toy:small", "lora_b"): ("C0", "-", "o"), ("toy:small", "weight"): ("C0", "--", "s"),
          ("toy:math", "lora_b"): ("C1", "-", "o"), ("toy:math", "weight"): ("C1", "--", "s")}
 

@@ -66,7 +66,7 @@ def test_worlds_spaces_figure_plots_the_committed_paired_differences(tmp_path: P
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     small = json.loads((root / "benchmarks/results/param_small.json").read_text())
-    math_ = json.loads((root / "benchmarks/results/phase_math.json").read_text())
+    math_ = json.loads((root / "benchmarks/results/phase_math_v1.json").read_text())
     df = script.points(small, math_).set_index(["world", "space", "regime", "budget"])
     for r in small["rows"]:
         got = df.loc[("toy:small", r["space"], r["regime"], r["budget"])]

@@ -183,3 +183,25 @@ def test_notebook_world_variable_moves_training_to_toy_math(monkeypatch, tmp_pat
     monkeypatch.setenv("GRADLENS_WORLD", "nope")
     with pytest.raises(GradlensError, match="GRADLENS_WORLD='nope'"):
         in_world(config)
+
+
+# --- scripts/math_step_errors.py ----------------------------------------------------------------------------------
+
+
+def test_step_errors_classify_each_written_step_against_its_own_operands() -> None:
+    """Every calculator step of a gold worked solution is ``ok``; a sum that drops exactly its carries is
+    ``carryless`` (worked out by hand below, independently of the script's helper), any other wrong value
+    ``wrong``, whatever the earlier steps computed."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "math_step_errors.py"
+    spec = importlib.util.spec_from_file_location("math_step_errors", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    for row in rows("train")[:200]:
+        plain = ANNOTATION.sub("", row["answer"])
+        assert {verdict for _, verdict in script.classify(plain)} == {"ok"}, plain
+    # 27 + 15 without its carry: units 7 + 5 = 12 -> 2, tens 2 + 1 = 3 -> 32
+    text = "27 + 15 = 32 apples.\n27 + 15 = 42\n27 + 15 = 41\n50 - 27 = 23\n20 / 5 = 4\n9 * 3 = 28\n#### 28"
+    assert script.classify(text) == [("+", "carryless"), ("+", "ok"), ("+", "wrong"), ("-", "ok"), ("/", "ok"),
+                                     ("*", "wrong")]

@@ -191,7 +191,8 @@ def test_cache_builds_once_then_reuses(quick_preset, tmp_path, monkeypatch):
     monkeypatch.setattr(toy_model, "build_base_model", counting_build)
     assert base_model_source(quick_preset, 3) == "built"
     path = ensure_base_model(quick_preset, 3)
-    assert path == tmp_path / "toy" / f"{quick_preset}-seed3-v{toy_model.RECIPE_VERSION}" and len(builds) == 1
+    version = get_preset(quick_preset).recipe_version
+    assert path == tmp_path / "toy" / f"{quick_preset}-seed3-v{version}" and len(builds) == 1
     assert base_model_source(quick_preset, 3) == "cached"
     assert [p.name for p in (tmp_path / "toy").iterdir()] == [path.name]  # no temp dir left behind
     weights = path / "model.safetensors"

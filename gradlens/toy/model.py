@@ -32,8 +32,6 @@ from gradlens.tasks.addition import AdditionTask, carryless_sum
 from gradlens.toy.tokenizer import build_char_tokenizer
 from gradlens.toy_presets import ToyPreset, get_preset
 
-# Bump when the recipe changes, so stale cached models are not reused.
-RECIPE_VERSION = 1
 RECIPE_FILE = "gradlens_recipe.json"
 SHIPPED_DIR = Path(__file__).parent / "checkpoints"
 
@@ -135,8 +133,7 @@ def cache_dir() -> Path:
 
 
 def _model_dir_name(preset: str, seed: int) -> str:
-    get_preset(preset)
-    return f"{preset}-seed{seed}-v{RECIPE_VERSION}"
+    return f"{preset}-seed{seed}-v{get_preset(preset).recipe_version}"
 
 
 def shipped_model_path(preset: str = "tiny", seed: int = 0) -> Path | None:
@@ -177,8 +174,8 @@ def ensure_base_model(preset: str = "tiny", seed: int = 0, *, rebuild: bool = Fa
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        recipe = {"preset": preset, "seed": seed, "recipe_version": RECIPE_VERSION,
-                  "build_seconds": round(time.perf_counter() - start, 1), **asdict(get_preset(preset)), **notes}
+        recipe = {"preset": preset, "seed": seed, "build_seconds": round(time.perf_counter() - start, 1),
+                  **asdict(get_preset(preset)), **notes}
         (tmp / RECIPE_FILE).write_text(json.dumps(recipe, indent=2))
         if path.exists():
             shutil.rmtree(path)
