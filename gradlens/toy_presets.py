@@ -15,15 +15,12 @@ from gradlens.errors import GradlensError
 # The toy:math world's word problems (train.jsonl, test.jsonl), read by the gsm8k task like any GSM8K copy.
 MATH_DATA_DIR = Path(__file__).parent / "toy" / "data" / "math"
 # What --model toy:math runs with where the user sets nothing: its own data through the gsm8k task, an answer budget
-# above its longest worked solution (73 tokens), and TRL settings chosen by a sweep (benchmarks/results/toy_math.json,
-# exploration; docs/toy-math.md). Measured with them, 60 steps, seeds 0-2, 200 held-out problems, base greedy 0.280:
-# SFT 0.370, gain +0.090 [0.021, 0.159] (no rate from 2e-3 to 1e-2, batch 32 or constant rate did better beyond seed
-# noise); GRPO 0.307, gain +0.027 [-0.061, 0.115], a gradient in 87% of steps, 143-159 CPU-s a run. GRPO samples at
-# temperature 0.7, not 1.0, since greedy is what is evaluated and T=1 samples are worse than greedy (0.18 vs 0.28):
-# the sweep's best (seed 0: 0.345 vs 0.280 at T=1, 0.290 at T=0.5; rate 2e-3 inside its grid, 3e-3 collapsed), yet
-# only +0.020 [-0.082, 0.122] over T=1 paired on seeds 0-2. 4 prompts a step (groups of 4, or reused generations)
-# did not help, nor did a warmup with a constant rate (collapses), Dr. GRPO's loss, or 8 prompts a step (+0.045 /
-# +0.055 on seeds 0 / 2 at 1.4x the CPU); the >= 0.1 gain targets stay missed.
+# above its longest worked solution (73 tokens), and TRL settings chosen by a sweep on the first (version-1) base
+# (benchmarks/results/toy_math_v1.json, exploration; docs/toy-math.md). GRPO samples at temperature 0.7, the sweep's
+# best there. Measured with them on the shipped base (benchmarks/results/toy_math.json), 60 steps, seeds 0-2, 200
+# held-out problems, base greedy 0.590: SFT 0.863, gain +0.273 [0.242, 0.305]; GRPO 0.765, gain +0.175 [0.081,
+# 0.269], a gradient in 83% of steps, 125-138 CPU-s a run. The phase diagram's full-B GRPO sweep on the shipped base
+# scores 1e-3 and 2e-3 within one validation problem of each other (4e-3 and 3.3e-4 worse).
 MATH_EVAL_MAX_NEW_TOKENS = 96
 MATH_TRL_DEFAULTS: dict[str, dict[str, Any]] = {
     "sft": {"per_device_train_batch_size": 16, "learning_rate": 2e-3, "max_length": 256},

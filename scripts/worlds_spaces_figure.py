@@ -3,8 +3,9 @@ and ``toy:math`` (word problems, 4 layers), each in LoRA-B and in the base weigh
 
 Reads only committed results, so the figure is redrawn without training: ``benchmarks/results/param_small.json``
 (``toy:small``, both spaces and regimes, budgets 0.1% and 1%) and ``benchmarks/results/phase_math.json``
-(``toy:math``, SFT, both spaces, budgets 0.1%, 1% and 10%). ``toy:math`` has no GRPO points: its GRPO does not learn
-enough to place (docs/toy-math.md). Writes ``figures/05_worlds_spaces.png``; the PNG's metadata names its sources.
+(``toy:math``'s shipped base, B only: SFT at 0.1% and 1%, GRPO at 1%). ``toy:math``'s W space ran only on its first
+base (``phase_math_v1.json``, docs/weight-space.md) and is not drawn. Writes ``figures/05_worlds_spaces.png``; the
+PNG's metadata names its sources.
 
     python scripts/worlds_spaces_figure.py
 """
@@ -26,7 +27,7 @@ from gradlens.fsio import atomic_write, read_json
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = {"toy:small": ROOT / "benchmarks/results/param_small.json",
-           "toy:math": ROOT / "benchmarks/results/phase_math_v1.json"}
+           "toy:math": ROOT / "benchmarks/results/phase_math.json"}
 STYLE = {("toy:small", "lora_b"): ("C0", "-", "o"), ("toy:small", "weight"): ("C0", "--", "s"),
          ("toy:math", "lora_b"): ("C1", "-", "o"), ("toy:math", "weight"): ("C1", "--", "s")}
 
@@ -59,7 +60,7 @@ def draw(df: pd.DataFrame, path: Path) -> Path:
         ax.set_xscale("log")
         ax.set_xlabel("budget (% of the space's entries)")
         ax.set_ylabel("sign - random, accuracy (paired)")
-        ax.set_title(regime.upper() + ("" if regime == "sft" else " (toy:math: does not learn)"))
+        ax.set_title(regime.upper())
         ax.legend(fontsize=7)
     meta = {"Source": json.dumps({w: str(p.relative_to(ROOT)) for w, p in SOURCES.items()}),
             "Description": "sign - random per world, space and regime; 95% t-intervals over seeds"}

@@ -58,7 +58,7 @@ def test_a_run_without_raw_shards_still_gets_every_figure(tmp_path: Path) -> Non
 
 def test_worlds_spaces_figure_plots_the_committed_paired_differences(tmp_path: Path) -> None:
     """scripts/worlds_spaces_figure.py: every point is a sign - random difference exactly as the committed result
-    files hold it (toy:small: both spaces and regimes; toy:math: SFT only), and the PNG names its sources."""
+    files hold it (toy:small: both spaces and regimes; toy:math: B, both regimes), and the PNG names its sources."""
     import importlib.util
 
     root = Path(__file__).resolve().parents[1]
@@ -66,7 +66,7 @@ def test_worlds_spaces_figure_plots_the_committed_paired_differences(tmp_path: P
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     small = json.loads((root / "benchmarks/results/param_small.json").read_text())
-    math_ = json.loads((root / "benchmarks/results/phase_math_v1.json").read_text())
+    math_ = json.loads((root / "benchmarks/results/phase_math.json").read_text())
     df = script.points(small, math_).set_index(["world", "space", "regime", "budget"])
     for r in small["rows"]:
         got = df.loc[("toy:small", r["space"], r["regime"], r["budget"])]
@@ -75,6 +75,6 @@ def test_worlds_spaces_figure_plots_the_committed_paired_differences(tmp_path: P
     for p in paired:
         assert df.loc[("toy:math", p["space"], p["regime"], p["budget"]), "diff"] == p["diff_mean"]
     assert len(df) == len(small["rows"]) + len(paired)
-    assert set(df.xs("toy:math", level="world").index.get_level_values("regime")) == {"sft"}
+    assert set(df.xs("toy:math", level="world").index.get_level_values("regime")) == {"sft", "grpo"}
     png = script.draw(df.reset_index(), tmp_path / "f.png")
     assert "param_small.json" in Image.open(png).info["Source"]
