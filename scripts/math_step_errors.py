@@ -31,12 +31,12 @@ from gradlens.models import load_model_and_tokenizer
 from gradlens.provenance import package_versions
 from gradlens.tasks import load_task_for
 from gradlens.tasks.addition import carryless_sum
+from gradlens.tasks.gsm8k import own_turn
+from gradlens.toy.math_data import apply
 from gradlens.toy.model import ensure_base_model
 from gradlens.toy_presets import default_task
 
 STEP = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
-OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
-       "/": lambda a, b: a // b if b and a % b == 0 else None}
 
 
 def classify(completion: str) -> list[tuple[str, str]]:
@@ -44,7 +44,11 @@ def classify(completion: str) -> list[tuple[str, str]]:
     steps = []
     for a, op, b, c in STEP.findall(completion):
         a, b, c = int(a), int(b), int(c)
-        if c == OPS[op](a, b):
+        try:
+            right = apply(op, a, b)
+        except (ValueError, ZeroDivisionError):  # a division the model wrote that has no whole answer
+            right = None
+        if c == right:
             steps.append((op, "ok"))
         elif op == "+" and c == carryless_sum(a, b):
             steps.append((op, "carryless"))
@@ -64,7 +68,7 @@ def measure(model_path: Path, n: int) -> dict[str, Any]:
     steps: Counter[str] = Counter()
     problems: Counter[str] = Counter()
     for completion, answer in zip(completions, data["answer"], strict=True):
-        verdicts = classify(completion.split("Question:")[0])
+        verdicts = classify(own_turn(completion))
         steps.update(f"{op} {verdict}" for op, verdict in verdicts)
         if task.is_correct(completion, answer):
             problems["correct"] += 1

@@ -1,11 +1,31 @@
 """Shared fixtures: the toy character tokenizer, a factory of tiny random Qwen2 models, an offline hub cache holding
-a tiny model under a hub id, and the addition task with a test's own reward."""
+a tiny model under a hub id, the addition task with a test's own reward, and a loader of the repository's scripts."""
 
 from __future__ import annotations
 
+import importlib.util
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def load_script() -> Callable[[str], ModuleType]:
+    """Import a script of the repository (``scripts/NAME.py``, ``benchmarks/NAME.py``) by its path relative to the
+    repository root: scripts and benchmarks are not an installed package."""
+
+    def load(relative: str) -> ModuleType:
+        path = REPO / relative
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
 
 
 @pytest.fixture(scope="session")

@@ -56,15 +56,11 @@ def test_a_run_without_raw_shards_still_gets_every_figure(tmp_path: Path) -> Non
     assert [p.name for p in paths] == list(FIGURES) and all(p.stat().st_size > 0 for p in paths)
 
 
-def test_worlds_spaces_figure_plots_the_committed_paired_differences(tmp_path: Path) -> None:
+def test_worlds_spaces_figure_plots_the_committed_paired_differences(tmp_path: Path, load_script) -> None:
     """scripts/worlds_spaces_figure.py: every point is a sign - random difference exactly as the committed result
     files hold it (toy:small: both spaces and regimes; toy:math: B, both regimes), and the PNG names its sources."""
-    import importlib.util
-
     root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("worlds_spaces_figure", root / "scripts" / "worlds_spaces_figure.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("scripts/worlds_spaces_figure.py")
     small = json.loads((root / "benchmarks/results/param_small.json").read_text())
     math_ = json.loads((root / "benchmarks/results/phase_math.json").read_text())
     df = script.points(small, math_).set_index(["world", "space", "regime", "budget"])

@@ -3,7 +3,6 @@ against numpy/scipy (no training)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -14,14 +13,6 @@ import pytest
 from scipy import stats
 
 from experiments.rivals import cell_dir
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("param_small_table", Path(__file__).parents[1] / "scripts"
-                                                  / "param_small_table.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _row(space: str, method: str, budget: str, seed: int, acc: float, diverged: bool = False) -> dict:
@@ -51,13 +42,14 @@ def _t(x: list[float]) -> tuple[float, float]:
     return a.mean(), stats.t.ppf(0.975, a.size - 1) * a.std(ddof=1) / math.sqrt(a.size)
 
 
-def test_table_pairs_per_seed_and_counts_diverged_runs(tmp_path: Path) -> None:
+def test_table_pairs_per_seed_and_counts_diverged_runs(tmp_path: Path, load_script) -> None:
     _write_cells(tmp_path / "runs")
     log = tmp_path / "grpo.log"
     log.write_text("noise\nTIME grpo weight wall 12.5 user 20.25 sys 1.5\n")
     out = tmp_path / "param.json"
-    assert _script().main([str(tmp_path / "runs"), "--regimes", "grpo", "--json", str(out), "--log", str(log),
-                           "--command", "cmd", "--note", "reduced"]) == 0
+    script = load_script("scripts/param_small_table.py")
+    assert script.main([str(tmp_path / "runs"), "--regimes", "grpo", "--json", str(out), "--log", str(log),
+                        "--command", "cmd", "--note", "reduced"]) == 0
     result = json.loads(out.read_text())
     rows = {r["space"]: r for r in result["rows"]}
     assert set(rows) == {"lora_b", "weight"}
@@ -80,8 +72,9 @@ def test_table_pairs_per_seed_and_counts_diverged_runs(tmp_path: Path) -> None:
     assert result["commands"] == ["cmd"] and result["reduced"] == ["reduced"] and "torch" in result["versions"]
 
 
-def test_no_cells_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert _script().main([str(tmp_path / "nothing"), "--json", str(tmp_path / "x.json")]) == 2
+def test_no_cells_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str], load_script) -> None:
+    script = load_script("scripts/param_small_table.py")
+    assert script.main([str(tmp_path / "nothing"), "--json", str(tmp_path / "x.json")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("param_small_table: error: ") and "no finished cells" in err and err.count("\n") == 1
     assert not (tmp_path / "x.json").exists()

@@ -222,16 +222,11 @@ def test_record_like_probe_records_the_run_the_probe_was_for(tmp_path: Path) -> 
         record_like_probe(tmp_path / "p2", tmp_path / "run2")
 
 
-def test_grown_grid_keeps_the_runs_at_the_rate_the_grown_sweep_picks(tmp_path: Path) -> None:
+def test_grown_grid_keeps_the_runs_at_the_rate_the_grown_sweep_picks(tmp_path: Path, load_script) -> None:
     """scripts/findings_tables.py --grown_grid: a cell resumed with a larger grid holds random at its old rate (0.3)
     and its new one (1.0, seeds 0-1 only); the table must pair sign (tie in the sweep: the smaller rate) with random
     at 1.0 on seeds 0-1, checked against the shares computed by hand."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("findings_tables", Path(__file__).parents[1] / "scripts"
-                                                  / "findings_tables.py")
-    tables = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tables)
+    tables = load_script("scripts/findings_tables.py")
 
     def row(method: str, budget: str, seed: int, lr: float, acc: float) -> dict:
         return {"regime": "sft", "method": method, "budget": budget, "seed": seed, "lr": lr, "accuracy": acc,

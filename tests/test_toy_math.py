@@ -188,16 +188,11 @@ def test_notebook_world_variable_moves_training_to_toy_math(monkeypatch, tmp_pat
 # --- scripts/math_step_errors.py ----------------------------------------------------------------------------------
 
 
-def test_step_errors_classify_each_written_step_against_its_own_operands() -> None:
+def test_step_errors_classify_each_written_step_against_its_own_operands(load_script) -> None:
     """Every calculator step of a gold worked solution is ``ok``; a sum that drops exactly its carries is
     ``carryless`` (worked out by hand below, independently of the script's helper), any other wrong value
     ``wrong``, whatever the earlier steps computed."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "math_step_errors.py"
-    spec = importlib.util.spec_from_file_location("math_step_errors", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("scripts/math_step_errors.py")
     for row in rows("train")[:200]:
         plain = ANNOTATION.sub("", row["answer"])
         assert {verdict for _, verdict in script.classify(plain)} == {"ok"}, plain

@@ -327,13 +327,9 @@ def test_gpu_check_without_cuda_says_so_and_exits_2(tmp_path: Path) -> None:
 
 
 
-def test_gpu_check_arguments(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    import importlib.util
-
+def test_gpu_check_arguments(monkeypatch: pytest.MonkeyPatch, capsys, load_script) -> None:
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # the benchmarks import their _common helpers
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
+    gpu_check = load_script("benchmarks/gpu_check.py")
     args = gpu_check.parse_args(["--out", "x.json"])
     assert args.out == Path("x.json") and args.steps >= 1 and not args.cpu and args.layers == 28
     for bad in (["--steps", "0"], ["--record-steps", "-1"], ["--layers", "x"], ["--nope"]):
